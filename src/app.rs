@@ -1,0 +1,252 @@
+//! Start-up: the application state built from a configuration, and a server that binds its own
+//! listener (port 0 in tests) and shuts down cleanly, flushing the audit writer.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use serde_json::json;
+
+use crate::audit::{AuditLog, EventType, PendingEvent, WriterOptions, WriterTask};
+use crate::config::{Config, Mode};
+use crate::domain::{ApiKey, RoleName, TierName};
+use crate::executors::{Kinds, Registry};
+use crate::gates::auth::AuthGate;
+use crate::gates::rate_limit::{InProcessLimiter, RateLimiter};
+use crate::keys::{self, NewKey};
+use crate::metrics::Metrics;
+use crate::policy::Policy;
+use crate::store::{self, Store};
+
+/// Everything a request needs. Built once; the policy can be swapped by a dev-mode reload.
+pub struct App {
+    pub config: Config,
+    pub store: Arc<dyn Store>,
+    policy: RwLock<Arc<Policy>>,
+    pub executors: Arc<Registry>,
+    pub auth: AuthGate,
+    pub limiter: Arc<dyn RateLimiter>,
+    pub audit: AuditLog,
+    pub metrics: Metrics,
+}
+
+impl App {
+    /// The policy in force; a request keeps the one it started with.
+    pub fn policy(&self) -> Arc<Policy> {
+        match self.policy.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn replace_policy(&self, policy: Policy) {
+        let policy = Arc::new(policy);
+        match self.policy.write() {
+            Ok(mut p) => *p = policy,
+            Err(poisoned) => *poisoned.into_inner() = policy,
+        }
+    }
+}
+
+/// Loads executors, then the policy checked against them.
+pub fn load_policy(config: &Config, kinds: &Kinds) -> anyhow::Result<(Registry, Policy)> {
+    let registry = Registry::load(&config.executors_dir, kinds)?;
+    let policy = Policy::load(&config.policies_dir, |name| registry.contains(name))?;
+    Ok((registry, policy))
+}
+
+/// Opens the store and applies migrations.
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let store = store::connect(&config.database_url)
+        .await
+        .with_context(|| format!("opening {}", config.database_url))?;
+    store.migrate().await.context("applying migrations")?;
+    Ok(store)
+}
+
+/// Builds the application: store, executors, policy, audit writer. Writes POLICY_LOADED.
+pub async fn build(config: Config, kinds: &Kinds) -> anyhow::Result<(Arc<App>, WriterTask)> {
+    let store = open_store(&config).await?;
+    let (registry, policy) = load_policy(&config, kinds)?;
+    let metrics = Metrics::new()?;
+    let (audit, writer) = AuditLog::start(
+        store.clone(),
+        metrics.clone(),
+        WriterOptions {
+            instance_id: &config.instance_id,
+            queue_capacity: config.audit_queue_capacity,
+            batch_max: config.audit_batch_max,
+            files_dir: Some(&config.audit_dir),
+        },
+    )
+    .await
+    .context("starting the audit writer")?;
+    audit
+        .append(vec![policy_loaded(&policy, config.mode, "start")])
+        .await?;
+    let auth = AuthGate::new(
+        store.clone(),
+        config.auth_cache_ttl,
+        config.auth_failures_per_minute,
+    );
+    let app = App {
+        store,
+        policy: RwLock::new(Arc::new(policy)),
+        executors: Arc::new(registry),
+        auth,
+        limiter: Arc::new(InProcessLimiter::default()),
+        audit,
+        metrics,
+        config,
+    };
+    Ok((Arc::new(app), writer))
+}
+
+fn policy_loaded(policy: &Policy, mode: Mode, trigger: &str) -> PendingEvent {
+    PendingEvent::new(
+        EventType::PolicyLoaded,
+        None,
+        json!({
+            "policy_revision": policy.revision,
+            "files": policy.files,
+            "mode": mode.to_string(),
+            "trigger": trigger,
+        }),
+    )
+}
+
+/// In dev mode with no key at all, creates one admin key so a newcomer's first `curl` works.
+pub async fn bootstrap_dev_key(app: &App) -> anyhow::Result<Option<ApiKey>> {
+    if app.config.mode != Mode::Dev || app.store.count_keys().await? > 0 {
+        return Ok(None);
+    }
+    let template = NewKey {
+        name: "dev-admin".to_owned(),
+        role: RoleName::parse("admin")?,
+        contexts: vec![],
+        tier: Some(TierName::parse("standard")?).filter(|t| app.policy().has_tier(t)),
+        expires_in: None,
+        actor: "serve:dev-bootstrap",
+    };
+    let (key, _) = keys::create(app.store.as_ref(), &app.audit, &app.policy(), &template).await?;
+    Ok(Some(key))
+}
+
+/// How often dev mode looks for edited policy files.
+const RELOAD_POLL: Duration = Duration::from_secs(2);
+
+/// Names, sizes and modification times of the policy files: cheap to compute, changes on any edit.
+fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    fn walk(dir: &Path, out: &mut Vec<(PathBuf, u64, Option<SystemTime>)>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if let Ok(meta) = entry.metadata() {
+                out.push((path, meta.len(), meta.modified().ok()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, &mut out);
+    out.sort();
+    out
+}
+
+/// Dev mode only: reloads the policy when its files change. A policy that fails to load is recorded
+/// as POLICY_REJECTED and the old one keeps serving.
+pub fn spawn_policy_reload(app: Arc<App>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let dir = app.config.policies_dir.clone();
+        let mut seen = fingerprint(&dir);
+        loop {
+            tokio::time::sleep(RELOAD_POLL).await;
+            let now = fingerprint(&dir);
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            let event = match Policy::load(&dir, |n| app.executors.contains(n)) {
+                Ok(policy) if policy.revision == app.policy().revision => continue,
+                Ok(policy) => {
+                    tracing::info!(revision = %policy.revision, "policy reloaded");
+                    let event = policy_loaded(&policy, app.config.mode, "reload");
+                    app.replace_policy(policy);
+                    event
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "policy reload rejected; the previous policy keeps serving");
+                    PendingEvent::new(
+                        EventType::PolicyRejected,
+                        None,
+                        json!({
+                            "error": e.to_string(),
+                            "serving_revision": app.policy().revision,
+                        }),
+                    )
+                }
+            };
+            if let Err(e) = app.audit.append(vec![event]).await {
+                tracing::error!(error = %e, "could not audit the policy reload");
+            }
+        }
+    })
+}
+
+/// A built application bound to its listener.
+pub struct Server {
+    pub app: Arc<App>,
+    listener: tokio::net::TcpListener,
+    writer: WriterTask,
+}
+
+impl Server {
+    /// Builds the app and binds `config.listen` (port 0 picks a free port).
+    pub async fn bind(config: Config, kinds: Kinds) -> anyhow::Result<Self> {
+        let listen = config.listen;
+        let (app, writer) = build(config, &kinds).await?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
+        Ok(Self {
+            app,
+            listener,
+            writer,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` resolves, then drains connections and flushes the audit writer.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let Self {
+            app,
+            listener,
+            writer,
+        } = self;
+        let reload = (app.config.mode == Mode::Dev).then(|| spawn_policy_reload(app.clone()));
+        let router = crate::http::router(app.clone());
+        let served = axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await;
+        if let Some(task) = reload {
+            task.abort();
+            let _ = task.await;
+        }
+        // The last handle to the audit log goes with the app; the writer then drains and stops.
+        drop(app);
+        writer.finish().await;
+        served.context("serving HTTP")
+    }
+}

@@ -1,0 +1,252 @@
+//! Audit events: what the service layer builds (`PendingEvent`) and what the chain seals (`SealedEvent`).
+
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::domain::TraceId;
+
+/// The canonical event types of the audit trail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventType {
+    RequestStart,
+    Decision,
+    ExecutorSelected,
+    StepExecuted,
+    ActionExecuted,
+    RequestEnd,
+    PolicyLoaded,
+    PolicyRejected,
+    KeyCreated,
+    KeyRevoked,
+    ChainOpened,
+}
+
+impl EventType {
+    pub const ALL: [Self; 11] = [
+        Self::RequestStart,
+        Self::Decision,
+        Self::ExecutorSelected,
+        Self::StepExecuted,
+        Self::ActionExecuted,
+        Self::RequestEnd,
+        Self::PolicyLoaded,
+        Self::PolicyRejected,
+        Self::KeyCreated,
+        Self::KeyRevoked,
+        Self::ChainOpened,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RequestStart => "REQUEST_START",
+            Self::Decision => "DECISION",
+            Self::ExecutorSelected => "EXECUTOR_SELECTED",
+            Self::StepExecuted => "STEP_EXECUTED",
+            Self::ActionExecuted => "ACTION_EXECUTED",
+            Self::RequestEnd => "REQUEST_END",
+            Self::PolicyLoaded => "POLICY_LOADED",
+            Self::PolicyRejected => "POLICY_REJECTED",
+            Self::KeyCreated => "KEY_CREATED",
+            Self::KeyRevoked => "KEY_REVOKED",
+            Self::ChainOpened => "CHAIN_OPENED",
+        }
+    }
+}
+
+/// `prev_hash` of the first event of the first chain of an instance.
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Timestamps are UTC RFC 3339 with exactly six fractional digits, so text order is time order in
+/// every store and in the files.
+pub fn timestamp(t: OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.microsecond()
+    )
+}
+
+/// An event as the service layer makes it: id, time and content fixed, chain position not yet known.
+#[derive(Debug, Clone)]
+pub struct PendingEvent {
+    pub event_id: Uuid,
+    pub event_type: EventType,
+    pub trace_id: Option<TraceId>,
+    pub occurred_at: OffsetDateTime,
+    /// Type-specific fields; must not use the envelope's names.
+    pub fields: Map<String, Value>,
+}
+
+impl PendingEvent {
+    pub fn new(event_type: EventType, trace_id: Option<&TraceId>, fields: Value) -> Self {
+        let fields = match fields {
+            Value::Object(map) => map,
+            Value::Null => Map::new(),
+            other => {
+                let mut m = Map::new();
+                m.insert("data".to_owned(), other);
+                m
+            }
+        };
+        Self {
+            event_id: Uuid::now_v7(),
+            event_type,
+            trace_id: trace_id.cloned(),
+            occurred_at: OffsetDateTime::now_utc(),
+            fields,
+        }
+    }
+}
+
+/// An event with its place in a chain; `body` holds the exact bytes that were hashed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedEvent {
+    pub chain_id: String,
+    pub seq: i64,
+    pub event_id: String,
+    pub event_type: String,
+    pub trace_id: Option<String>,
+    pub occurred_at: String,
+    pub instance_id: String,
+    pub prev_hash: String,
+    pub hash: String,
+    /// RFC 8785 canonical JSON of the event without `hash`.
+    pub body: String,
+}
+
+/// `hash = SHA-256(prev_hash ‖ body)`, hex.
+pub fn chain_hash(prev_hash: &str, body: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(prev_hash.as_bytes());
+    h.update(body.as_bytes());
+    hex::encode(h.finalize())
+}
+
+/// Envelope names; type-specific fields may not shadow them.
+const ENVELOPE: [&str; 9] = [
+    "event_id",
+    "chain_id",
+    "seq",
+    "prev_hash",
+    "hash",
+    "event_type",
+    "trace_id",
+    "occurred_at",
+    "instance_id",
+];
+
+/// Seals `pending` as event `seq` of `chain_id` after `prev_hash`.
+pub fn seal(
+    pending: PendingEvent,
+    chain_id: &str,
+    instance_id: &str,
+    seq: i64,
+    prev_hash: &str,
+) -> Result<SealedEvent, serde_json::Error> {
+    let mut obj = pending.fields;
+    for name in ENVELOPE {
+        if obj.remove(name).is_some() {
+            tracing::error!(field = name, "event field shadows the envelope; dropped");
+        }
+    }
+    let event_id = pending.event_id.to_string();
+    let occurred_at = timestamp(pending.occurred_at);
+    let trace_id = pending.trace_id.map(|t| t.as_str().to_owned());
+    obj.insert("event_id".into(), Value::String(event_id.clone()));
+    obj.insert("chain_id".into(), Value::String(chain_id.to_owned()));
+    obj.insert("seq".into(), Value::from(seq));
+    obj.insert("prev_hash".into(), Value::String(prev_hash.to_owned()));
+    obj.insert(
+        "event_type".into(),
+        Value::String(pending.event_type.as_str().to_owned()),
+    );
+    obj.insert(
+        "trace_id".into(),
+        trace_id.clone().map_or(Value::Null, Value::String),
+    );
+    obj.insert("occurred_at".into(), Value::String(occurred_at.clone()));
+    obj.insert("instance_id".into(), Value::String(instance_id.to_owned()));
+    let body = serde_json_canonicalizer::to_string(&Value::Object(obj))?;
+    let hash = chain_hash(prev_hash, &body);
+    Ok(SealedEvent {
+        chain_id: chain_id.to_owned(),
+        seq,
+        event_id,
+        event_type: pending.event_type.as_str().to_owned(),
+        trace_id,
+        occurred_at,
+        instance_id: instance_id.to_owned(),
+        prev_hash: prev_hash.to_owned(),
+        hash,
+        body,
+    })
+}
+
+impl SealedEvent {
+    /// The event as a JSON object, `hash` included: the form of API answers and JSON Lines files.
+    pub fn to_json(&self) -> Value {
+        let mut v: Value = serde_json::from_str(&self.body).unwrap_or(Value::Null);
+        if let Value::Object(map) = &mut v {
+            map.insert("hash".into(), Value::String(self.hash.clone()));
+        }
+        v
+    }
+}
+
+/// Size and SHA-256 of a byte string: what the trail keeps of payloads and results instead of their text.
+pub fn digest_of(bytes: &[u8]) -> Value {
+    serde_json::json!({
+        "size_bytes": bytes.len(),
+        "sha256": hex::encode(Sha256::digest(bytes)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealing_hashes_the_stored_bytes_and_links_to_the_previous_hash() {
+        let trace = TraceId::generate();
+        let e = PendingEvent::new(
+            EventType::Decision,
+            Some(&trace),
+            serde_json::json!({"effect": "deny", "b": 1, "a": [2, 1]}),
+        );
+        let s = seal(e, "c1", "i1", 7, GENESIS_HASH).unwrap();
+        assert_eq!(s.hash, chain_hash(GENESIS_HASH, &s.body));
+        assert!(s.body.starts_with("{\"a\":[2,1],\"b\":1,"), "keys are sorted: {}", s.body);
+        let parsed: Value = serde_json::from_str(&s.body).unwrap();
+        assert_eq!(parsed["seq"], 7);
+        assert_eq!(parsed["trace_id"], trace.as_str());
+        assert!(parsed.get("hash").is_none());
+    }
+
+    #[test]
+    fn fields_cannot_forge_the_envelope() {
+        let e = PendingEvent::new(
+            EventType::RequestEnd,
+            None,
+            serde_json::json!({"seq": 99, "hash": "x"}),
+        );
+        let s = seal(e, "c", "i", 1, GENESIS_HASH).unwrap();
+        let parsed: Value = serde_json::from_str(&s.body).unwrap();
+        assert_eq!(parsed["seq"], 1);
+    }
+
+    #[test]
+    fn timestamps_sort_as_text() {
+        let a = timestamp(time::macros::datetime!(2026-01-02 03:04:05.000007 UTC));
+        assert_eq!(a, "2026-01-02T03:04:05.000007Z");
+        let b = timestamp(time::macros::datetime!(2026-01-02 03:04:05.1 UTC));
+        assert!(a < b);
+    }
+}

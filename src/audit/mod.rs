@@ -1,0 +1,9 @@
+//! The audit trail: canonical events, the per-writer hash chain and the group-committing writer.
+
+mod event;
+mod writer;
+
+pub use event::{
+    EventType, GENESIS_HASH, PendingEvent, SealedEvent, chain_hash, digest_of, seal, timestamp,
+};
+pub use writer::{AuditError, AuditLog, WriterOptions, WriterTask};

@@ -1,0 +1,299 @@
+//! One typed configuration: `catraca.toml` (optional) overridden by `CATRACA_*` environment variables.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use std::{fmt, str::FromStr};
+
+use anyhow::Context as _;
+use serde::Deserialize;
+
+/// Where the gateway runs; decides start-up conveniences and policy hot reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Dev,
+    Staging,
+    Prod,
+}
+
+impl FromStr for Mode {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "dev" => Ok(Self::Dev),
+            "staging" => Ok(Self::Staging),
+            "prod" => Ok(Self::Prod),
+            other => anyhow::bail!("mode must be dev, staging or prod, got {other:?}"),
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Dev => "dev",
+            Self::Staging => "staging",
+            Self::Prod => "prod",
+        })
+    }
+}
+
+/// A value that must never reach a log line: `Debug` and `Display` print `<redacted>`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// A database URL; may hold a password, so it prints with the password masked.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct DatabaseUrl(Secret);
+
+impl DatabaseUrl {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(Secret::new(s))
+    }
+    pub fn expose(&self) -> &str {
+        self.0.expose()
+    }
+    pub fn is_postgres(&self) -> bool {
+        let s = self.expose();
+        s.starts_with("postgres://") || s.starts_with("postgresql://")
+    }
+    pub fn is_sqlite(&self) -> bool {
+        self.expose().starts_with("sqlite:")
+    }
+}
+
+/// Masks `user:password@` as `user:***@`.
+fn mask_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, tail) = rest.split_once('/').map_or((rest, ""), |(a, t)| (a, t));
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+    let slash = if rest.contains('/') { "/" } else { "" };
+    format!("{scheme}://{user}:***@{host}{slash}{tail}")
+}
+
+impl fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&mask_password(self.expose()))
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DatabaseUrl({self})")
+    }
+}
+
+/// The file form: every field optional, unknown keys rejected.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    database_url: Option<DatabaseUrl>,
+    redis_url: Option<DatabaseUrl>,
+    policies_dir: Option<PathBuf>,
+    executors_dir: Option<PathBuf>,
+    audit_dir: Option<PathBuf>,
+    mode: Option<Mode>,
+    instance_id: Option<String>,
+    log: Option<String>,
+    body_limit_bytes: Option<usize>,
+    auth_cache_ttl_secs: Option<u64>,
+    auth_failures_per_minute: Option<u32>,
+    audit_queue_capacity: Option<usize>,
+    audit_batch_max: Option<usize>,
+    rate_limit_fail_open: Option<bool>,
+}
+
+/// The resolved configuration the gateway runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub database_url: DatabaseUrl,
+    pub redis_url: Option<DatabaseUrl>,
+    pub policies_dir: PathBuf,
+    pub executors_dir: PathBuf,
+    pub audit_dir: PathBuf,
+    pub mode: Mode,
+    pub instance_id: String,
+    pub log: String,
+    /// Largest accepted `/process` body; 1 MiB holds any realistic procurement text while bounding memory.
+    pub body_limit_bytes: usize,
+    /// How long a verified key skips argon2; short so a revoked or rotated key stops being trusted soon
+    /// even on instances that did not see the revoke (the key row is still read on every request).
+    pub auth_cache_ttl: Duration,
+    /// Failed key verifications allowed per client address per minute before argon2 stops running for it.
+    pub auth_failures_per_minute: u32,
+    /// Bound of the audit queue; full means requests wait (push back), never that events are dropped.
+    pub audit_queue_capacity: usize,
+    /// Most events one group commit writes in a single transaction.
+    pub audit_batch_max: usize,
+    /// Whether a shared rate limiter that cannot be reached lets requests through (default: deny).
+    pub rate_limit_fail_open: bool,
+}
+
+/// Default body limit: 1 MiB.
+const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
+
+impl Config {
+    /// Reads `path` (or `catraca.toml` if it exists when `path` is `None`), then applies `CATRACA_*`.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
+        let file = match path {
+            Some(p) => Some(p.to_path_buf()),
+            None => Some(PathBuf::from("catraca.toml")).filter(|p| p.exists()),
+        };
+        let parsed = match &file {
+            Some(p) => {
+                let text =
+                    std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                toml::from_str::<FileConfig>(&text)
+                    .with_context(|| format!("parsing {}", p.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        Self::resolve(parsed, |name| std::env::var(name).ok())
+    }
+
+    /// Defaults for everything, as if no file and no variable were present; used by tests.
+    pub fn defaults() -> Self {
+        // Resolving an empty file with no environment cannot fail: every default parses.
+        match Self::resolve(FileConfig::default(), |_| None) {
+            Ok(c) => c,
+            Err(e) => unreachable!("built-in defaults are valid: {e}"),
+        }
+    }
+
+    fn resolve(file: FileConfig, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
+        fn parsed<T: FromStr>(
+            env: &impl Fn(&str) -> Option<String>,
+            name: &str,
+        ) -> anyhow::Result<Option<T>>
+        where
+            T::Err: fmt::Display,
+        {
+            env(name)
+                .filter(|v| !v.is_empty())
+                .map(|v| v.parse::<T>().map_err(|e| anyhow::anyhow!("{name}={v:?}: {e}")))
+                .transpose()
+        }
+        let text = |name: &str| env(name).filter(|v| !v.is_empty());
+
+        let mode = parsed(&env, "CATRACA_MODE")?.or(file.mode).unwrap_or(Mode::Dev);
+        let instance_id = text("CATRACA_INSTANCE_ID")
+            .or(file.instance_id)
+            .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+            .unwrap_or_else(|| "catraca".to_owned());
+        if instance_id.len() > 64 || instance_id.contains(char::is_whitespace) {
+            anyhow::bail!("instance id {instance_id:?} must be at most 64 characters without spaces");
+        }
+        let config = Self {
+            listen: parsed(&env, "CATRACA_LISTEN")?
+                .or(file.listen)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8000))),
+            database_url: text("CATRACA_DATABASE_URL")
+                .map(DatabaseUrl::new)
+                .or(file.database_url)
+                .unwrap_or_else(|| DatabaseUrl::new("sqlite://data/catraca.db")),
+            redis_url: text("CATRACA_REDIS_URL")
+                .map(DatabaseUrl::new)
+                .or(file.redis_url),
+            policies_dir: text("CATRACA_POLICIES_DIR")
+                .map(PathBuf::from)
+                .or(file.policies_dir)
+                .unwrap_or_else(|| "policies".into()),
+            executors_dir: text("CATRACA_EXECUTORS_DIR")
+                .map(PathBuf::from)
+                .or(file.executors_dir)
+                .unwrap_or_else(|| "executors".into()),
+            audit_dir: text("CATRACA_AUDIT_DIR")
+                .map(PathBuf::from)
+                .or(file.audit_dir)
+                .unwrap_or_else(|| "data/audit".into()),
+            mode,
+            instance_id,
+            log: text("CATRACA_LOG")
+                .or(file.log)
+                .unwrap_or_else(|| "info".to_owned()),
+            body_limit_bytes: file.body_limit_bytes.unwrap_or(DEFAULT_BODY_LIMIT),
+            auth_cache_ttl: Duration::from_secs(file.auth_cache_ttl_secs.unwrap_or(60)),
+            auth_failures_per_minute: file.auth_failures_per_minute.unwrap_or(30),
+            audit_queue_capacity: file.audit_queue_capacity.unwrap_or(10_000),
+            audit_batch_max: file.audit_batch_max.unwrap_or(1_000),
+            rate_limit_fail_open: file.rate_limit_fail_open.unwrap_or(false),
+        };
+        if !config.database_url.is_sqlite() && !config.database_url.is_postgres() {
+            anyhow::bail!(
+                "CATRACA_DATABASE_URL must start with sqlite: or postgres://, got {}",
+                config.database_url
+            );
+        }
+        if config.audit_queue_capacity == 0 || config.audit_batch_max == 0 {
+            anyhow::bail!("audit_queue_capacity and audit_batch_max must be positive");
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let file: FileConfig =
+            toml::from_str("listen = \"127.0.0.1:9000\"\nmode = \"prod\"\n").unwrap();
+        let cfg = Config::resolve(file, |name| {
+            (name == "CATRACA_LISTEN").then(|| "127.0.0.1:9100".to_owned())
+        })
+        .unwrap();
+        assert_eq!(cfg.listen.port(), 9100);
+        assert_eq!(cfg.mode, Mode::Prod);
+    }
+
+    #[test]
+    fn unknown_file_keys_are_rejected() {
+        assert!(toml::from_str::<FileConfig>("listne = \"x\"").is_err());
+    }
+
+    #[test]
+    fn bad_environment_values_name_the_variable() {
+        let err = Config::resolve(FileConfig::default(), |name| {
+            (name == "CATRACA_MODE").then(|| "production".to_owned())
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("CATRACA_MODE"));
+    }
+
+    #[test]
+    fn database_urls_print_without_their_password() {
+        let url = DatabaseUrl::new("postgres://app:hunter2@db:5432/catraca");
+        assert_eq!(url.to_string(), "postgres://app:***@db:5432/catraca");
+        assert!(!format!("{url:?}").contains("hunter2"));
+        assert_eq!(
+            DatabaseUrl::new("sqlite://data/catraca.db").to_string(),
+            "sqlite://data/catraca.db"
+        );
+    }
+}

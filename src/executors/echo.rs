@@ -1,0 +1,57 @@
+//! The `echo` kind: returns its payload. For smoke tests, benchmarks and timeout drills: a payload
+//! `delay_ms` (capped by the `max_delay_ms` setting, default 0 = ignored) simulates a slow upstream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use super::{Executor, ExecutorCall, ExecutorError};
+
+struct Echo {
+    max_delay: Duration,
+}
+
+pub(super) fn build(_name: &str, settings: &toml::Table) -> Result<Arc<dyn Executor>, String> {
+    let mut max_delay_ms = 0u64;
+    for (key, value) in settings {
+        match (key.as_str(), value) {
+            ("max_delay_ms", toml::Value::Integer(n)) if *n >= 0 => max_delay_ms = *n as u64,
+            ("max_delay_ms", _) => return Err("max_delay_ms must be a non-negative integer".into()),
+            (other, _) => return Err(format!("unknown echo setting {other:?}")),
+        }
+    }
+    Ok(Arc::new(Echo {
+        max_delay: Duration::from_millis(max_delay_ms),
+    }))
+}
+
+#[async_trait]
+impl Executor for Echo {
+    async fn execute(&self, call: ExecutorCall) -> Result<Value, ExecutorError> {
+        let requested = call
+            .payload
+            .get("delay_ms")
+            .and_then(Value::as_u64)
+            .map(Duration::from_millis)
+            .unwrap_or_default();
+        let delay = requested.min(self.max_delay);
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        Ok(call.payload)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_settings_are_refused() {
+        let mut t = toml::Table::new();
+        t.insert("max_dealy_ms".into(), toml::Value::Integer(5));
+        assert!(build("echo", &t).is_err());
+    }
+}

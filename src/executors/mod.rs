@@ -1,0 +1,194 @@
+//! Executors: what runs after an ALLOW. Each file in `executors/` defines one executor of a kind; the
+//! registry runs them under their timeout in a task of their own, so a panic or a hang stays contained.
+
+mod echo;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::domain::{ActionName, ContextId, TraceId};
+
+/// What an executor is asked to do.
+#[derive(Debug, Clone)]
+pub struct ExecutorCall {
+    pub trace_id: TraceId,
+    pub decision_id: uuid::Uuid,
+    pub action: ActionName,
+    pub context: ContextId,
+    pub payload: Value,
+}
+
+/// How an executor failed. Messages reach clients and the audit trail: never put a secret in one.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ExecutorError {
+    #[error("{0}")]
+    Failed(String),
+    #[error("no answer within {}ms", .0.as_millis())]
+    Timeout(Duration),
+}
+
+/// One replaceable kind of work (echo, llm, collector, composite).
+#[async_trait]
+pub trait Executor: Send + Sync + 'static {
+    async fn execute(&self, call: ExecutorCall) -> Result<Value, ExecutorError>;
+}
+
+/// Builds an executor of one kind from the `[settings]` table of its file.
+pub type KindFactory =
+    Arc<dyn Fn(&str, &toml::Table) -> Result<Arc<dyn Executor>, String> + Send + Sync>;
+
+/// The kinds this build can run. Library users may register more.
+#[derive(Clone)]
+pub struct Kinds {
+    factories: BTreeMap<String, KindFactory>,
+}
+
+impl Kinds {
+    /// The kinds shipped with Catraca.
+    pub fn builtin() -> Self {
+        let mut kinds = Self {
+            factories: BTreeMap::new(),
+        };
+        kinds.register("echo", Arc::new(echo::build));
+        kinds
+    }
+
+    pub fn register(&mut self, kind: &str, factory: KindFactory) {
+        self.factories.insert(kind.to_owned(), factory);
+    }
+
+    fn names(&self) -> String {
+        self.factories.keys().cloned().collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// Default executor timeout when a file sets none: long enough for an LLM answer, short enough that a
+/// hung upstream does not hold a client forever.
+const DEFAULT_TIMEOUT_MS: u64 = 30_000;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExecutorFile {
+    name: String,
+    kind: String,
+    #[serde(default)]
+    description: String,
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    settings: toml::Table,
+}
+
+/// A loaded executor.
+pub struct ExecutorDef {
+    pub name: String,
+    pub kind: String,
+    pub description: String,
+    pub timeout: Duration,
+    /// The file it came from, relative to the executors folder.
+    pub file: String,
+    executor: Arc<dyn Executor>,
+}
+
+/// Every executor of the `executors/` folder.
+#[derive(Default)]
+pub struct Registry {
+    executors: BTreeMap<String, ExecutorDef>,
+}
+
+impl Registry {
+    /// Loads `dir/*.toml`. A file naming a kind this build lacks is an error naming the file and kind.
+    pub fn load(dir: &Path, kinds: &Kinds) -> anyhow::Result<Self> {
+        let mut paths: Vec<_> = std::fs::read_dir(dir)
+            .map_err(|e| anyhow::anyhow!("reading executors folder {}: {e}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        paths.sort();
+        let mut executors = BTreeMap::new();
+        for path in paths {
+            let file_name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+            let file: ExecutorFile = toml::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            if crate::domain::ActionName::parse(&file.name).is_err() {
+                anyhow::bail!(
+                    "{}: executor name {:?} must be a lowercase identifier",
+                    path.display(),
+                    file.name
+                );
+            }
+            let factory = kinds.factories.get(&file.kind).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: executor {:?} has kind {:?}, which this build does not provide (known kinds: {})",
+                    path.display(),
+                    file.name,
+                    file.kind,
+                    kinds.names()
+                )
+            })?;
+            let executor = factory(&file.name, &file.settings)
+                .map_err(|e| anyhow::anyhow!("{}: executor {:?}: {e}", path.display(), file.name))?;
+            let timeout_ms = file.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
+            if timeout_ms == 0 {
+                anyhow::bail!("{}: timeout_ms must be positive", path.display());
+            }
+            let def = ExecutorDef {
+                name: file.name.clone(),
+                kind: file.kind,
+                description: file.description,
+                timeout: Duration::from_millis(timeout_ms),
+                file: file_name,
+                executor,
+            };
+            if executors.insert(file.name.clone(), def).is_some() {
+                anyhow::bail!("executor {:?} is defined twice", file.name);
+            }
+        }
+        Ok(Self { executors })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&ExecutorDef> {
+        self.executors.get(name)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.executors.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.executors.keys().map(String::as_str)
+    }
+}
+
+impl ExecutorDef {
+    /// Runs the executor in its own task under its timeout; on timeout the task is aborted.
+    pub async fn run(&self, call: ExecutorCall) -> Result<Value, ExecutorError> {
+        let executor = self.executor.clone();
+        let task = tokio::spawn(async move { executor.execute(call).await });
+        let abort = task.abort_handle();
+        match tokio::time::timeout(self.timeout, task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => {
+                tracing::error!(executor = %self.name, error = %join, "executor task failed");
+                Err(ExecutorError::Failed(format!(
+                    "executor {} stopped unexpectedly",
+                    self.name
+                )))
+            }
+            Err(_) => {
+                abort.abort();
+                Err(ExecutorError::Timeout(self.timeout))
+            }
+        }
+    }
+}

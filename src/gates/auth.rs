@@ -1,0 +1,294 @@
+//! G1: API keys. `X-API-Key: <key>` or `Authorization: Bearer <key>`, looked up by key id and verified
+//! against an argon2id hash. A verification is cached for a short TTL (keyed by the SHA-256 of the
+//! presented key) so argon2 runs once per key per TTL; concurrent misses for one key share one argon2
+//! run. Failed attempts are limited per client address before argon2 runs.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use axum::http::HeaderMap;
+use dashmap::DashMap;
+use sha2::{Digest, Sha256};
+
+use crate::domain::{ApiKey, ContextId, KeyId, RoleName, TierName};
+use crate::store::{KeyRecord, Store, StoreError};
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+pub struct AuthenticatedKey {
+    pub key_id: KeyId,
+    pub name: String,
+    pub role: RoleName,
+    pub contexts: Option<BTreeSet<ContextId>>,
+    pub tier: TierName,
+}
+
+/// Why G1 refused.
+#[derive(Debug)]
+pub enum AuthRefusal {
+    /// A reason code of the auth gate; `presented` is the key id when the key was well-formed.
+    Denied {
+        reason: &'static str,
+        message: &'static str,
+        presented: Option<KeyId>,
+    },
+    /// Too many failures from this address; argon2 was not run.
+    Throttled { retry_after: Duration },
+    Store(StoreError),
+}
+
+/// Hashes a new key's secret as an argon2id PHC string (library defaults: 19 MiB, t=2, p=1, OWASP's
+/// recommended floor).
+pub fn hash_secret(secret: &str) -> Result<String, String> {
+    let mut salt = [0u8; 16];
+    getrandom::fill(&mut salt).map_err(|e| e.to_string())?;
+    let salt = SaltString::encode_b64(&salt).map_err(|e| e.to_string())?;
+    Argon2::default()
+        .hash_password(secret.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| e.to_string())
+}
+
+fn verify_secret(secret: &str, phc: &str) -> bool {
+    PasswordHash::new(phc).is_ok_and(|parsed| {
+        Argon2::default()
+            .verify_password(secret.as_bytes(), &parsed)
+            .is_ok()
+    })
+}
+
+/// The presented key from `X-API-Key` or `Authorization: Bearer`.
+fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    if let Some(v) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+        return Some(v.trim());
+    }
+    let auth = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = auth.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+#[derive(Clone)]
+struct Verified {
+    key_id: KeyId,
+    /// The hash the secret was verified against; a changed hash invalidates the entry.
+    secret_hash: Arc<str>,
+    at: Instant,
+}
+
+/// A token bucket per client address, drained only by failures: `per_minute` failures, refilled
+/// evenly over a minute.
+struct FailureLimiter {
+    per_minute: f64,
+    buckets: DashMap<IpAddr, (f64, Instant)>,
+}
+
+/// Past this many tracked addresses, full buckets (addresses that stopped failing) are forgotten.
+const MAX_TRACKED_ADDRESSES: usize = 100_000;
+
+impl FailureLimiter {
+    fn refilled(&self, tokens: f64, since: Instant, now: Instant) -> f64 {
+        (tokens + now.duration_since(since).as_secs_f64() * self.per_minute / 60.0)
+            .min(self.per_minute)
+    }
+
+    /// How long this address must wait before another verification, if it must.
+    fn blocked(&self, ip: IpAddr) -> Option<Duration> {
+        let now = Instant::now();
+        let (tokens, since) = *self.buckets.get(&ip)?;
+        let tokens = self.refilled(tokens, since, now);
+        (tokens < 1.0).then(|| Duration::from_secs_f64((1.0 - tokens) * 60.0 / self.per_minute))
+    }
+
+    fn record_failure(&self, ip: IpAddr) {
+        let now = Instant::now();
+        if self.buckets.len() > MAX_TRACKED_ADDRESSES {
+            let full = self.per_minute;
+            self.buckets
+                .retain(|_, (tokens, since)| self.refilled(*tokens, *since, now) < full);
+        }
+        let mut entry = self.buckets.entry(ip).or_insert((self.per_minute, now));
+        let tokens = self.refilled(entry.0, entry.1, now);
+        *entry = ((tokens - 1.0).max(0.0), now);
+    }
+}
+
+/// The auth gate with its caches.
+pub struct AuthGate {
+    store: Arc<dyn Store>,
+    ttl: Duration,
+    cache: DashMap<[u8; 32], Verified>,
+    /// One lock per key id, so concurrent cache misses for one key run argon2 once.
+    inflight: DashMap<KeyId, Arc<tokio::sync::Mutex<()>>>,
+    failures: FailureLimiter,
+    argon2_runs: AtomicU64,
+}
+
+impl AuthGate {
+    pub fn new(store: Arc<dyn Store>, ttl: Duration, failures_per_minute: u32) -> Self {
+        Self {
+            store,
+            ttl,
+            cache: DashMap::new(),
+            inflight: DashMap::new(),
+            failures: FailureLimiter {
+                per_minute: f64::from(failures_per_minute.max(1)),
+                buckets: DashMap::new(),
+            },
+            argon2_runs: AtomicU64::new(0),
+        }
+    }
+
+    /// How many argon2 verifications this gate has run (to show the cache works).
+    pub fn argon2_runs(&self) -> u64 {
+        self.argon2_runs.load(Ordering::Relaxed)
+    }
+
+    /// Drops every cached verification of `key_id` at once (local revoke or rotate).
+    pub fn forget(&self, key_id: &KeyId) {
+        self.cache.retain(|_, v| v.key_id != *key_id);
+    }
+
+    fn cached(&self, digest: &[u8; 32], record: &KeyRecord) -> bool {
+        self.cache.get(digest).is_some_and(|v| {
+            v.key_id == record.key_id
+                && *v.secret_hash == *record.secret_hash
+                && v.at.elapsed() < self.ttl
+        })
+    }
+
+    pub async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        client: IpAddr,
+        now: &str,
+    ) -> Result<AuthenticatedKey, AuthRefusal> {
+        let Some(text) = presented_key(headers).filter(|t| !t.is_empty()) else {
+            return Err(AuthRefusal::Denied {
+                reason: "AUTH_MISSING_KEY",
+                message: "send the API key in X-API-Key or Authorization: Bearer",
+                presented: None,
+            });
+        };
+        let invalid = |presented: Option<KeyId>| AuthRefusal::Denied {
+            reason: "AUTH_INVALID_KEY",
+            message: "the API key is not valid",
+            presented,
+        };
+        let Ok(key) = ApiKey::parse(text) else {
+            self.failures.record_failure(client);
+            return Err(invalid(None));
+        };
+        let record = self
+            .store
+            .get_key(key.key_id())
+            .await
+            .map_err(AuthRefusal::Store)?;
+        let Some(record) = record else {
+            self.failures.record_failure(client);
+            return Err(invalid(Some(key.key_id().clone())));
+        };
+        let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+        if !self.cached(&digest, &record) {
+            if let Some(retry_after) = self.failures.blocked(client) {
+                return Err(AuthRefusal::Throttled { retry_after });
+            }
+            let lock = self
+                .inflight
+                .entry(record.key_id.clone())
+                .or_default()
+                .clone();
+            let _guard = lock.lock().await;
+            // Another request may have verified this key while we waited for the lock.
+            if !self.cached(&digest, &record) {
+                self.argon2_runs.fetch_add(1, Ordering::Relaxed);
+                let secret = key.secret().to_owned();
+                let phc = record.secret_hash.clone();
+                let ok = tokio::task::spawn_blocking(move || verify_secret(&secret, &phc))
+                    .await
+                    .unwrap_or(false);
+                if !ok {
+                    self.failures.record_failure(client);
+                    return Err(invalid(Some(record.key_id.clone())));
+                }
+                self.cache.insert(
+                    digest,
+                    Verified {
+                        key_id: record.key_id.clone(),
+                        secret_hash: record.secret_hash.as_str().into(),
+                        at: Instant::now(),
+                    },
+                );
+            }
+        }
+        // The row is read on every request, so a revoke by any process counts from the next request.
+        if record.revoked_at.is_some() {
+            return Err(AuthRefusal::Denied {
+                reason: "AUTH_KEY_REVOKED",
+                message: "the API key was revoked",
+                presented: Some(record.key_id),
+            });
+        }
+        if record.expires_at.as_deref().is_some_and(|exp| exp <= now) {
+            return Err(AuthRefusal::Denied {
+                reason: "AUTH_KEY_EXPIRED",
+                message: "the API key has expired",
+                presented: Some(record.key_id),
+            });
+        }
+        Ok(AuthenticatedKey {
+            key_id: record.key_id,
+            name: record.name,
+            role: record.role,
+            contexts: record.contexts,
+            tier: record.tier,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_secret_verifies_only_against_its_own_hash() {
+        let phc = hash_secret("s3cret").unwrap();
+        assert!(phc.starts_with("$argon2id$"));
+        assert!(verify_secret("s3cret", &phc));
+        assert!(!verify_secret("s3cres", &phc));
+        assert!(!verify_secret("s3cret", "not a phc string"));
+    }
+
+    #[test]
+    fn keys_are_read_from_either_header() {
+        let mut h = HeaderMap::new();
+        h.insert("authorization", "Bearer abc".parse().unwrap());
+        assert_eq!(presented_key(&h), Some("abc"));
+        h.insert("x-api-key", "xyz".parse().unwrap());
+        assert_eq!(presented_key(&h), Some("xyz"));
+        let mut basic = HeaderMap::new();
+        basic.insert("authorization", "Basic abc".parse().unwrap());
+        assert_eq!(presented_key(&basic), None);
+    }
+
+    #[test]
+    fn failures_block_an_address_until_the_bucket_refills() {
+        let limiter = FailureLimiter {
+            per_minute: 2.0,
+            buckets: DashMap::new(),
+        };
+        let ip: IpAddr = [127, 0, 0, 9].into();
+        assert!(limiter.blocked(ip).is_none());
+        limiter.record_failure(ip);
+        assert!(limiter.blocked(ip).is_none());
+        limiter.record_failure(ip);
+        let wait = limiter.blocked(ip).unwrap();
+        assert!(wait > Duration::from_secs(25) && wait <= Duration::from_secs(30));
+        let other: IpAddr = [127, 0, 0, 10].into();
+        assert!(limiter.blocked(other).is_none(), "other addresses are unaffected");
+    }
+}

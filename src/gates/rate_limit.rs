@@ -1,0 +1,124 @@
+//! G2: per-key rate limit with the quota of the key's tier. In-process `governor` (GCRA) by default;
+//! the trait lets a shared limiter take its place for several instances.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter as Gcra};
+
+use crate::domain::{KeyId, TierName};
+use crate::policy::TierDef;
+
+/// The limiter's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateDecision {
+    Allowed,
+    Limited { retry_after: Duration },
+}
+
+/// The limiter could not decide (a shared backend is unreachable).
+#[derive(Debug, thiserror::Error)]
+#[error("rate limiter unavailable: {0}")]
+pub struct RateLimitUnavailable(pub String);
+
+#[async_trait]
+pub trait RateLimiter: Send + Sync + 'static {
+    async fn check(
+        &self,
+        key: &KeyId,
+        tier_name: &TierName,
+        tier: &TierDef,
+    ) -> Result<RateDecision, RateLimitUnavailable>;
+}
+
+/// One GCRA limiter per tier, keyed by key id; rebuilt when a reload changes the tier's quota.
+#[derive(Default)]
+pub struct InProcessLimiter {
+    tiers: DashMap<TierName, (TierDef, Arc<DefaultKeyedRateLimiter<KeyId>>)>,
+}
+
+fn quota(tier: &TierDef) -> Option<Quota> {
+    let rate = NonZeroU32::new(tier.per_second)?;
+    let burst = NonZeroU32::new(tier.burst)?;
+    Some(Quota::per_second(rate).allow_burst(burst))
+}
+
+#[async_trait]
+impl RateLimiter for InProcessLimiter {
+    async fn check(
+        &self,
+        key: &KeyId,
+        tier_name: &TierName,
+        tier: &TierDef,
+    ) -> Result<RateDecision, RateLimitUnavailable> {
+        if tier.unlimited {
+            return Ok(RateDecision::Allowed);
+        }
+        let Some(quota) = quota(tier) else {
+            return Err(RateLimitUnavailable(format!(
+                "tier {tier_name} has no usable quota"
+            )));
+        };
+        let limiter = {
+            let mut entry = self
+                .tiers
+                .entry(tier_name.clone())
+                .or_insert_with(|| (tier.clone(), Arc::new(Gcra::keyed(quota))));
+            if entry.0 != *tier {
+                *entry = (tier.clone(), Arc::new(Gcra::keyed(quota)));
+            }
+            entry.1.clone()
+        };
+        Ok(match limiter.check_key(key) {
+            Ok(()) => RateDecision::Allowed,
+            Err(not_until) => RateDecision::Limited {
+                retry_after: not_until.wait_time_from(DefaultClock::default().now()),
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_burst_is_allowed_then_limited_per_key() {
+        let limiter = InProcessLimiter::default();
+        let tier = TierDef {
+            per_second: 1,
+            burst: 3,
+            unlimited: false,
+        };
+        let name = TierName::parse("standard").unwrap();
+        let a = KeyId::parse("00000000000000aa").unwrap();
+        let b = KeyId::parse("00000000000000bb").unwrap();
+        for _ in 0..3 {
+            assert_eq!(limiter.check(&a, &name, &tier).await.unwrap(), RateDecision::Allowed);
+        }
+        assert!(matches!(
+            limiter.check(&a, &name, &tier).await.unwrap(),
+            RateDecision::Limited { .. }
+        ));
+        assert_eq!(limiter.check(&b, &name, &tier).await.unwrap(), RateDecision::Allowed);
+    }
+
+    #[tokio::test]
+    async fn unlimited_tiers_always_pass() {
+        let limiter = InProcessLimiter::default();
+        let tier = TierDef {
+            per_second: 0,
+            burst: 0,
+            unlimited: true,
+        };
+        let name = TierName::parse("unlimited").unwrap();
+        let k = KeyId::parse("00000000000000aa").unwrap();
+        for _ in 0..1000 {
+            assert_eq!(limiter.check(&k, &name, &tier).await.unwrap(), RateDecision::Allowed);
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! The one error type of the HTTP edge: every refusal and failure becomes the documented JSON body with
+//! its status and headers. Unexpected errors become a generic 500 whose detail goes to the log only.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::domain::TraceId;
+use crate::gates::Denial;
+use crate::policy::Violation;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A gate refused the request.
+    #[error("denied by {}: {}", .0.gate.as_str(), .0.reason_codes.join(","))]
+    Denied(Box<Denial>),
+    /// The executor failed or timed out after ALLOW.
+    #[error("execution failed: {reason}")]
+    ExecutionFailed {
+        reason: &'static str,
+        message: String,
+        trace_id: TraceId,
+        decision_id: uuid::Uuid,
+        action: String,
+        executor_id: String,
+    },
+    /// The audit store cannot write: nothing runs unaudited.
+    #[error("audit unavailable")]
+    AuditUnavailable {
+        trace_id: TraceId,
+        decision_id: Option<uuid::Uuid>,
+    },
+    #[error("not found: {message}")]
+    NotFound {
+        message: String,
+        trace_id: Option<TraceId>,
+    },
+    /// Anything unexpected; the detail is logged, the client sees a generic message.
+    #[error("internal: {detail}")]
+    Internal {
+        detail: String,
+        trace_id: Option<TraceId>,
+    },
+}
+
+impl ApiError {
+    pub fn internal(detail: impl std::fmt::Display, trace_id: Option<&TraceId>) -> Self {
+        Self::Internal {
+            detail: detail.to_string(),
+            trace_id: trace_id.cloned(),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Denied(d) => d.status(),
+            Self::ExecutionFailed { reason, .. } if *reason == "EXECUTOR_TIMEOUT" => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            Self::ExecutionFailed { .. } => StatusCode::BAD_GATEWAY,
+            Self::AuditUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NotFound { .. } => StatusCode::NOT_FOUND,
+            Self::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+/// The body of every refusal and failure.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// `GATE_DENIED`, `EXECUTION_FAILED`, `SERVICE_UNAVAILABLE`, `NOT_FOUND` or `INTERNAL_ERROR`.
+    pub error: &'static str,
+    /// The refusing gate (`auth`, `rate_limit`, `input`, `action_matrix`), or `audit`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gate: Option<&'static str>,
+    pub reason_codes: Vec<String>,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decision_id: Option<String>,
+    /// For `INPUT_SCHEMA_INVALID`: each failing JSON pointer and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub violations: Vec<Violation>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub executor_id: Option<String>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let mut retry_after = None;
+        let mut authenticate = false;
+        let body = match self {
+            Self::Denied(d) => {
+                retry_after = d.retry_after_secs;
+                authenticate = status == StatusCode::UNAUTHORIZED;
+                ErrorBody {
+                    error: "GATE_DENIED",
+                    gate: Some(d.gate.as_str()),
+                    reason_codes: d.reason_codes,
+                    message: d.message,
+                    trace_id: Some(d.trace_id.to_string()),
+                    decision_id: Some(d.decision_id.to_string()),
+                    violations: d.violations,
+                    action: None,
+                    executor_id: None,
+                }
+            }
+            Self::ExecutionFailed {
+                reason,
+                message,
+                trace_id,
+                decision_id,
+                action,
+                executor_id,
+            } => ErrorBody {
+                error: "EXECUTION_FAILED",
+                gate: None,
+                reason_codes: vec![reason.to_owned()],
+                message,
+                trace_id: Some(trace_id.to_string()),
+                decision_id: Some(decision_id.to_string()),
+                violations: vec![],
+                action: Some(action),
+                executor_id: Some(executor_id),
+            },
+            Self::AuditUnavailable {
+                trace_id,
+                decision_id,
+            } => {
+                // Clients should retry later; the audit store usually recovers within seconds.
+                retry_after = Some(5);
+                ErrorBody {
+                    error: "SERVICE_UNAVAILABLE",
+                    gate: Some("audit"),
+                    reason_codes: vec!["AUDIT_UNAVAILABLE".to_owned()],
+                    message: "the audit trail cannot record this request right now; nothing was executed"
+                        .to_owned(),
+                    trace_id: Some(trace_id.to_string()),
+                    decision_id: decision_id.map(|d| d.to_string()),
+                    violations: vec![],
+                    action: None,
+                    executor_id: None,
+                }
+            }
+            Self::NotFound { message, trace_id } => ErrorBody {
+                error: "NOT_FOUND",
+                gate: None,
+                reason_codes: vec!["NOT_FOUND".to_owned()],
+                message,
+                trace_id: trace_id.map(|t| t.to_string()),
+                decision_id: None,
+                violations: vec![],
+                action: None,
+                executor_id: None,
+            },
+            Self::Internal { detail, trace_id } => {
+                tracing::error!(%detail, trace_id = ?trace_id.as_ref().map(TraceId::as_str), "internal error");
+                ErrorBody {
+                    error: "INTERNAL_ERROR",
+                    gate: None,
+                    reason_codes: vec!["INTERNAL_ERROR".to_owned()],
+                    message: "internal error; the operator can find details by trace id".to_owned(),
+                    trace_id: trace_id.map(|t| t.to_string()),
+                    decision_id: None,
+                    violations: vec![],
+                    action: None,
+                    executor_id: None,
+                }
+            }
+        };
+        let mut response = (status, Json(body)).into_response();
+        let headers = response.headers_mut();
+        if let Some(secs) = retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if authenticate {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"catraca\", charset=\"UTF-8\""),
+            );
+        }
+        response
+    }
+}

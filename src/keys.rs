@@ -1,0 +1,265 @@
+//! Key lifecycle: create, revoke, rotate. Every change is audited (KEY_CREATED, KEY_REVOKED) before it
+//! is stored, so there is never a usable key the trail does not know about.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::json;
+use time::OffsetDateTime;
+
+use crate::audit::{AuditError, AuditLog, EventType, PendingEvent, timestamp};
+use crate::domain::{ApiKey, ContextId, KeyId, RoleName, TierName};
+use crate::gates::auth::hash_secret;
+use crate::policy::Policy;
+use crate::store::{KeyRecord, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no active key {0}")]
+    NotFound(KeyId),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+}
+
+/// What `keys create` asks for.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    pub name: String,
+    pub role: RoleName,
+    /// Empty = every context.
+    pub contexts: Vec<ContextId>,
+    pub tier: Option<TierName>,
+    pub expires_in: Option<Duration>,
+    /// Who asked (`cli`, `serve:dev-bootstrap`), for the trail.
+    pub actor: &'static str,
+}
+
+/// A key as shown to operators (never the secret, except `key` right after creation).
+#[derive(Debug, Serialize)]
+pub struct KeyView {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    pub key_id: String,
+    pub name: String,
+    pub role: String,
+    pub contexts: Vec<String>,
+    pub tier: String,
+    pub created_at: String,
+    pub expires_at: Option<String>,
+    pub revoked_at: Option<String>,
+    pub rotated_from: Option<String>,
+}
+
+impl KeyView {
+    pub fn of(record: &KeyRecord, key: Option<&ApiKey>) -> Self {
+        Self {
+            key: key.map(ApiKey::expose),
+            key_id: record.key_id.to_string(),
+            name: record.name.clone(),
+            role: record.role.to_string(),
+            contexts: record
+                .contexts
+                .as_ref()
+                .map_or_else(|| vec!["*".to_owned()], |c| c.iter().map(ToString::to_string).collect()),
+            tier: record.tier.to_string(),
+            created_at: record.created_at.clone(),
+            expires_at: record.expires_at.clone(),
+            revoked_at: record.revoked_at.clone(),
+            rotated_from: record.rotated_from.as_ref().map(ToString::to_string),
+        }
+    }
+}
+
+/// Parses `90d`, `12h`, `30m` or `45s`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number followed by d, h, m or s"))?;
+    let secs = match unit {
+        "d" => n.checked_mul(86_400),
+        "h" => n.checked_mul(3_600),
+        "m" => n.checked_mul(60),
+        "s" => Some(n),
+        _ => return Err(format!("{s:?}: the unit must be d, h, m or s")),
+    }
+    .filter(|&secs| secs > 0)
+    .ok_or_else(|| format!("{s:?} must be positive and not absurdly large"))?;
+    Ok(Duration::from_secs(secs))
+}
+
+fn new_record(
+    key: &ApiKey,
+    template: &NewKey,
+    policy: &Policy,
+    now: OffsetDateTime,
+) -> Result<KeyRecord, KeyError> {
+    if template.name.trim().is_empty() || template.name.len() > 128 {
+        return Err(KeyError::Invalid("a key name is 1 to 128 characters".into()));
+    }
+    if !policy.has_role(&template.role) {
+        return Err(KeyError::Invalid(format!(
+            "role {} is not defined in the policy",
+            template.role
+        )));
+    }
+    for c in &template.contexts {
+        if !policy.has_context(c.as_str()) {
+            return Err(KeyError::Invalid(format!(
+                "context {c} is not defined in the policy"
+            )));
+        }
+    }
+    let tier = match &template.tier {
+        Some(t) if policy.has_tier(t) => t.clone(),
+        Some(t) => {
+            return Err(KeyError::Invalid(format!(
+                "tier {t} is not defined in the policy"
+            )));
+        }
+        None => policy.tier(&TierName::parse("standard").unwrap_or_else(|_| unreachable!())).0.clone(),
+    };
+    let expires_at = template
+        .expires_in
+        .map(|d| {
+            time::Duration::try_from(d)
+                .ok()
+                .and_then(|d| now.checked_add(d))
+                .map(timestamp)
+                .ok_or_else(|| KeyError::Invalid("expiry is too far in the future".into()))
+        })
+        .transpose()?;
+    let secret_hash = hash_secret(key.secret()).map_err(KeyError::Invalid)?;
+    Ok(KeyRecord {
+        key_id: key.key_id().clone(),
+        name: template.name.trim().to_owned(),
+        role: template.role.clone(),
+        contexts: (!template.contexts.is_empty())
+            .then(|| template.contexts.iter().cloned().collect::<BTreeSet<_>>()),
+        tier,
+        secret_hash,
+        created_at: timestamp(now),
+        expires_at,
+        revoked_at: None,
+        rotated_from: None,
+    })
+}
+
+fn created_event(record: &KeyRecord, actor: &str) -> PendingEvent {
+    PendingEvent::new(
+        EventType::KeyCreated,
+        None,
+        json!({
+            "key_id": record.key_id,
+            "name": record.name,
+            "role": record.role,
+            "contexts": record.contexts,
+            "tier": record.tier,
+            "expires_at": record.expires_at,
+            "rotated_from": record.rotated_from,
+            "actor": actor,
+        }),
+    )
+}
+
+fn revoked_event(key_id: &KeyId, reason: &str, actor: &str) -> PendingEvent {
+    PendingEvent::new(
+        EventType::KeyRevoked,
+        None,
+        json!({ "key_id": key_id, "reason": reason, "actor": actor }),
+    )
+}
+
+/// Creates a key; the returned [`ApiKey`] is the only time its secret exists outside a hash.
+pub async fn create(
+    store: &dyn Store,
+    audit: &AuditLog,
+    policy: &Policy,
+    template: &NewKey,
+) -> Result<(ApiKey, KeyRecord), KeyError> {
+    let key = ApiKey::generate().map_err(|e| KeyError::Invalid(format!("no randomness: {e}")))?;
+    let record = new_record(&key, template, policy, OffsetDateTime::now_utc())?;
+    audit.append(vec![created_event(&record, template.actor)]).await?;
+    store.insert_key(&record).await?;
+    Ok((key, record))
+}
+
+/// Revokes a key; it is refused from the very next request on, on every instance.
+pub async fn revoke(
+    store: &dyn Store,
+    audit: &AuditLog,
+    key_id: &KeyId,
+    actor: &'static str,
+) -> Result<(), KeyError> {
+    match store.get_key(key_id).await? {
+        Some(k) if k.revoked_at.is_none() => {}
+        _ => return Err(KeyError::NotFound(key_id.clone())),
+    }
+    audit.append(vec![revoked_event(key_id, "revoked", actor)]).await?;
+    let now = timestamp(OffsetDateTime::now_utc());
+    if !store.revoke_key(key_id, &now).await? {
+        return Err(KeyError::NotFound(key_id.clone()));
+    }
+    Ok(())
+}
+
+/// Replaces a key with a new one of the same name, role, contexts and tier, revoking the old one in
+/// the same transaction. The remaining lifetime is not carried over: a rotated key starts afresh
+/// without expiry unless `expires_in` is given.
+pub async fn rotate(
+    store: &dyn Store,
+    audit: &AuditLog,
+    policy: &Policy,
+    key_id: &KeyId,
+    expires_in: Option<Duration>,
+    actor: &'static str,
+) -> Result<(ApiKey, KeyRecord), KeyError> {
+    let old = match store.get_key(key_id).await? {
+        Some(k) if k.revoked_at.is_none() => k,
+        _ => return Err(KeyError::NotFound(key_id.clone())),
+    };
+    let template = NewKey {
+        name: old.name.clone(),
+        role: old.role.clone(),
+        contexts: old.contexts.iter().flatten().cloned().collect(),
+        tier: Some(old.tier.clone()),
+        expires_in,
+        actor,
+    };
+    let key = ApiKey::generate().map_err(|e| KeyError::Invalid(format!("no randomness: {e}")))?;
+    let now = OffsetDateTime::now_utc();
+    let mut record = new_record(&key, &template, policy, now)?;
+    record.rotated_from = Some(old.key_id.clone());
+    audit
+        .append(vec![
+            created_event(&record, actor),
+            revoked_event(&old.key_id, "rotated", actor),
+        ])
+        .await?;
+    if !store.rotate_key(&old.key_id, &record, &timestamp(now)).await? {
+        return Err(KeyError::NotFound(key_id.clone()));
+    }
+    Ok((key, record))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_days_hours_minutes_and_seconds() {
+        assert_eq!(parse_duration("90d").unwrap(), Duration::from_secs(90 * 86_400));
+        assert_eq!(parse_duration("12h").unwrap(), Duration::from_secs(43_200));
+        assert_eq!(parse_duration("1s").unwrap(), Duration::from_secs(1));
+        for bad in ["", "d", "10", "10w", "0d", "-1d", "99999999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "accepted {bad:?}");
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! Storage behind one trait: SQLite (embedded default) and PostgreSQL (multi-instance), picked once from
+//! the URL scheme. Storage writes what it is given; ids and timestamps are made in the service layer.
+
+mod postgres;
+mod sqlite;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
+use crate::audit::SealedEvent;
+use crate::config::DatabaseUrl;
+use crate::domain::{ContextId, KeyId, RoleName, TierName};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+}
+
+/// An API key as stored: everything but the secret, which exists only as an argon2id hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub key_id: KeyId,
+    pub name: String,
+    pub role: RoleName,
+    /// `None` = every context of the policy.
+    pub contexts: Option<BTreeSet<ContextId>>,
+    pub tier: TierName,
+    pub secret_hash: String,
+    pub created_at: String,
+    pub expires_at: Option<String>,
+    pub revoked_at: Option<String>,
+    pub rotated_from: Option<KeyId>,
+}
+
+/// The last event of a chain: where the next chain of the same instance links to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainTail {
+    pub chain_id: String,
+    pub seq: i64,
+    pub hash: String,
+}
+
+/// Summary of one chain, for verification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainInfo {
+    pub chain_id: String,
+    pub events: i64,
+    pub first_at: String,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Applies the embedded migrations of this backend.
+    async fn migrate(&self) -> Result<(), StoreError>;
+    /// Cheap round trip for readiness.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    async fn insert_key(&self, key: &KeyRecord) -> Result<(), StoreError>;
+    async fn get_key(&self, key_id: &KeyId) -> Result<Option<KeyRecord>, StoreError>;
+    async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
+    async fn count_keys(&self) -> Result<i64, StoreError>;
+    /// Marks the key revoked at `at`; `false` when it does not exist or was already revoked.
+    async fn revoke_key(&self, key_id: &KeyId, at: &str) -> Result<bool, StoreError>;
+    /// Inserts `new` and revokes `old` in one transaction; `false` (nothing written) when `old` is not
+    /// an active key.
+    async fn rotate_key(&self, old: &KeyId, new: &KeyRecord, at: &str) -> Result<bool, StoreError>;
+
+    /// Appends a batch of sealed events in one transaction (one fsync for the whole batch).
+    async fn append_events(&self, events: &[SealedEvent]) -> Result<(), StoreError>;
+    /// Proves the audit table accepts writes right now, leaving nothing behind (insert, then roll back).
+    async fn probe_append(&self) -> Result<(), StoreError>;
+    /// Tail of the most recently opened chain of `instance_id`.
+    async fn latest_chain_tail(&self, instance_id: &str) -> Result<Option<ChainTail>, StoreError>;
+    /// Events of one request, in chain order.
+    async fn events_for_trace(&self, trace_id: &str) -> Result<Vec<SealedEvent>, StoreError>;
+    /// Every chain, oldest first.
+    async fn chains(&self) -> Result<Vec<ChainInfo>, StoreError>;
+    /// Events of `chain_id` with `seq > after_seq`, in order, at most `limit`.
+    async fn chain_events(
+        &self,
+        chain_id: &str,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<SealedEvent>, StoreError>;
+    /// Events with `since <= occurred_at < until`, ordered by time then chain position, after the
+    /// cursor `(occurred_at, chain_id, seq)`, at most `limit` (for streaming exports).
+    async fn events_between(
+        &self,
+        since: &str,
+        until: &str,
+        after: Option<(&str, &str, i64)>,
+        limit: i64,
+    ) -> Result<Vec<SealedEvent>, StoreError>;
+}
+
+/// Opens the store named by the URL scheme.
+pub async fn connect(url: &DatabaseUrl) -> Result<Arc<dyn Store>, StoreError> {
+    if url.is_postgres() {
+        Ok(Arc::new(PgStore::connect(url.expose()).await?))
+    } else {
+        Ok(Arc::new(SqliteStore::connect(url.expose()).await?))
+    }
+}
+
+fn contexts_to_text(contexts: &Option<BTreeSet<ContextId>>) -> Option<String> {
+    contexts.as_ref().map(|set| {
+        serde_json::Value::from(set.iter().map(|c| c.as_str()).collect::<Vec<_>>()).to_string()
+    })
+}
+
+/// Row fields shared by both backends, in table order.
+type KeyRow = (
+    String,
+    String,
+    String,
+    Option<String>,
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+fn key_from_row(row: KeyRow) -> Result<KeyRecord, StoreError> {
+    let (key_id, name, role, contexts, tier, secret_hash, created_at, expires_at, revoked_at, rotated_from) =
+        row;
+    let bad = |what: &str, e: crate::domain::ParseError| StoreError::Corrupt(format!("key {key_id}: {what}: {e}"));
+    let contexts = match contexts {
+        None => None,
+        Some(text) => {
+            let list: Vec<String> = serde_json::from_str(&text)
+                .map_err(|e| StoreError::Corrupt(format!("key {key_id}: contexts: {e}")))?;
+            Some(
+                list.iter()
+                    .map(|c| ContextId::parse(c))
+                    .collect::<Result<BTreeSet<_>, _>>()
+                    .map_err(|e| bad("contexts", e))?,
+            )
+        }
+    };
+    Ok(KeyRecord {
+        key_id: KeyId::parse(&key_id).map_err(|e| bad("key_id", e))?,
+        role: RoleName::parse(&role).map_err(|e| bad("role", e))?,
+        tier: TierName::parse(&tier).map_err(|e| bad("tier", e))?,
+        rotated_from: rotated_from
+            .map(|r| KeyId::parse(&r))
+            .transpose()
+            .map_err(|e| bad("rotated_from", e))?,
+        name,
+        contexts,
+        secret_hash,
+        created_at,
+        expires_at,
+        revoked_at,
+    })
+}
+
+/// Row fields of an audit event, in table order.
+type EventRow = (
+    String,
+    i64,
+    String,
+    String,
+    Option<String>,
+    String,
+    String,
+    String,
+    String,
+    String,
+);
+
+fn event_from_row(row: EventRow) -> SealedEvent {
+    let (chain_id, seq, event_id, event_type, trace_id, occurred_at, instance_id, prev_hash, hash, body) =
+        row;
+    SealedEvent {
+        chain_id,
+        seq,
+        event_id,
+        event_type,
+        trace_id,
+        occurred_at,
+        instance_id,
+        prev_hash,
+        hash,
+        body,
+    }
+}
+
+/// A row that only exists inside the rolled-back probe transaction.
+fn probe_event() -> SealedEvent {
+    SealedEvent {
+        chain_id: "probe".into(),
+        seq: -1,
+        event_id: format!("probe-{}", uuid::Uuid::now_v7()),
+        event_type: "PROBE".into(),
+        trace_id: None,
+        occurred_at: crate::audit::timestamp(time::OffsetDateTime::now_utc()),
+        instance_id: "probe".into(),
+        prev_hash: String::new(),
+        hash: String::new(),
+        body: "{}".into(),
+    }
+}

@@ -1,0 +1,277 @@
+//! PostgreSQL store: for several instances sharing one audit database (each instance keeps its own chain).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{PgPool, Postgres, QueryBuilder, SqlSafeStr};
+
+use super::{
+    ChainInfo, ChainTail, EventRow, KeyRecord, KeyRow, Store, StoreError, contexts_to_text,
+    event_from_row, key_from_row, probe_event,
+};
+use crate::audit::SealedEvent;
+use crate::domain::KeyId;
+
+/// Rows per multi-row INSERT: 10 columns each stays far below PostgreSQL's 65535 bound parameters.
+const INSERT_CHUNK: usize = 500;
+
+pub struct PgStore {
+    pool: PgPool,
+}
+
+fn migrator() -> Migrator {
+    Migrator::with_migrations(vec![Migration::new(
+        1,
+        "init".into(),
+        MigrationType::Simple,
+        include_str!("../../migrations/postgres/0001_init.sql").into_sql_str(),
+        false,
+    )])
+}
+
+
+impl PgStore {
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await?;
+        Ok(Self { pool })
+    }
+
+    async fn insert_events<'c>(
+        tx: &mut sqlx::Transaction<'c, Postgres>,
+        events: &[SealedEvent],
+    ) -> Result<(), StoreError> {
+        for chunk in events.chunks(INSERT_CHUNK) {
+            let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
+                "INSERT INTO audit_events (chain_id, seq, event_id, event_type, trace_id, occurred_at, instance_id, prev_hash, hash, body) ",
+            );
+            qb.push_values(chunk, |mut b, e| {
+                b.push_bind(e.chain_id.clone())
+                    .push_bind(e.seq)
+                    .push_bind(e.event_id.clone())
+                    .push_bind(e.event_type.clone())
+                    .push_bind(e.trace_id.clone())
+                    .push_bind(e.occurred_at.clone())
+                    .push_bind(e.instance_id.clone())
+                    .push_bind(e.prev_hash.clone())
+                    .push_bind(e.hash.clone())
+                    .push_bind(e.body.clone());
+            });
+            qb.build().execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        migrator().run(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn insert_key(&self, k: &KeyRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO api_keys (key_id, name, role, contexts, tier, secret_hash, created_at, expires_at, revoked_at, rotated_from) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(k.key_id.as_str())
+        .bind(&k.name)
+        .bind(k.role.as_str())
+        .bind(contexts_to_text(&k.contexts))
+        .bind(k.tier.as_str())
+        .bind(&k.secret_hash)
+        .bind(&k.created_at)
+        .bind(&k.expires_at)
+        .bind(&k.revoked_at)
+        .bind(k.rotated_from.as_ref().map(|r| r.as_str()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_key(&self, key_id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        let row: Option<KeyRow> = sqlx::query_as(
+            "SELECT key_id, name, role, contexts, tier, secret_hash, created_at, expires_at, revoked_at, rotated_from \
+             FROM api_keys WHERE key_id = $1",
+        )
+        .bind(key_id.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(key_from_row).transpose()
+    }
+
+    async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        let rows: Vec<KeyRow> = sqlx::query_as(
+            "SELECT key_id, name, role, contexts, tier, secret_hash, created_at, expires_at, revoked_at, rotated_from \
+             FROM api_keys ORDER BY created_at, key_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(key_from_row).collect()
+    }
+
+    async fn count_keys(&self) -> Result<i64, StoreError> {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM api_keys")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n)
+    }
+
+    async fn revoke_key(&self, key_id: &KeyId, at: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE api_keys SET revoked_at = $1 WHERE key_id = $2 AND revoked_at IS NULL",
+        )
+        .bind(at)
+        .bind(key_id.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn rotate_key(&self, old: &KeyId, new: &KeyRecord, at: &str) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(
+            "UPDATE api_keys SET revoked_at = $1 WHERE key_id = $2 AND revoked_at IS NULL",
+        )
+        .bind(at)
+        .bind(old.as_str())
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        sqlx::query(
+            "INSERT INTO api_keys (key_id, name, role, contexts, tier, secret_hash, created_at, expires_at, revoked_at, rotated_from) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(new.key_id.as_str())
+        .bind(&new.name)
+        .bind(new.role.as_str())
+        .bind(contexts_to_text(&new.contexts))
+        .bind(new.tier.as_str())
+        .bind(&new.secret_hash)
+        .bind(&new.created_at)
+        .bind(&new.expires_at)
+        .bind(&new.revoked_at)
+        .bind(new.rotated_from.as_ref().map(|r| r.as_str()))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn append_events(&self, events: &[SealedEvent]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        Self::insert_events(&mut tx, events).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn probe_append(&self) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        Self::insert_events(&mut tx, &[probe_event()]).await?;
+        tx.rollback().await?;
+        Ok(())
+    }
+
+    async fn latest_chain_tail(&self, instance_id: &str) -> Result<Option<ChainTail>, StoreError> {
+        let row: Option<(String, i64, String)> = sqlx::query_as(
+            "SELECT e.chain_id, e.seq, e.hash FROM audit_events e \
+             WHERE e.chain_id = (SELECT chain_id FROM audit_events \
+                                 WHERE instance_id = $1 AND event_type = 'CHAIN_OPENED' \
+                                 ORDER BY occurred_at DESC, chain_id DESC LIMIT 1) \
+             ORDER BY e.seq DESC LIMIT 1",
+        )
+        .bind(instance_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(chain_id, seq, hash)| ChainTail {
+            chain_id,
+            seq,
+            hash,
+        }))
+    }
+
+    async fn events_for_trace(&self, trace_id: &str) -> Result<Vec<SealedEvent>, StoreError> {
+        let rows: Vec<EventRow> = sqlx::query_as(
+            "SELECT chain_id, seq, event_id, event_type, trace_id, occurred_at, instance_id, prev_hash, hash, body \
+             FROM audit_events WHERE trace_id = $1 ORDER BY occurred_at, chain_id, seq",
+        )
+        .bind(trace_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(event_from_row).collect())
+    }
+
+    async fn chains(&self) -> Result<Vec<ChainInfo>, StoreError> {
+        let rows: Vec<(String, i64, String)> = sqlx::query_as(
+            "SELECT chain_id, COUNT(*), MIN(occurred_at) FROM audit_events \
+             GROUP BY chain_id ORDER BY MIN(occurred_at), chain_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(chain_id, events, first_at)| ChainInfo {
+                chain_id,
+                events,
+                first_at,
+            })
+            .collect())
+    }
+
+    async fn chain_events(
+        &self,
+        chain_id: &str,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<SealedEvent>, StoreError> {
+        let rows: Vec<EventRow> = sqlx::query_as(
+            "SELECT chain_id, seq, event_id, event_type, trace_id, occurred_at, instance_id, prev_hash, hash, body \
+             FROM audit_events WHERE chain_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(chain_id)
+        .bind(after_seq)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(event_from_row).collect())
+    }
+
+    async fn events_between(
+        &self,
+        since: &str,
+        until: &str,
+        after: Option<(&str, &str, i64)>,
+        limit: i64,
+    ) -> Result<Vec<SealedEvent>, StoreError> {
+        let (at, chain, seq) = after.unwrap_or(("", "", i64::MIN));
+        let rows: Vec<EventRow> = sqlx::query_as(
+            "SELECT chain_id, seq, event_id, event_type, trace_id, occurred_at, instance_id, prev_hash, hash, body \
+             FROM audit_events \
+             WHERE occurred_at >= $1 AND occurred_at < $2 AND (occurred_at, chain_id, seq) > ($3, $4, $5) \
+             ORDER BY occurred_at, chain_id, seq LIMIT $6",
+        )
+        .bind(since)
+        .bind(until)
+        .bind(at)
+        .bind(chain)
+        .bind(seq)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(event_from_row).collect())
+    }
+}
