@@ -226,7 +226,10 @@ impl Server {
     }
 
     /// Serves until `shutdown` resolves, then drains connections and flushes the audit writer.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let Self {
             app,
             listener,

@@ -21,8 +21,15 @@ pub async fn trace_events(
     client: IpAddr,
     wanted: &str,
 ) -> Result<Value, ApiError> {
-    authorize_permission(app, trace_id, headers, client, "/v1/audit/traces/{trace_id}", AUDIT_READ)
-        .await?;
+    authorize_permission(
+        app,
+        trace_id,
+        headers,
+        client,
+        "/v1/audit/traces/{trace_id}",
+        AUDIT_READ,
+    )
+    .await?;
     let events = app
         .store
         .events_for_trace(wanted)

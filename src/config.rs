@@ -166,8 +166,8 @@ impl Config {
         };
         let parsed = match &file {
             Some(p) => {
-                let text =
-                    std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?;
                 toml::from_str::<FileConfig>(&text)
                     .with_context(|| format!("parsing {}", p.display()))?
             }
@@ -195,18 +195,25 @@ impl Config {
         {
             env(name)
                 .filter(|v| !v.is_empty())
-                .map(|v| v.parse::<T>().map_err(|e| anyhow::anyhow!("{name}={v:?}: {e}")))
+                .map(|v| {
+                    v.parse::<T>()
+                        .map_err(|e| anyhow::anyhow!("{name}={v:?}: {e}"))
+                })
                 .transpose()
         }
         let text = |name: &str| env(name).filter(|v| !v.is_empty());
 
-        let mode = parsed(&env, "CATRACA_MODE")?.or(file.mode).unwrap_or(Mode::Dev);
+        let mode = parsed(&env, "CATRACA_MODE")?
+            .or(file.mode)
+            .unwrap_or(Mode::Dev);
         let instance_id = text("CATRACA_INSTANCE_ID")
             .or(file.instance_id)
             .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
             .unwrap_or_else(|| "catraca".to_owned());
         if instance_id.len() > 64 || instance_id.contains(char::is_whitespace) {
-            anyhow::bail!("instance id {instance_id:?} must be at most 64 characters without spaces");
+            anyhow::bail!(
+                "instance id {instance_id:?} must be at most 64 characters without spaces"
+            );
         }
         let config = Self {
             listen: parsed(&env, "CATRACA_LISTEN")?

@@ -16,7 +16,8 @@ pub const KEY_SECRET_HEX_LEN: usize = 64;
 const KEY_PREFIX: &str = "ck_";
 
 fn is_lower_hex(s: &str) -> bool {
-    s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// The public half of an API key; safe to log, store and show.
@@ -308,7 +309,13 @@ mod tests {
     #[test]
     fn client_trace_ids_are_bounded_and_plain() {
         assert!(TraceId::parse("req-2026-11-22-abc").is_ok());
-        for bad in ["short", "has space inside", "00000000", &"x".repeat(65), "a\nbcdefghi"] {
+        for bad in [
+            "short",
+            "has space inside",
+            "00000000",
+            &"x".repeat(65),
+            "a\nbcdefghi",
+        ] {
             assert!(TraceId::parse(bad).is_err(), "accepted {bad:?}");
         }
         assert_eq!(TraceId::generate().as_str().len(), 32);

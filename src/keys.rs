@@ -62,10 +62,10 @@ impl KeyView {
             key_id: record.key_id.to_string(),
             name: record.name.clone(),
             role: record.role.to_string(),
-            contexts: record
-                .contexts
-                .as_ref()
-                .map_or_else(|| vec!["*".to_owned()], |c| c.iter().map(ToString::to_string).collect()),
+            contexts: record.contexts.as_ref().map_or_else(
+                || vec!["*".to_owned()],
+                |c| c.iter().map(ToString::to_string).collect(),
+            ),
             tier: record.tier.to_string(),
             created_at: record.created_at.clone(),
             expires_at: record.expires_at.clone(),
@@ -102,7 +102,9 @@ fn new_record(
     now: OffsetDateTime,
 ) -> Result<KeyRecord, KeyError> {
     if template.name.trim().is_empty() || template.name.len() > 128 {
-        return Err(KeyError::Invalid("a key name is 1 to 128 characters".into()));
+        return Err(KeyError::Invalid(
+            "a key name is 1 to 128 characters".into(),
+        ));
     }
     if !policy.has_role(&template.role) {
         return Err(KeyError::Invalid(format!(
@@ -124,7 +126,10 @@ fn new_record(
                 "tier {t} is not defined in the policy"
             )));
         }
-        None => policy.tier(&TierName::parse("standard").unwrap_or_else(|_| unreachable!())).0.clone(),
+        None => policy
+            .tier(&TierName::parse("standard").unwrap_or_else(|_| unreachable!()))
+            .0
+            .clone(),
     };
     let expires_at = template
         .expires_in
@@ -186,7 +191,9 @@ pub async fn create(
 ) -> Result<(ApiKey, KeyRecord), KeyError> {
     let key = ApiKey::generate().map_err(|e| KeyError::Invalid(format!("no randomness: {e}")))?;
     let record = new_record(&key, template, policy, OffsetDateTime::now_utc())?;
-    audit.append(vec![created_event(&record, template.actor)]).await?;
+    audit
+        .append(vec![created_event(&record, template.actor)])
+        .await?;
     store.insert_key(&record).await?;
     Ok((key, record))
 }
@@ -202,7 +209,9 @@ pub async fn revoke(
         Some(k) if k.revoked_at.is_none() => {}
         _ => return Err(KeyError::NotFound(key_id.clone())),
     }
-    audit.append(vec![revoked_event(key_id, "revoked", actor)]).await?;
+    audit
+        .append(vec![revoked_event(key_id, "revoked", actor)])
+        .await?;
     let now = timestamp(OffsetDateTime::now_utc());
     if !store.revoke_key(key_id, &now).await? {
         return Err(KeyError::NotFound(key_id.clone()));
@@ -243,7 +252,10 @@ pub async fn rotate(
             revoked_event(&old.key_id, "rotated", actor),
         ])
         .await?;
-    if !store.rotate_key(&old.key_id, &record, &timestamp(now)).await? {
+    if !store
+        .rotate_key(&old.key_id, &record, &timestamp(now))
+        .await?
+    {
         return Err(KeyError::NotFound(key_id.clone()));
     }
     Ok((key, record))
@@ -255,7 +267,10 @@ mod tests {
 
     #[test]
     fn durations_take_days_hours_minutes_and_seconds() {
-        assert_eq!(parse_duration("90d").unwrap(), Duration::from_secs(90 * 86_400));
+        assert_eq!(
+            parse_duration("90d").unwrap(),
+            Duration::from_secs(90 * 86_400)
+        );
         assert_eq!(parse_duration("12h").unwrap(), Duration::from_secs(43_200));
         assert_eq!(parse_duration("1s").unwrap(), Duration::from_secs(1));
         for bad in ["", "d", "10", "10w", "0d", "-1d", "99999999999999999999d"] {

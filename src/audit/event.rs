@@ -223,7 +223,11 @@ mod tests {
         );
         let s = seal(e, "c1", "i1", 7, GENESIS_HASH).unwrap();
         assert_eq!(s.hash, chain_hash(GENESIS_HASH, &s.body));
-        assert!(s.body.starts_with("{\"a\":[2,1],\"b\":1,"), "keys are sorted: {}", s.body);
+        assert!(
+            s.body.starts_with("{\"a\":[2,1],\"b\":1,"),
+            "keys are sorted: {}",
+            s.body
+        );
         let parsed: Value = serde_json::from_str(&s.body).unwrap();
         assert_eq!(parsed["seq"], 7);
         assert_eq!(parsed["trace_id"], trace.as_str());

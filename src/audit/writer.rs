@@ -35,13 +35,16 @@ pub enum AuditError {
     Timeout,
 }
 
+/// Where the writer reports whether a command's events are durable.
+type Ack = oneshot::Sender<Result<(), AuditError>>;
+
 enum Command {
     Append {
         events: Vec<PendingEvent>,
-        done: oneshot::Sender<Result<(), AuditError>>,
+        done: Ack,
     },
     Probe {
-        done: oneshot::Sender<Result<(), AuditError>>,
+        done: Ack,
     },
 }
 
@@ -87,13 +90,11 @@ struct ChainState {
 impl ChainState {
     /// Seals `events` after the current tail without moving it; the tail moves only after the commit.
     fn seal_all(&self, events: Vec<PendingEvent>) -> Result<Vec<SealedEvent>, serde_json::Error> {
-        let mut seq = self.next_seq;
         let mut prev = self.prev_hash.clone();
         let mut out = Vec::with_capacity(events.len());
-        for e in events {
+        for (seq, e) in (self.next_seq..).zip(events) {
             let sealed = seal(e, &self.chain_id, &self.instance_id, seq, &prev)?;
             prev.clone_from(&sealed.hash);
-            seq += 1;
             out.push(sealed);
         }
         Ok(out)
@@ -274,9 +275,7 @@ impl Writer {
                     next = rx.try_recv().ok();
                 }
             }
-            self.metrics
-                .audit_queue_depth
-                .set(rx.len() as i64);
+            self.metrics.audit_queue_depth.set(rx.len() as i64);
             if !appends.is_empty() {
                 self.commit(appends).await;
             }
@@ -291,7 +290,7 @@ impl Writer {
         tracing::info!(chain_id = %self.state.chain_id, "audit writer stopped");
     }
 
-    async fn commit(&mut self, appends: Vec<(Vec<PendingEvent>, oneshot::Sender<Result<(), AuditError>>)>) {
+    async fn commit(&mut self, appends: Vec<(Vec<PendingEvent>, Ack)>) {
         let mut events = Vec::new();
         let mut waiters = Vec::with_capacity(appends.len());
         for (batch, done) in appends {

@@ -64,7 +64,11 @@ impl Kinds {
     }
 
     fn names(&self) -> String {
-        self.factories.keys().cloned().collect::<Vec<_>>().join(", ")
+        self.factories
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -118,8 +122,8 @@ impl Registry {
                 .unwrap_or_default();
             let text = std::fs::read_to_string(&path)
                 .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-            let file: ExecutorFile = toml::from_str(&text)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            let file: ExecutorFile =
+                toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             if crate::domain::ActionName::parse(&file.name).is_err() {
                 anyhow::bail!(
                     "{}: executor name {:?} must be a lowercase identifier",
@@ -136,8 +140,9 @@ impl Registry {
                     kinds.names()
                 )
             })?;
-            let executor = factory(&file.name, &file.settings)
-                .map_err(|e| anyhow::anyhow!("{}: executor {:?}: {e}", path.display(), file.name))?;
+            let executor = factory(&file.name, &file.settings).map_err(|e| {
+                anyhow::anyhow!("{}: executor {:?}: {e}", path.display(), file.name)
+            })?;
             let timeout_ms = file.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
             if timeout_ms == 0 {
                 anyhow::bail!("{}: timeout_ms must be positive", path.display());

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use axum::http::HeaderMap;
 use dashmap::DashMap;
 use sha2::{Digest, Sha256};
@@ -38,7 +38,9 @@ pub enum AuthRefusal {
         presented: Option<KeyId>,
     },
     /// Too many failures from this address; argon2 was not run.
-    Throttled { retry_after: Duration },
+    Throttled {
+        retry_after: Duration,
+    },
     Store(StoreError),
 }
 
@@ -67,7 +69,10 @@ fn presented_key(headers: &HeaderMap) -> Option<&str> {
     if let Some(v) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
         return Some(v.trim());
     }
-    let auth = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let auth = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
     let (scheme, token) = auth.trim().split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
@@ -289,6 +294,9 @@ mod tests {
         let wait = limiter.blocked(ip).unwrap();
         assert!(wait > Duration::from_secs(25) && wait <= Duration::from_secs(30));
         let other: IpAddr = [127, 0, 0, 10].into();
-        assert!(limiter.blocked(other).is_none(), "other addresses are unaffected");
+        assert!(
+            limiter.blocked(other).is_none(),
+            "other addresses are unaffected"
+        );
     }
 }

@@ -85,7 +85,10 @@ pub fn validate(policy: &Policy, bytes: &[u8]) -> Result<ValidInput, InputRefusa
     let Some(obj) = value.as_object_mut() else {
         return Err(InputRefusal {
             violations: vec![violation("", "the body must be a JSON object")],
-            ..InputRefusal::new("INPUT_SCHEMA_INVALID", "the request body must be a JSON object")
+            ..InputRefusal::new(
+                "INPUT_SCHEMA_INVALID",
+                "the request body must be a JSON object",
+            )
         });
     };
     let mut violations = Vec::new();
@@ -149,7 +152,10 @@ pub fn validate(policy: &Policy, bytes: &[u8]) -> Result<ValidInput, InputRefusa
             requested_action: Some(action.name.to_string()),
             ..InputRefusal::new(
                 "ACTION_UNKNOWN",
-                format!("{} is a permission for another route, not an action /process runs", action.name),
+                format!(
+                    "{} is a permission for another route, not an action /process runs",
+                    action.name
+                ),
             )
         });
     }
@@ -158,7 +164,10 @@ pub fn validate(policy: &Policy, bytes: &[u8]) -> Result<ValidInput, InputRefusa
         _ => {
             return Err(InputRefusal {
                 action: Some(action),
-                ..InputRefusal::new("CONTEXT_UNKNOWN", "the context is not defined in the policy")
+                ..InputRefusal::new(
+                    "CONTEXT_UNKNOWN",
+                    "the context is not defined in the policy",
+                )
             });
         }
     };

@@ -239,7 +239,12 @@ struct Refused {
 }
 
 impl Refused {
-    fn new(gate: Gate, code: &str, message: impl Into<String>, retry_after: Option<Duration>) -> Self {
+    fn new(
+        gate: Gate,
+        code: &str,
+        message: impl Into<String>,
+        retry_after: Option<Duration>,
+    ) -> Self {
         Self {
             gate,
             codes: vec![code.to_owned()],
@@ -310,7 +315,12 @@ async fn authenticate_and_limit(
             ))
         }
     };
-    d.record(app, Gate::RateLimit, t, refused.as_ref().map(|r| r.codes.as_slice()));
+    d.record(
+        app,
+        Gate::RateLimit,
+        t,
+        refused.as_ref().map(|r| r.codes.as_slice()),
+    );
     match refused {
         Some(r) => Err(Ok(r)),
         None => Ok(key),
@@ -358,7 +368,9 @@ pub async fn process(app: &App, req: Incoming) -> Result<ActionResult, ApiError>
 
     let key = match authenticate_and_limit(app, &mut d, &headers, client).await {
         Ok(key) => key,
-        Err(Ok(r)) => return refuse(app, d, r.gate, r.codes, &r.message, r.retry_after, vec![]).await,
+        Err(Ok(r)) => {
+            return refuse(app, d, r.gate, r.codes, &r.message, r.retry_after, vec![]).await;
+        }
         Err(Err(e)) => return Err(e),
     };
 
@@ -375,7 +387,16 @@ pub async fn process(app: &App, req: Incoming) -> Result<ActionResult, ApiError>
             d.requested_action = refusal.requested_action.as_deref().map(truncated);
             let codes = vec![refusal.reason.to_owned()];
             d.record(app, Gate::Input, t, Some(&codes));
-            return refuse(app, d, Gate::Input, codes, &refusal.message, None, refusal.violations).await;
+            return refuse(
+                app,
+                d,
+                Gate::Input,
+                codes,
+                &refusal.message,
+                None,
+                refusal.violations,
+            )
+            .await;
         }
     };
     d.record(app, Gate::Input, t, None);
@@ -389,9 +410,12 @@ pub async fn process(app: &App, req: Incoming) -> Result<ActionResult, ApiError>
         role: key.role.clone(),
         contexts: key.contexts.clone(),
     };
-    let verdict = d
-        .policy
-        .evaluate(&principal, &input.context, &input.action.name, &input.payload);
+    let verdict = d.policy.evaluate(
+        &principal,
+        &input.context,
+        &input.action.name,
+        &input.payload,
+    );
     d.rules = verdict.determining_rules.clone();
     if !verdict.allowed {
         d.record(app, Gate::ActionMatrix, t, Some(&verdict.reason_codes));
@@ -399,7 +423,16 @@ pub async fn process(app: &App, req: Incoming) -> Result<ActionResult, ApiError>
             "role {} may not run {} in context {}",
             key.role, input.action.name, input.context
         );
-        return refuse(app, d, Gate::ActionMatrix, verdict.reason_codes, &message, None, vec![]).await;
+        return refuse(
+            app,
+            d,
+            Gate::ActionMatrix,
+            verdict.reason_codes,
+            &message,
+            None,
+            vec![],
+        )
+        .await;
     }
     d.record(app, Gate::ActionMatrix, t, None);
 
@@ -482,7 +515,11 @@ pub async fn process(app: &App, req: Incoming) -> Result<ActionResult, ApiError>
     );
     let end = d.end_event(
         http_status,
-        if outcome.is_ok() { "SUCCESS" } else { "EXECUTION_FAILED" },
+        if outcome.is_ok() {
+            "SUCCESS"
+        } else {
+            "EXECUTION_FAILED"
+        },
     );
     if let Err(e) = app.audit.append(vec![executed, end]).await {
         tracing::error!(error = %e, "execution outcome not durable; answering 503");
@@ -601,7 +638,9 @@ pub async fn authorize_permission(
     };
     let key = match authenticate_and_limit(app, &mut d, headers, client).await {
         Ok(key) => key,
-        Err(Ok(r)) => return Err(deny_only(app, d, r.gate, r.codes, &r.message, r.retry_after).await),
+        Err(Ok(r)) => {
+            return Err(deny_only(app, d, r.gate, r.codes, &r.message, r.retry_after).await);
+        }
         Err(Err(e)) => return Err(e),
     };
 
@@ -613,13 +652,17 @@ pub async fn authorize_permission(
     let empty = Value::Object(serde_json::Map::new());
     let mut last = None;
     for context in d.policy.contexts().cloned().collect::<Vec<_>>() {
-        let verdict = d.policy.evaluate(&principal, &context, &action.name, &empty);
+        let verdict = d
+            .policy
+            .evaluate(&principal, &context, &action.name, &empty);
         if verdict.allowed {
             d.context = Some(context.to_string());
             last = Some(verdict);
             break;
         }
-        if last.is_none() || verdict.reason_codes.first().map(String::as_str) != Some("CONTEXT_FORBIDDEN") {
+        if last.is_none()
+            || verdict.reason_codes.first().map(String::as_str) != Some("CONTEXT_FORBIDDEN")
+        {
             last = Some(verdict);
         }
     }
@@ -632,7 +675,15 @@ pub async fn authorize_permission(
     if !verdict.allowed {
         d.record(app, Gate::ActionMatrix, t, Some(&verdict.reason_codes));
         let message = format!("role {} may not {}", key.role, action.name);
-        return Err(deny_only(app, d, Gate::ActionMatrix, verdict.reason_codes, &message, None).await);
+        return Err(deny_only(
+            app,
+            d,
+            Gate::ActionMatrix,
+            verdict.reason_codes,
+            &message,
+            None,
+        )
+        .await);
     }
     d.record(app, Gate::ActionMatrix, t, None);
     let allow = d.event("allow", Gate::ActionMatrix, &[]);

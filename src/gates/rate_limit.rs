@@ -98,13 +98,19 @@ mod tests {
         let a = KeyId::parse("00000000000000aa").unwrap();
         let b = KeyId::parse("00000000000000bb").unwrap();
         for _ in 0..3 {
-            assert_eq!(limiter.check(&a, &name, &tier).await.unwrap(), RateDecision::Allowed);
+            assert_eq!(
+                limiter.check(&a, &name, &tier).await.unwrap(),
+                RateDecision::Allowed
+            );
         }
         assert!(matches!(
             limiter.check(&a, &name, &tier).await.unwrap(),
             RateDecision::Limited { .. }
         ));
-        assert_eq!(limiter.check(&b, &name, &tier).await.unwrap(), RateDecision::Allowed);
+        assert_eq!(
+            limiter.check(&b, &name, &tier).await.unwrap(),
+            RateDecision::Allowed
+        );
     }
 
     #[tokio::test]
@@ -118,7 +124,10 @@ mod tests {
         let name = TierName::parse("unlimited").unwrap();
         let k = KeyId::parse("00000000000000aa").unwrap();
         for _ in 0..1000 {
-            assert_eq!(limiter.check(&k, &name, &tier).await.unwrap(), RateDecision::Allowed);
+            assert_eq!(
+                limiter.check(&k, &name, &tier).await.unwrap(),
+                RateDecision::Allowed
+            );
         }
     }
 }

@@ -27,7 +27,9 @@ mod tests {
         assert_eq!(trace_id_of(&h).as_str(), "client-trace-0001");
         h.insert(
             TRACEPARENT,
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse().unwrap(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                .parse()
+                .unwrap(),
         );
         assert_eq!(trace_id_of(&h).as_str(), "4bf92f3577b34da6a3ce929d0e0e4736");
         let mut bad = HeaderMap::new();

@@ -139,8 +139,9 @@ impl IntoResponse for ApiError {
                     error: "SERVICE_UNAVAILABLE",
                     gate: Some("audit"),
                     reason_codes: vec!["AUDIT_UNAVAILABLE".to_owned()],
-                    message: "the audit trail cannot record this request right now; nothing was executed"
-                        .to_owned(),
+                    message:
+                        "the audit trail cannot record this request right now; nothing was executed"
+                            .to_owned(),
                     trace_id: Some(trace_id.to_string()),
                     decision_id: decision_id.map(|d| d.to_string()),
                     violations: vec![],

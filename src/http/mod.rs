@@ -54,7 +54,10 @@ pub struct Readiness {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Catraca", description = "A governed agent gateway: gates, executors and a hash-chained audit trail."),
+    info(
+        title = "Catraca",
+        description = "A governed agent gateway: gates, executors and a hash-chained audit trail."
+    ),
     paths(process_action, health, ready, metrics, get_trace, openapi_json),
     components(schemas(ProcessBody, ActionResult, ErrorBody, Health, Readiness))
 )]

@@ -52,12 +52,20 @@ enum Pattern {
 }
 
 impl Pattern {
-    fn compile(raw: &str, kind: &str, known: &BTreeSet<&str>, rule: &str) -> Result<Self, PolicyError> {
+    fn compile(
+        raw: &str,
+        kind: &str,
+        known: &BTreeSet<&str>,
+        rule: &str,
+    ) -> Result<Self, PolicyError> {
         if raw == "*" {
             return Ok(Self::Any);
         }
         if let Some(prefix) = raw.strip_suffix('*') {
-            if prefix.is_empty() || prefix.contains('*') || !known.iter().any(|k| k.starts_with(prefix)) {
+            if prefix.is_empty()
+                || prefix.contains('*')
+                || !known.iter().any(|k| k.starts_with(prefix))
+            {
                 return Err(PolicyError(format!(
                     "rule {rule}: {kind} pattern {raw:?} matches no defined {kind}"
                 )));
@@ -159,7 +167,11 @@ impl Condition {
                     type_name(value)
                 ));
             };
-            return Ok(if self.max.is_some() { n <= limit } else { n >= limit });
+            return Ok(if self.max.is_some() {
+                n <= limit
+            } else {
+                n >= limit
+            });
         }
         Err("condition without operator".to_owned())
     }
@@ -191,7 +203,8 @@ pub(super) struct Rule {
 fn is_reason_code(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+        && s.bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
 }
 
 impl Rule {
@@ -450,9 +463,21 @@ reason_code = "CONTEXT_FORBIDDEN"
         let p = policy(&format!(
             "{RULES}\n[[rules]]\nid = \"long-text\"\neffect = \"deny\"\nroles = [\"*\"]\ncontexts = [\"*\"]\nactions = [\"lic.summarize\"]\nreason_code = \"TEXT_TOO_LONG\"\n[[rules.when]]\npointer = \"/text\"\nmin_length = 4\n"
         ));
-        let d = eval(&p, "analyst", "work", "lic.summarize", json!({"text": "abcdef"}));
+        let d = eval(
+            &p,
+            "analyst",
+            "work",
+            "lic.summarize",
+            json!({"text": "abcdef"}),
+        );
         assert_eq!(d.reason_codes, vec!["TEXT_TOO_LONG"]);
-        let d = eval(&p, "analyst", "work", "lic.summarize", json!({"text": "ab"}));
+        let d = eval(
+            &p,
+            "analyst",
+            "work",
+            "lic.summarize",
+            json!({"text": "ab"}),
+        );
         assert!(d.allowed);
         let d = eval(&p, "analyst", "work", "lic.summarize", json!({"text": 7}));
         assert_eq!(d, deny("POLICY_EVAL_ERROR", vec!["long-text".to_owned()]));

@@ -47,7 +47,10 @@ struct PolicyFile {
 #[serde(deny_unknown_fields)]
 struct RoleDef {
     #[serde(default)]
-    #[expect(dead_code, reason = "documentation for policy readers; parsed so unknown keys stay errors")]
+    #[expect(
+        dead_code,
+        reason = "documentation for policy readers; parsed so unknown keys stay errors"
+    )]
     description: String,
     #[serde(default)]
     inherits: Vec<RoleName>,
@@ -57,7 +60,10 @@ struct RoleDef {
 #[serde(deny_unknown_fields)]
 struct ContextDef {
     #[serde(default)]
-    #[expect(dead_code, reason = "documentation for policy readers; parsed so unknown keys stay errors")]
+    #[expect(
+        dead_code,
+        reason = "documentation for policy readers; parsed so unknown keys stay errors"
+    )]
     description: String,
 }
 
@@ -97,7 +103,10 @@ struct RuleFile {
     id: String,
     effect: Effect,
     #[serde(default)]
-    #[expect(dead_code, reason = "documentation for policy readers; parsed so unknown keys stay errors")]
+    #[expect(
+        dead_code,
+        reason = "documentation for policy readers; parsed so unknown keys stay errors"
+    )]
     description: String,
     roles: Vec<String>,
     contexts: Vec<String>,
@@ -234,13 +243,22 @@ impl Policy {
                 Some(rel) => {
                     let path = dir.join(rel);
                     let bytes = std::fs::read(&path).map_err(|e| {
-                        PolicyError(format!("action {name}: reading schema {}: {e}", path.display()))
+                        PolicyError(format!(
+                            "action {name}: reading schema {}: {e}",
+                            path.display()
+                        ))
                     })?;
                     let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
-                        PolicyError(format!("action {name}: schema {} is not JSON: {e}", path.display()))
+                        PolicyError(format!(
+                            "action {name}: schema {} is not JSON: {e}",
+                            path.display()
+                        ))
                     })?;
                     let validator = jsonschema::draft202012::new(&value).map_err(|e| {
-                        PolicyError(format!("action {name}: schema {} is invalid: {e}", path.display()))
+                        PolicyError(format!(
+                            "action {name}: schema {} is invalid: {e}",
+                            path.display()
+                        ))
                     })?;
                     hashed.insert(relative(dir, &path), bytes);
                     Some(validator)
@@ -446,7 +464,10 @@ executor = "echo"
         assert_eq!(p.files, vec!["a.toml"]);
         write(dir.path(), "a.toml", &format!("{BASE}\n# comment\n"));
         let q = Policy::load(dir.path(), |e| e == "echo").unwrap();
-        assert_ne!(p.revision, q.revision, "any byte change makes a new revision");
+        assert_ne!(
+            p.revision, q.revision,
+            "any byte change makes a new revision"
+        );
     }
 
     #[test]
@@ -454,7 +475,10 @@ executor = "echo"
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "a.toml", BASE);
         let e = Policy::load(dir.path(), |_| false).unwrap_err();
-        assert!(e.0.contains("action echo") && e.0.contains("\"echo\""), "{e}");
+        assert!(
+            e.0.contains("action echo") && e.0.contains("\"echo\""),
+            "{e}"
+        );
     }
 
     #[test]
@@ -510,16 +534,26 @@ executor = "echo"
         write(
             dir.path(),
             "a.toml",
-            &BASE.replace("executor = \"echo\"", "executor = \"echo\"\ninput_schema = \"s.json\""),
+            &BASE.replace(
+                "executor = \"echo\"",
+                "executor = \"echo\"\ninput_schema = \"s.json\"",
+            ),
         );
         let p = Policy::load(dir.path(), |_| true).unwrap();
         let action = p.action("echo").unwrap();
-        assert!(action.validate(&serde_json::json!({"message": "hi"})).is_ok());
+        assert!(
+            action
+                .validate(&serde_json::json!({"message": "hi"}))
+                .is_ok()
+        );
         let v = action
             .validate(&serde_json::json!({"message": 42}))
             .unwrap_err();
         assert_eq!(v[0].pointer, "/payload/message");
-        assert!(p.files.contains(&"s.json".to_owned()), "schemas are part of the revision");
+        assert!(
+            p.files.contains(&"s.json".to_owned()),
+            "schemas are part of the revision"
+        );
     }
 
     #[test]
@@ -533,7 +567,10 @@ executor = "echo"
         write(
             dir.path(),
             "a.toml",
-            &BASE.replace("executor = \"echo\"", "executor = \"echo\"\ninput_schema = \"s.json\""),
+            &BASE.replace(
+                "executor = \"echo\"",
+                "executor = \"echo\"\ninput_schema = \"s.json\"",
+            ),
         );
         assert!(Policy::load(dir.path(), |_| true).is_err());
     }

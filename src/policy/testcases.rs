@@ -84,7 +84,11 @@ fn decide(policy: &Policy, case: &Case) -> Outcome {
     let name: &ActionName = &action.name;
     let d = policy.evaluate(&principal, &context, name, &case.payload);
     Outcome {
-        effect: if d.allowed { Effect::Allow } else { Effect::Deny },
+        effect: if d.allowed {
+            Effect::Allow
+        } else {
+            Effect::Deny
+        },
         reason_codes: d.reason_codes,
         rules: d.determining_rules,
     }
@@ -102,8 +106,8 @@ pub fn run(policy: &Policy, dir: &Path) -> Result<Vec<CaseResult>, PolicyError> 
     for path in paths {
         let text = std::fs::read_to_string(&path)
             .map_err(|e| PolicyError(format!("reading {}: {e}", path.display())))?;
-        let file: CaseFile = toml::from_str(&text)
-            .map_err(|e| PolicyError(format!("{}: {e}", path.display())))?;
+        let file: CaseFile =
+            toml::from_str(&text).map_err(|e| PolicyError(format!("{}: {e}", path.display())))?;
         let file_name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())

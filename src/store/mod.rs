@@ -133,9 +133,21 @@ type KeyRow = (
 );
 
 fn key_from_row(row: KeyRow) -> Result<KeyRecord, StoreError> {
-    let (key_id, name, role, contexts, tier, secret_hash, created_at, expires_at, revoked_at, rotated_from) =
-        row;
-    let bad = |what: &str, e: crate::domain::ParseError| StoreError::Corrupt(format!("key {key_id}: {what}: {e}"));
+    let (
+        key_id,
+        name,
+        role,
+        contexts,
+        tier,
+        secret_hash,
+        created_at,
+        expires_at,
+        revoked_at,
+        rotated_from,
+    ) = row;
+    let bad = |what: &str, e: crate::domain::ParseError| {
+        StoreError::Corrupt(format!("key {key_id}: {what}: {e}"))
+    };
     let contexts = match contexts {
         None => None,
         Some(text) => {
@@ -181,8 +193,18 @@ type EventRow = (
 );
 
 fn event_from_row(row: EventRow) -> SealedEvent {
-    let (chain_id, seq, event_id, event_type, trace_id, occurred_at, instance_id, prev_hash, hash, body) =
-        row;
+    let (
+        chain_id,
+        seq,
+        event_id,
+        event_type,
+        trace_id,
+        occurred_at,
+        instance_id,
+        prev_hash,
+        hash,
+        body,
+    ) = row;
     SealedEvent {
         chain_id,
         seq,

@@ -31,7 +31,6 @@ fn migrator() -> Migrator {
     )])
 }
 
-
 impl PgStore {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let pool = PgPoolOptions::new()

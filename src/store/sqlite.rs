@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, Sqlite, SqlitePool, SqlSafeStr};
+use sqlx::{QueryBuilder, SqlSafeStr, Sqlite, SqlitePool};
 
 use super::{
     ChainInfo, ChainTail, EventRow, KeyRecord, KeyRow, Store, StoreError, contexts_to_text,
@@ -34,7 +34,6 @@ fn migrator() -> Migrator {
     )])
 }
 
-
 impl SqliteStore {
     /// Opens (creating the file and its folder if needed) the database at `url`.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
@@ -48,7 +47,10 @@ impl SqliteStore {
             && !parent.as_os_str().is_empty()
         {
             std::fs::create_dir_all(parent).map_err(|e| {
-                StoreError::Corrupt(format!("creating database folder {}: {e}", parent.display()))
+                StoreError::Corrupt(format!(
+                    "creating database folder {}: {e}",
+                    parent.display()
+                ))
             })?;
         }
         // Readers run in parallel in WAL mode; the audit writer is the only steady writer.

@@ -1,0 +1,14 @@
+//! Integration tests: a real gateway on a loopback port per test, a fresh SQLite database each.
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test that cannot set itself up should fail loudly at that line"
+)]
+
+mod helpers;
+
+mod audit_trail;
+mod auth;
+mod gates;
+mod http;
+mod store;

@@ -1,0 +1,250 @@
+//! One store story, run on SQLite always and on PostgreSQL where `CATRACA_TEST_POSTGRES_URL` is set
+//! (those tests are ignored by default; CI runs them with the service present).
+
+use std::sync::Arc;
+
+use catraca::audit::{EventType, GENESIS_HASH, PendingEvent, SealedEvent, seal};
+use catraca::domain::{ApiKey, KeyId, RoleName, TierName};
+use catraca::store::{KeyRecord, PgStore, SqliteStore, Store};
+use serde_json::json;
+use sqlx::Connection;
+
+fn key(role: &str) -> KeyRecord {
+    let k = ApiKey::generate().unwrap();
+    KeyRecord {
+        key_id: k.key_id().clone(),
+        name: "store-test".into(),
+        role: RoleName::parse(role).unwrap(),
+        contexts: None,
+        tier: TierName::parse("standard").unwrap(),
+        secret_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into(),
+        created_at: "2026-11-22T00:00:00.000000Z".into(),
+        expires_at: None,
+        revoked_at: None,
+        rotated_from: None,
+    }
+}
+
+fn chain(chain_id: &str, n: usize) -> Vec<SealedEvent> {
+    let mut prev = GENESIS_HASH.to_owned();
+    (1..=n)
+        .map(|i| {
+            let mut e = PendingEvent::new(EventType::RequestStart, None, json!({"i": i}));
+            if i == 1 {
+                e.event_type = EventType::ChainOpened;
+            }
+            let s = seal(e, chain_id, "store-test", i as i64, &prev).unwrap();
+            prev.clone_from(&s.hash);
+            s
+        })
+        .collect()
+}
+
+async fn keys_round_trip_revoke_and_rotate(store: Arc<dyn Store>) {
+    let a = key("admin");
+    store.insert_key(&a).await.unwrap();
+    assert_eq!(store.get_key(&a.key_id).await.unwrap(), Some(a.clone()));
+    assert_eq!(store.count_keys().await.unwrap(), 1);
+    assert!(
+        store
+            .get_key(&KeyId::parse("0000000000000000").unwrap())
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    let mut b = key("admin");
+    b.rotated_from = Some(a.key_id.clone());
+    assert!(
+        store
+            .rotate_key(&a.key_id, &b, "2026-11-22T01:00:00.000000Z")
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .get_key(&a.key_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked_at
+            .is_some()
+    );
+    assert!(
+        !store
+            .rotate_key(&a.key_id, &key("admin"), "x")
+            .await
+            .unwrap(),
+        "a revoked key cannot rotate"
+    );
+    assert_eq!(store.list_keys().await.unwrap().len(), 2);
+
+    assert!(
+        store
+            .revoke_key(&b.key_id, "2026-11-22T02:00:00.000000Z")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store.revoke_key(&b.key_id, "later").await.unwrap(),
+        "revoking twice changes nothing"
+    );
+}
+
+async fn events_append_read_back_and_stream(store: Arc<dyn Store>) {
+    let events = chain("c1", 25);
+    store.append_events(&events[..10]).await.unwrap();
+    store.append_events(&events[10..]).await.unwrap();
+    store.probe_append().await.unwrap();
+
+    let chains = store.chains().await.unwrap();
+    assert_eq!(chains.len(), 1, "the probe left nothing behind");
+    assert_eq!(chains[0].events, 25);
+    assert_eq!(store.chain_events("c1", 0, 1000).await.unwrap(), events);
+    assert_eq!(
+        store.chain_events("c1", 20, 3).await.unwrap(),
+        events[20..23].to_vec()
+    );
+
+    let tail = store
+        .latest_chain_tail("store-test")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (tail.chain_id.as_str(), tail.seq, tail.hash.as_str()),
+        ("c1", 25, events[24].hash.as_str())
+    );
+    assert!(store.latest_chain_tail("other").await.unwrap().is_none());
+
+    // Streaming by pages of 7 returns every event once, in order.
+    let mut seen = Vec::new();
+    let mut cursor: Option<(String, String, i64)> = None;
+    loop {
+        let page = store
+            .events_between(
+                "0000",
+                "9999",
+                cursor
+                    .as_ref()
+                    .map(|(a, c, s)| (a.as_str(), c.as_str(), *s)),
+                7,
+            )
+            .await
+            .unwrap();
+        let Some(last) = page.last() else { break };
+        cursor = Some((last.occurred_at.clone(), last.chain_id.clone(), last.seq));
+        seen.extend(page);
+    }
+    assert_eq!(seen, events);
+
+    // A duplicate position is refused: the chain cannot be overwritten.
+    assert!(store.append_events(&events[..1]).await.is_err());
+}
+
+async fn trace_lookup_returns_chain_order(store: Arc<dyn Store>) {
+    let trace = catraca::domain::TraceId::generate();
+    let mut prev = GENESIS_HASH.to_owned();
+    let mut sealed = Vec::new();
+    for (i, t) in [
+        EventType::RequestStart,
+        EventType::Decision,
+        EventType::RequestEnd,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let e = PendingEvent::new(t, Some(&trace), json!({}));
+        let s = seal(e, "c2", "store-test", i as i64 + 1, &prev).unwrap();
+        prev.clone_from(&s.hash);
+        sealed.push(s);
+    }
+    store.append_events(&sealed).await.unwrap();
+    assert_eq!(
+        store.events_for_trace(trace.as_str()).await.unwrap(),
+        sealed
+    );
+    assert!(store.events_for_trace("nothing").await.unwrap().is_empty());
+}
+
+async fn sqlite() -> (Arc<dyn Store>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("s.db").display());
+    let store = SqliteStore::connect(&url).await.unwrap();
+    store.migrate().await.unwrap();
+    (Arc::new(store), dir)
+}
+
+/// The URL of a fresh, migrated database on the server named by `CATRACA_TEST_POSTGRES_URL`.
+async fn postgres_url() -> String {
+    let base = std::env::var("CATRACA_TEST_POSTGRES_URL")
+        .expect("CATRACA_TEST_POSTGRES_URL must name a PostgreSQL server for this test");
+    let name = format!("catraca_test_{}", uuid::Uuid::now_v7().simple());
+    let mut admin = sqlx::PgConnection::connect(&base).await.unwrap();
+    // The name is generated above from a UUID, never from input.
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let (prefix, _) = base.rsplit_once('/').unwrap();
+    let url = format!("{prefix}/{name}");
+    PgStore::connect(&url)
+        .await
+        .unwrap()
+        .migrate()
+        .await
+        .unwrap();
+    url
+}
+
+async fn postgres() -> Arc<dyn Store> {
+    Arc::new(PgStore::connect(&postgres_url().await).await.unwrap())
+}
+
+macro_rules! store_story {
+    ($story:ident, $pg:ident) => {
+        #[tokio::test]
+        async fn $story() {
+            let (store, _dir) = super::sqlite().await;
+            super::$story(store).await;
+        }
+
+        #[tokio::test]
+        #[ignore = "needs PostgreSQL at CATRACA_TEST_POSTGRES_URL"]
+        async fn $pg() {
+            super::$story(super::postgres().await).await;
+        }
+    };
+}
+
+mod sqlite_and_postgres {
+    store_story!(
+        keys_round_trip_revoke_and_rotate,
+        keys_round_trip_revoke_and_rotate_on_postgres
+    );
+    store_story!(
+        events_append_read_back_and_stream,
+        events_append_read_back_and_stream_on_postgres
+    );
+    store_story!(
+        trace_lookup_returns_chain_order,
+        trace_lookup_returns_chain_order_on_postgres
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL at CATRACA_TEST_POSTGRES_URL"]
+async fn postgres_rejects_update_and_delete_on_the_audit_table() {
+    let url = postgres_url().await;
+    let store = PgStore::connect(&url).await.unwrap();
+    store.append_events(&chain("c", 2)).await.unwrap();
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    for sql in [
+        "UPDATE audit_events SET body = '{}'",
+        "DELETE FROM audit_events",
+        "TRUNCATE audit_events",
+    ] {
+        let err = sqlx::query(sql).execute(&mut conn).await.unwrap_err();
+        assert!(err.to_string().contains("append-only"), "{sql}: {err}");
+    }
+}
