@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Throughput of governed /process (echo, durable audit on) against /health, same load generator, same
+# concurrency and duration, in the same run. Prints req/s, p50, p99 for both and the ratio.
+#
+#   bash scripts/bench.sh                 # defaults: 32 connections, 2 threads, 10 s each
+#   CONNECTIONS=64 DURATION=20s bash scripts/bench.sh
+#
+# Needs wrk (Debian package `wrk`; installed here when running as root) and python3.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+CONNECTIONS=${CONNECTIONS:-32}
+THREADS=${THREADS:-2}
+DURATION=${DURATION:-10s}
+
+if ! command -v wrk >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk) >/dev/null
+  else
+    echo "bench: wrk is missing (apt-get install wrk)" >&2
+    exit 1
+  fi
+fi
+
+cd "$ROOT"
+cargo build --release --bin catraca >&2
+BIN="$ROOT/target/release/catraca"
+
+WORK=$(mktemp -d)
+SERVER_PID=""
+cleanup() {
+  [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+export CATRACA_LISTEN="127.0.0.1:$PORT"
+export CATRACA_DATABASE_URL="sqlite://$WORK/catraca.db"
+export CATRACA_AUDIT_DIR="$WORK/audit"
+export CATRACA_MODE=staging
+export CATRACA_INSTANCE_ID=bench
+export CATRACA_LOG=warn
+export CATRACA_POLICIES_DIR="$ROOT/policies"
+export CATRACA_EXECUTORS_DIR="$ROOT/executors"
+
+"$BIN" migrate 2>/dev/null
+KEY=$("$BIN" keys create --name bench --role admin --tier unlimited --json |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+"$BIN" serve 2>"$WORK/server.log" &
+SERVER_PID=$!
+for _ in $(seq 1 100); do
+  curl -fsS "http://$CATRACA_LISTEN/ready" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+curl -fsS "http://$CATRACA_LISTEN/ready" >/dev/null || { cat "$WORK/server.log" >&2; exit 1; }
+
+cat >"$WORK/process.lua" <<'LUA'
+wrk.method = "POST"
+wrk.body = '{"action":"echo","context_id":"work","payload":{"message":"benchmark"}}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["X-API-Key"] = os.getenv("CATRACA_BENCH_KEY")
+LUA
+
+run() { # name, extra wrk args...
+  local name=$1; shift
+  wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$@" >"$WORK/$name.txt"
+}
+# A short warm-up so both runs start with a hot cache (argon2 once, SQLite pages, allocator).
+wrk -t1 -c4 -d2s "http://$CATRACA_LISTEN/health" >/dev/null
+CATRACA_BENCH_KEY=$KEY wrk -t1 -c4 -d2s -s "$WORK/process.lua" "http://$CATRACA_LISTEN/process" >/dev/null
+run health "http://$CATRACA_LISTEN/health"
+CATRACA_BENCH_KEY=$KEY run process -s "$WORK/process.lua" "http://$CATRACA_LISTEN/process"
+
+EVENTS=$(curl -fsS "http://$CATRACA_LISTEN/metrics" | awk '/^catraca_audit_events_total/ {s += $2} END {print s}')
+FLUSHES=$(curl -fsS "http://$CATRACA_LISTEN/metrics" | awk '/^catraca_audit_flush_duration_seconds_count/ {print $2}')
+
+python3 - "$WORK" "$CONNECTIONS" "$THREADS" "$DURATION" "$EVENTS" "$FLUSHES" <<'PY'
+import re, sys
+work, conns, threads, duration, events, flushes = sys.argv[1:]
+
+def to_ms(v):
+    n, unit = float(re.match(r"[\d.]+", v).group()), re.sub(r"[\d.]+", "", v)
+    return n * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
+
+def parse(name):
+    text = open(f"{work}/{name}.txt").read()
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+    p50 = to_ms(re.search(r"\n\s+50%\s+(\S+)", text).group(1))
+    p99 = to_ms(re.search(r"\n\s+99%\s+(\S+)", text).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    errors = re.search(r"Socket errors:.*", text)
+    total = int(re.search(r"(\d+) requests in", text).group(1))
+    return rps, p50, p99, int(bad.group(1)) if bad else 0, errors.group(0) if errors else "", total
+
+h, p = parse("health"), parse("process")
+print(f"wrk -t{threads} -c{conns} -d{duration} on 127.0.0.1 (server and load generator share the machine)")
+print(f"{'route':<10} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'requests':>10} {'non-2xx':>8}")
+for name, r in (("/health", h), ("/process", p)):
+    print(f"{name:<10} {r[0]:>10.0f} {r[1]:>9.2f} {r[2]:>9.2f} {r[5]:>10} {r[3]:>8} {r[4]}")
+print(f"ratio /process : /health throughput = {p[0] / h[0]:.2f}x (design target >= 0.50x)")
+print(f"audit: {events} events durably written in {flushes} group commits "
+      f"({float(events) / max(float(flushes), 1):.1f} events per commit)")
+if p[3] or h[3]:
+    print("bench: some responses were not 2xx", file=sys.stderr)
+    sys.exit(1)
+PY
