@@ -28,7 +28,9 @@ CREATE TABLE audit_events (
 );
 CREATE INDEX audit_events_by_trace ON audit_events (trace_id);
 CREATE INDEX audit_events_by_time ON audit_events (occurred_at);
-CREATE INDEX audit_events_chain_opened ON audit_events (instance_id, event_type, occurred_at);
+-- Partial: only CHAIN_OPENED rows pay for it (the lookup of an instance's previous chain at start-up).
+CREATE INDEX audit_events_chain_opened ON audit_events (instance_id, occurred_at)
+    WHERE event_type = 'CHAIN_OPENED';
 
 CREATE FUNCTION audit_events_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN

@@ -29,7 +29,9 @@ CREATE TABLE audit_events (
 );
 CREATE INDEX audit_events_by_trace ON audit_events (trace_id);
 CREATE INDEX audit_events_by_time ON audit_events (occurred_at);
-CREATE INDEX audit_events_chain_opened ON audit_events (instance_id, event_type, occurred_at);
+-- Partial: only CHAIN_OPENED rows pay for it (the lookup of an instance's previous chain at start-up).
+CREATE INDEX audit_events_chain_opened ON audit_events (instance_id, occurred_at)
+    WHERE event_type = 'CHAIN_OPENED';
 
 CREATE TRIGGER audit_events_no_update BEFORE UPDATE ON audit_events
 BEGIN

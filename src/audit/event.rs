@@ -191,7 +191,14 @@ pub fn seal(
 }
 
 impl SealedEvent {
-    /// The event as a JSON object, `hash` included: the form of API answers and JSON Lines files.
+    /// The JSON Lines form: the stored bytes with `"hash"` appended as the last member (no re-parsing on
+    /// the hot path; a verifier drops `hash` and re-canonicalises, which gives back `body`).
+    pub fn json_line(&self) -> String {
+        let open = self.body.strip_suffix('}').unwrap_or(&self.body);
+        format!("{open},\"hash\":\"{}\"}}\n", self.hash)
+    }
+
+    /// The event as a JSON object, `hash` included: the form of API answers.
     pub fn to_json(&self) -> Value {
         let mut v: Value = serde_json::from_str(&self.body).unwrap_or(Value::Null);
         if let Value::Object(map) = &mut v {
@@ -232,6 +239,20 @@ mod tests {
         assert_eq!(parsed["seq"], 7);
         assert_eq!(parsed["trace_id"], trace.as_str());
         assert!(parsed.get("hash").is_none());
+    }
+
+    #[test]
+    fn a_json_line_is_the_event_with_its_hash() {
+        let e = PendingEvent::new(
+            EventType::RequestEnd,
+            None,
+            serde_json::json!({"status": 200}),
+        );
+        let s = seal(e, "c", "i", 1, GENESIS_HASH).unwrap();
+        let line = s.json_line();
+        assert!(line.ends_with("}\n"));
+        let parsed: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(parsed, s.to_json());
     }
 
     #[test]

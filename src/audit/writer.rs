@@ -235,13 +235,11 @@ impl AuditLog {
     }
 }
 
+/// Appends a committed batch to the JSON Lines file in one write (one hand-off to the file thread).
 fn write_lines(file: &mut NonBlocking, sealed: &[SealedEvent]) {
-    for e in sealed {
-        let mut line = e.to_json().to_string();
-        line.push('\n');
-        if let Err(err) = file.write_all(line.as_bytes()) {
-            tracing::error!(error = %err, "could not append audit event to the JSON Lines file");
-        }
+    let lines: String = sealed.iter().map(SealedEvent::json_line).collect();
+    if let Err(err) = file.write_all(lines.as_bytes()) {
+        tracing::error!(error = %err, "could not append audit events to the JSON Lines file");
     }
 }
 

@@ -31,6 +31,26 @@ fn migrator() -> Migrator {
     )])
 }
 
+/// `INSERT INTO audit_events ... VALUES (...), (...)` for `events` (at most [`INSERT_CHUNK`]).
+fn insert_statement(events: &[SealedEvent]) -> QueryBuilder<Postgres> {
+    let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
+        "INSERT INTO audit_events (chain_id, seq, event_id, event_type, trace_id, occurred_at, instance_id, prev_hash, hash, body) ",
+    );
+    qb.push_values(events, |mut b, e| {
+        b.push_bind(e.chain_id.clone())
+            .push_bind(e.seq)
+            .push_bind(e.event_id.clone())
+            .push_bind(e.event_type.clone())
+            .push_bind(e.trace_id.clone())
+            .push_bind(e.occurred_at.clone())
+            .push_bind(e.instance_id.clone())
+            .push_bind(e.prev_hash.clone())
+            .push_bind(e.hash.clone())
+            .push_bind(e.body.clone());
+    });
+    qb
+}
+
 impl PgStore {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let pool = PgPoolOptions::new()
@@ -46,22 +66,7 @@ impl PgStore {
         events: &[SealedEvent],
     ) -> Result<(), StoreError> {
         for chunk in events.chunks(INSERT_CHUNK) {
-            let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
-                "INSERT INTO audit_events (chain_id, seq, event_id, event_type, trace_id, occurred_at, instance_id, prev_hash, hash, body) ",
-            );
-            qb.push_values(chunk, |mut b, e| {
-                b.push_bind(e.chain_id.clone())
-                    .push_bind(e.seq)
-                    .push_bind(e.event_id.clone())
-                    .push_bind(e.event_type.clone())
-                    .push_bind(e.trace_id.clone())
-                    .push_bind(e.occurred_at.clone())
-                    .push_bind(e.instance_id.clone())
-                    .push_bind(e.prev_hash.clone())
-                    .push_bind(e.hash.clone())
-                    .push_bind(e.body.clone());
-            });
-            qb.build().execute(&mut **tx).await?;
+            insert_statement(chunk).build().execute(&mut **tx).await?;
         }
         Ok(())
     }
@@ -172,6 +177,12 @@ impl Store for PgStore {
     }
 
     async fn append_events(&self, events: &[SealedEvent]) -> Result<(), StoreError> {
+        // One multi-row INSERT is atomic by itself: a batch that fits in one statement needs no
+        // BEGIN/COMMIT round trips (the group commit's common case).
+        if events.len() <= INSERT_CHUNK {
+            insert_statement(events).build().execute(&self.pool).await?;
+            return Ok(());
+        }
         let mut tx = self.pool.begin().await?;
         Self::insert_events(&mut tx, events).await?;
         tx.commit().await?;

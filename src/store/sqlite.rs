@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, SqlSafeStr, Sqlite, SqlitePool};
+use sqlx::{ConnectOptions, QueryBuilder, SqlSafeStr, Sqlite, SqliteConnection, SqlitePool};
 
 use super::{
     ChainInfo, ChainTail, EventRow, KeyRecord, KeyRow, Store, StoreError, contexts_to_text,
@@ -22,6 +22,9 @@ const INSERT_CHUNK: usize = 500;
 
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// The audit writer's own connection: no pool hand-off per group commit and no contention with
+    /// readers (SQLite has one writer at a time anyway).
+    writer: tokio::sync::Mutex<SqliteConnection>,
 }
 
 fn migrator() -> Migrator {
@@ -32,6 +35,26 @@ fn migrator() -> Migrator {
         include_str!("../../migrations/sqlite/0001_init.sql").into_sql_str(),
         false,
     )])
+}
+
+/// `INSERT INTO audit_events ... VALUES (...), (...)` for `events` (at most [`INSERT_CHUNK`]).
+fn insert_statement(events: &[SealedEvent]) -> QueryBuilder<Sqlite> {
+    let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+        "INSERT INTO audit_events (chain_id, seq, event_id, event_type, trace_id, occurred_at, instance_id, prev_hash, hash, body) ",
+    );
+    qb.push_values(events, |mut b, e| {
+        b.push_bind(e.chain_id.clone())
+            .push_bind(e.seq)
+            .push_bind(e.event_id.clone())
+            .push_bind(e.event_type.clone())
+            .push_bind(e.trace_id.clone())
+            .push_bind(e.occurred_at.clone())
+            .push_bind(e.instance_id.clone())
+            .push_bind(e.prev_hash.clone())
+            .push_bind(e.hash.clone())
+            .push_bind(e.body.clone());
+    });
+    qb
 }
 
 impl SqliteStore {
@@ -57,9 +80,10 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
-        Ok(Self { pool })
+        let writer = tokio::sync::Mutex::new(options.connect().await?);
+        Ok(Self { pool, writer })
     }
 
     async fn insert_events<'c>(
@@ -67,22 +91,7 @@ impl SqliteStore {
         events: &[SealedEvent],
     ) -> Result<(), StoreError> {
         for chunk in events.chunks(INSERT_CHUNK) {
-            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "INSERT INTO audit_events (chain_id, seq, event_id, event_type, trace_id, occurred_at, instance_id, prev_hash, hash, body) ",
-            );
-            qb.push_values(chunk, |mut b, e| {
-                b.push_bind(e.chain_id.clone())
-                    .push_bind(e.seq)
-                    .push_bind(e.event_id.clone())
-                    .push_bind(e.event_type.clone())
-                    .push_bind(e.trace_id.clone())
-                    .push_bind(e.occurred_at.clone())
-                    .push_bind(e.instance_id.clone())
-                    .push_bind(e.prev_hash.clone())
-                    .push_bind(e.hash.clone())
-                    .push_bind(e.body.clone());
-            });
-            qb.build().execute(&mut **tx).await?;
+            insert_statement(chunk).build().execute(&mut **tx).await?;
         }
         Ok(())
     }
@@ -193,14 +202,22 @@ impl Store for SqliteStore {
     }
 
     async fn append_events(&self, events: &[SealedEvent]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        // One multi-row INSERT is atomic by itself: a batch that fits in one statement needs no
+        // BEGIN/COMMIT round trips (the group commit's common case).
+        let mut conn = self.writer.lock().await;
+        if events.len() <= INSERT_CHUNK {
+            insert_statement(events).build().execute(&mut *conn).await?;
+            return Ok(());
+        }
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         Self::insert_events(&mut tx, events).await?;
         tx.commit().await?;
         Ok(())
     }
 
     async fn probe_append(&self) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.writer.lock().await;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         Self::insert_events(&mut tx, &[probe_event()]).await?;
         tx.rollback().await?;
         Ok(())
