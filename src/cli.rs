@@ -37,6 +37,46 @@ enum Command {
     /// Validate policies or run their test cases.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Verify, trace and export the audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Verify every hash chain in the database (or one JSON Lines file). Exit 0 when intact; 3 hash
+    /// mismatch, 4 gap, 5 reordering, 6 truncation, 7 broken link, 1 could not verify.
+    Verify {
+        /// Verify this JSON Lines file instead of the database.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Print only the summary line.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Every event of one request, in chain order.
+    Trace {
+        trace_id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stream events with since <= occurred_at < until, for auditors.
+    Export {
+        /// RFC 3339 time or YYYY-MM-DD (UTC midnight).
+        #[arg(long)]
+        since: String,
+        /// RFC 3339 time or YYYY-MM-DD (default: now).
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
+        format: ExportFormat,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ExportFormat {
+    Jsonl,
+    Csv,
 }
 
 #[derive(Debug, Subcommand)]
@@ -111,6 +151,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Keys(cmd) => keys_command(config, cmd).await,
         Command::Policy(cmd) => policy_command(&config, cmd),
+        Command::Audit(cmd) => audit_command(&config, cmd).await,
     }
 }
 
@@ -330,6 +371,158 @@ fn policy_command(config: &Config, cmd: PolicyCommand) -> anyhow::Result<ExitCod
             } else {
                 ExitCode::FAILURE
             })
+        }
+    }
+}
+
+/// Parses `2026-11-22` (UTC midnight) or an RFC 3339 time into the trail's timestamp form.
+fn parse_time(s: &str) -> anyhow::Result<String> {
+    use time::format_description::well_known::Rfc3339;
+    let t = if let Ok(t) = time::OffsetDateTime::parse(s, &Rfc3339) {
+        t
+    } else {
+        let format = time::macros::format_description!("[year]-[month]-[day]");
+        time::Date::parse(s, &format)
+            .map(|d| d.midnight().assume_utc())
+            .map_err(|_| anyhow::anyhow!("{s:?} is neither YYYY-MM-DD nor an RFC 3339 time"))?
+    };
+    Ok(crate::audit::timestamp(t))
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_owned()
+    }
+}
+
+/// Events exported per page: memory stays flat however long the period.
+const EXPORT_PAGE: i64 = 5_000;
+
+async fn audit_command(config: &Config, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
+    use crate::audit::verify;
+    use std::io::Write as _;
+    match cmd {
+        AuditCommand::Verify { file, quiet } => {
+            let progress = |n: u64| {
+                if !quiet {
+                    eprintln!("audit verify: {n} events checked ...");
+                }
+            };
+            let (what, report) = match &file {
+                Some(path) => (
+                    path.display().to_string(),
+                    verify::verify_file(path, progress)
+                        .with_context(|| format!("reading {}", path.display()))?,
+                ),
+                None => {
+                    let store = app::open_store(config).await?;
+                    (
+                        config.database_url.to_string(),
+                        verify::verify_store(store.as_ref(), progress).await?,
+                    )
+                }
+            };
+            let summary = format!(
+                "{} chains, {} events, {:.2}s ({what})",
+                report.chains,
+                report.events,
+                report.elapsed.as_secs_f64()
+            );
+            match report.finding {
+                None => {
+                    println!("audit verify: intact: {summary}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Some(f) => {
+                    println!(
+                        "audit verify: FAILED ({}) at chain {} seq {}: {}; checked {summary}",
+                        f.problem.as_str(),
+                        f.chain_id,
+                        f.seq,
+                        f.message
+                    );
+                    Ok(ExitCode::from(f.problem.exit_code()))
+                }
+            }
+        }
+        AuditCommand::Trace { trace_id, json } => {
+            let store = app::open_store(config).await?;
+            let events = store.events_for_trace(&trace_id).await?;
+            if json {
+                let list: Vec<_> = events.iter().map(|e| e.to_json()).collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"trace_id": trace_id, "events": list})
+                );
+            } else {
+                print!("{}", crate::audit::timeline::render(&trace_id, &events));
+            }
+            Ok(if events.is_empty() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        AuditCommand::Export {
+            since,
+            until,
+            format,
+        } => {
+            let since = parse_time(&since)?;
+            let until = match until {
+                Some(u) => parse_time(&u)?,
+                None => crate::audit::timestamp(time::OffsetDateTime::now_utc()),
+            };
+            let store = app::open_store(config).await?;
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            if matches!(format, ExportFormat::Csv) {
+                writeln!(
+                    out,
+                    "occurred_at,chain_id,seq,event_type,trace_id,event_id,prev_hash,hash,body"
+                )?;
+            }
+            let mut cursor: Option<(String, String, i64)> = None;
+            loop {
+                let page = store
+                    .events_between(
+                        &since,
+                        &until,
+                        cursor
+                            .as_ref()
+                            .map(|(a, c, s)| (a.as_str(), c.as_str(), *s)),
+                        EXPORT_PAGE,
+                    )
+                    .await?;
+                for e in &page {
+                    match format {
+                        ExportFormat::Jsonl => out.write_all(e.json_line().as_bytes())?,
+                        ExportFormat::Csv => writeln!(
+                            out,
+                            "{},{},{},{},{},{},{},{},{}",
+                            e.occurred_at,
+                            csv_field(&e.chain_id),
+                            e.seq,
+                            e.event_type,
+                            csv_field(e.trace_id.as_deref().unwrap_or("")),
+                            e.event_id,
+                            e.prev_hash,
+                            e.hash,
+                            csv_field(&e.body)
+                        )?,
+                    }
+                }
+                match page.last() {
+                    Some(last) if page.len() as i64 == EXPORT_PAGE => {
+                        cursor = Some((last.occurred_at.clone(), last.chain_id.clone(), last.seq));
+                    }
+                    _ => break,
+                }
+            }
+            out.flush()?;
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

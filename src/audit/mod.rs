@@ -1,6 +1,8 @@
 //! The audit trail: canonical events, the per-writer hash chain and the group-committing writer.
 
 mod event;
+pub mod timeline;
+pub mod verify;
 mod writer;
 
 pub use event::{

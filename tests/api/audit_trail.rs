@@ -333,3 +333,57 @@ async fn the_trace_route_serves_auditors_only() {
     let (status, _) = reasons(get(auditor, "no-such-trace-123".into()).await).await;
     assert_eq!(status, 404);
 }
+
+#[tokio::test]
+async fn a_broken_policy_edit_in_dev_is_rejected_and_the_old_policy_keeps_serving() {
+    let app = crate::helpers::spawn_app_with(|c| c.mode = catraca::config::Mode::Dev).await;
+    let key = app.admin_key().await;
+    let before = app.app.policy().revision.clone();
+    let file = app.app.config.policies_dir.join("zz-broken.toml");
+    std::fs::write(&file, "[[rules]]\nid = \"x\"\neffect = \"maybe\"\n").unwrap();
+
+    let rejected = wait_for_event(&app, "POLICY_REJECTED").await;
+    assert!(
+        rejected["error"]
+            .as_str()
+            .unwrap()
+            .contains("zz-broken.toml"),
+        "{rejected}"
+    );
+    assert_eq!(rejected["serving_revision"], before.as_str());
+    let resp = app.process(Some(&key), &echo("x")).await;
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["policy_revision"], before.as_str());
+
+    std::fs::write(&file, "# fixed\n").unwrap();
+    let loaded = wait_for_event(&app, "POLICY_LOADED\",\"files").await;
+    assert_ne!(loaded["policy_revision"], before.as_str());
+    assert_eq!(loaded["trigger"], "reload");
+    assert_eq!(
+        app.app.policy().revision,
+        loaded["policy_revision"].as_str().unwrap()
+    );
+}
+
+/// Polls the chain (bounded: 10 s) for the newest event whose stored bytes contain `needle`.
+async fn wait_for_event(app: &crate::helpers::TestApp, needle: &str) -> Value {
+    let chain = app.app.audit.chain_id().to_owned();
+    for _ in 0..100 {
+        let events = app
+            .app
+            .store
+            .chain_events(&chain, 0, 100_000)
+            .await
+            .unwrap();
+        if let Some(e) = events
+            .iter()
+            .rev()
+            .find(|e| e.body.contains(needle) && !e.body.contains("\"trigger\":\"start\""))
+        {
+            return e.to_json();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("no event containing {needle} within 10 s");
+}

@@ -8,6 +8,7 @@
 mod helpers;
 
 mod audit_trail;
+mod audit_verify;
 mod auth;
 mod gates;
 mod http;

@@ -1,0 +1,419 @@
+//! `catraca audit verify`: recompute every hash from the stored bytes, check contiguous `seq`, each
+//! `prev_hash` link, that stored columns agree with the hashed bytes, and that chains link across
+//! restarts (each CHAIN_OPENED names the previous chain's last event). The first problem is reported
+//! with its `(chain_id, seq)` and a distinct exit code per kind.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::BufRead;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::event::{GENESIS_HASH, SealedEvent, chain_hash};
+use crate::store::{Store, StoreError};
+
+/// Kinds of damage, each with its own exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Problem {
+    /// An event's bytes do not hash to its stored hash, or its columns disagree with its bytes.
+    HashMismatch,
+    /// Events are missing inside a chain.
+    Gap,
+    /// Events are stored out of order.
+    Reorder,
+    /// A chain lost its head or its tail (a later chain says it was longer).
+    Truncation,
+    /// An event does not link to the one before it, or a chain does not link to its predecessor.
+    BrokenLink,
+}
+
+impl Problem {
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Self::HashMismatch => 3,
+            Self::Gap => 4,
+            Self::Reorder => 5,
+            Self::Truncation => 6,
+            Self::BrokenLink => 7,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::HashMismatch => "hash mismatch",
+            Self::Gap => "gap",
+            Self::Reorder => "reordering",
+            Self::Truncation => "truncation",
+            Self::BrokenLink => "broken link",
+        }
+    }
+}
+
+/// The first damage found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub problem: Problem,
+    pub chain_id: String,
+    pub seq: i64,
+    pub message: String,
+}
+
+/// What a verification saw.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub chains: usize,
+    pub events: u64,
+    pub elapsed: Duration,
+    /// `None` when everything is intact.
+    pub finding: Option<Finding>,
+}
+
+/// A chain's claim, in its CHAIN_OPENED, about where its predecessor ended.
+#[derive(Debug, Clone)]
+struct Claim {
+    chain_id: String,
+    previous_chain_id: String,
+    previous_seq: i64,
+    previous_hash: String,
+}
+
+/// Checks the events of one chain in stored order.
+struct ChainChecker {
+    chain_id: String,
+    /// Where the next event should be; `None` until the first event is seen.
+    expected: Option<i64>,
+    last_hash: Option<String>,
+    /// Whether the chain must start at seq 1 (database) or may start anywhere (a rotated file).
+    must_start_at_one: bool,
+    /// Positions later chains claim, filled in as they pass.
+    wanted: HashMap<i64, Option<String>>,
+    last_seq: i64,
+}
+
+fn finding(problem: Problem, chain_id: &str, seq: i64, message: impl Into<String>) -> Finding {
+    Finding {
+        problem,
+        chain_id: chain_id.to_owned(),
+        seq,
+        message: message.into(),
+    }
+}
+
+impl ChainChecker {
+    fn new(chain_id: &str, must_start_at_one: bool, wanted: impl IntoIterator<Item = i64>) -> Self {
+        Self {
+            chain_id: chain_id.to_owned(),
+            expected: None,
+            last_hash: None,
+            must_start_at_one,
+            wanted: wanted.into_iter().map(|s| (s, None)).collect(),
+            last_seq: 0,
+        }
+    }
+
+    /// Checks one event; returns the CHAIN_OPENED claim it carries, if any.
+    fn check(&mut self, e: &SealedEvent) -> Result<Option<Claim>, Finding> {
+        let at = |problem, msg: String| finding(problem, &self.chain_id, e.seq, msg);
+        if chain_hash(&e.prev_hash, &e.body) != e.hash {
+            return Err(at(
+                Problem::HashMismatch,
+                "the event's bytes do not hash to its stored hash: the event was altered".into(),
+            ));
+        }
+        let body: Value = serde_json::from_str(&e.body).map_err(|err| {
+            at(
+                Problem::HashMismatch,
+                format!("the stored bytes are not JSON: {err}"),
+            )
+        })?;
+        let text = |k: &str| body.get(k).and_then(Value::as_str);
+        if text("chain_id") != Some(e.chain_id.as_str())
+            || text("prev_hash") != Some(e.prev_hash.as_str())
+            || text("event_id") != Some(e.event_id.as_str())
+            || text("event_type") != Some(e.event_type.as_str())
+            || text("occurred_at") != Some(e.occurred_at.as_str())
+            || text("instance_id") != Some(e.instance_id.as_str())
+            || text("trace_id") != e.trace_id.as_deref()
+        {
+            return Err(at(
+                Problem::HashMismatch,
+                "a stored column disagrees with the hashed bytes: the row was edited".into(),
+            ));
+        }
+        let own_seq = body.get("seq").and_then(Value::as_i64);
+        if own_seq != Some(e.seq) {
+            return Err(at(
+                Problem::Reorder,
+                format!(
+                    "position {} holds the event hashed as seq {}: events were moved",
+                    e.seq,
+                    own_seq.map_or_else(|| "?".to_owned(), |s| s.to_string())
+                ),
+            ));
+        }
+        match self.expected {
+            None if self.must_start_at_one && e.seq != 1 => {
+                return Err(at(
+                    Problem::Truncation,
+                    format!(
+                        "the chain starts at seq {} instead of 1: its head was removed",
+                        e.seq
+                    ),
+                ));
+            }
+            Some(expected) if e.seq < expected => {
+                return Err(at(
+                    Problem::Reorder,
+                    format!(
+                        "seq {} comes after seq {}: events are out of order",
+                        e.seq,
+                        expected - 1
+                    ),
+                ));
+            }
+            Some(expected) if e.seq > expected => {
+                return Err(finding(
+                    Problem::Gap,
+                    &self.chain_id,
+                    expected,
+                    format!("events {expected}..{} are missing", e.seq - 1),
+                ));
+            }
+            _ => {}
+        }
+        if let Some(last) = &self.last_hash
+            && *last != e.prev_hash
+        {
+            return Err(finding(
+                Problem::BrokenLink,
+                &self.chain_id,
+                e.seq - 1,
+                format!(
+                    "event {} does not link to event {}: event {} was replaced or forged",
+                    e.seq,
+                    e.seq - 1,
+                    e.seq - 1
+                ),
+            ));
+        }
+        let mut claim = None;
+        if e.seq == 1 {
+            if e.event_type != "CHAIN_OPENED" {
+                return Err(at(
+                    Problem::Truncation,
+                    "the chain's first event is not CHAIN_OPENED: its head was replaced".into(),
+                ));
+            }
+            let previous_hash = text("previous_hash");
+            if e.prev_hash != previous_hash.unwrap_or(GENESIS_HASH) {
+                return Err(at(
+                    Problem::BrokenLink,
+                    "CHAIN_OPENED's prev_hash is not the previous chain's last hash".into(),
+                ));
+            }
+            if let (Some(chain), Some(seq), Some(hash)) = (
+                text("previous_chain_id"),
+                body.get("previous_seq").and_then(Value::as_i64),
+                previous_hash,
+            ) {
+                claim = Some(Claim {
+                    chain_id: e.chain_id.clone(),
+                    previous_chain_id: chain.to_owned(),
+                    previous_seq: seq,
+                    previous_hash: hash.to_owned(),
+                });
+            }
+        }
+        if let Some(slot) = self.wanted.get_mut(&e.seq) {
+            *slot = Some(e.hash.clone());
+        }
+        self.expected = Some(e.seq + 1);
+        self.last_hash = Some(e.hash.clone());
+        self.last_seq = e.seq;
+        Ok(claim)
+    }
+}
+
+/// Checks that each claim points at an existing event with the claimed hash.
+fn check_claims(claims: &[Claim], chains: &HashMap<String, ChainChecker>) -> Option<Finding> {
+    for c in claims {
+        let Some(prev) = chains.get(&c.previous_chain_id) else {
+            return Some(finding(
+                Problem::Truncation,
+                &c.previous_chain_id,
+                c.previous_seq,
+                format!(
+                    "chain {} names this chain as its predecessor, but it is gone",
+                    c.chain_id
+                ),
+            ));
+        };
+        match prev.wanted.get(&c.previous_seq).cloned().flatten() {
+            None => {
+                return Some(finding(
+                    Problem::Truncation,
+                    &c.previous_chain_id,
+                    prev.last_seq + 1,
+                    format!(
+                        "chain {} says this chain reached seq {}, but it ends at {}: its tail was removed",
+                        c.chain_id, c.previous_seq, prev.last_seq
+                    ),
+                ));
+            }
+            Some(hash) if hash != c.previous_hash => {
+                return Some(finding(
+                    Problem::BrokenLink,
+                    &c.chain_id,
+                    1,
+                    format!(
+                        "CHAIN_OPENED names {}:{} with a hash that event does not have",
+                        c.previous_chain_id, c.previous_seq
+                    ),
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    None
+}
+
+/// Events read per page; bounds memory whatever the size of the trail.
+const PAGE: i64 = 10_000;
+/// How often progress is reported.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// Verifies every chain in the store. `progress` is called about once a second with the events so far.
+pub async fn verify_store(
+    store: &dyn Store,
+    mut progress: impl FnMut(u64),
+) -> Result<Report, StoreError> {
+    let started = Instant::now();
+    let chains = store.chains().await?;
+    // First pass: every chain's CHAIN_OPENED claim, so the second pass knows which positions to keep.
+    let mut claims = Vec::new();
+    for info in &chains {
+        let first = store.chain_events(&info.chain_id, 0, 1).await?;
+        if let Some(e) = first.first()
+            && e.seq == 1
+            && let Ok(Some(claim)) = ChainChecker::new(&info.chain_id, true, []).check(e)
+        {
+            claims.push(claim);
+        }
+    }
+    let mut wanted: HashMap<&str, Vec<i64>> = HashMap::new();
+    for c in &claims {
+        wanted
+            .entry(c.previous_chain_id.as_str())
+            .or_default()
+            .push(c.previous_seq);
+    }
+    let mut report = Report {
+        chains: chains.len(),
+        ..Report::default()
+    };
+    let mut checkers = HashMap::new();
+    let mut last_progress = Instant::now();
+    for info in &chains {
+        let mut checker = ChainChecker::new(
+            &info.chain_id,
+            true,
+            wanted
+                .get(info.chain_id.as_str())
+                .cloned()
+                .unwrap_or_default(),
+        );
+        let mut after = 0;
+        loop {
+            let page = store.chain_events(&info.chain_id, after, PAGE).await?;
+            for e in &page {
+                report.events += 1;
+                if let Err(f) = checker.check(e) {
+                    report.finding = Some(f);
+                    report.elapsed = started.elapsed();
+                    return Ok(report);
+                }
+            }
+            if last_progress.elapsed() >= PROGRESS_EVERY {
+                progress(report.events);
+                last_progress = Instant::now();
+            }
+            match page.last() {
+                Some(last) if page.len() as i64 == PAGE => after = last.seq,
+                _ => break,
+            }
+        }
+        checkers.insert(info.chain_id.clone(), checker);
+    }
+    report.finding = check_claims(&claims, &checkers);
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+/// Rebuilds a stored event from a JSON Lines record: the hashed bytes are the canonical JSON of the
+/// record without `hash`.
+pub fn event_from_line(line: &str) -> Result<SealedEvent, String> {
+    let mut value: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+    let obj = value.as_object_mut().ok_or("not a JSON object")?;
+    let hash = match obj.remove("hash") {
+        Some(Value::String(h)) => h,
+        _ => return Err("no hash".into()),
+    };
+    let text = |k: &str| obj.get(k).and_then(Value::as_str).map(str::to_owned);
+    let event = SealedEvent {
+        chain_id: text("chain_id").ok_or("no chain_id")?,
+        seq: obj.get("seq").and_then(Value::as_i64).ok_or("no seq")?,
+        event_id: text("event_id").unwrap_or_default(),
+        event_type: text("event_type").unwrap_or_default(),
+        trace_id: text("trace_id"),
+        occurred_at: text("occurred_at").unwrap_or_default(),
+        instance_id: text("instance_id").unwrap_or_default(),
+        prev_hash: text("prev_hash").unwrap_or_default(),
+        hash,
+        body: serde_json_canonicalizer::to_string(&value).map_err(|e| e.to_string())?,
+    };
+    Ok(event)
+}
+
+/// Verifies one JSON Lines file. Chains are checked in file order; a chain may begin mid-way (it
+/// continues from the previous day's file), and links to chains outside the file are not checked.
+pub fn verify_file(path: &Path, mut progress: impl FnMut(u64)) -> std::io::Result<Report> {
+    let started = Instant::now();
+    let file = std::io::BufReader::new(std::fs::File::open(path)?);
+    let mut checkers: BTreeMap<String, ChainChecker> = BTreeMap::new();
+    let mut report = Report::default();
+    let mut last_progress = Instant::now();
+    for (n, line) in file.lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        report.events += 1;
+        let event = match event_from_line(&line) {
+            Ok(e) => e,
+            Err(why) => {
+                report.finding = Some(finding(
+                    Problem::HashMismatch,
+                    "?",
+                    0,
+                    format!("line {}: {why}", n + 1),
+                ));
+                break;
+            }
+        };
+        let checker = checkers
+            .entry(event.chain_id.clone())
+            .or_insert_with(|| ChainChecker::new(&event.chain_id, false, []));
+        if let Err(f) = checker.check(&event) {
+            report.finding = Some(f);
+            break;
+        }
+        if last_progress.elapsed() >= PROGRESS_EVERY {
+            progress(report.events);
+            last_progress = Instant::now();
+        }
+    }
+    report.chains = checkers.len();
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
