@@ -10,6 +10,7 @@ mod helpers;
 mod audit_trail;
 mod audit_verify;
 mod auth;
+mod cli;
 mod gates;
 mod http;
 mod store;
