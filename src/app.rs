@@ -13,7 +13,7 @@ use serde_json::json;
 use crate::audit::{AuditLog, EventType, PendingEvent, WriterOptions, WriterTask};
 use crate::config::{Config, Mode};
 use crate::domain::{ApiKey, RoleName, TierName};
-use crate::executors::{Kinds, Registry};
+use crate::executors::{ExecutorEnv, Kinds, Registry};
 use crate::gates::auth::AuthGate;
 use crate::gates::rate_limit::{InProcessLimiter, RateLimiter};
 use crate::keys::{self, NewKey};
@@ -52,8 +52,12 @@ impl App {
 }
 
 /// Loads executors, then the policy checked against them.
-pub fn load_policy(config: &Config, kinds: &Kinds) -> anyhow::Result<(Registry, Policy)> {
-    let registry = Registry::load(&config.executors_dir, kinds)?;
+pub fn load_policy(
+    config: &Config,
+    kinds: &Kinds,
+    env: &ExecutorEnv,
+) -> anyhow::Result<(Registry, Policy)> {
+    let registry = Registry::load(&config.executors_dir, kinds, env)?;
     let policy = Policy::load(&config.policies_dir, |name| registry.contains(name))?;
     Ok((registry, policy))
 }
@@ -70,8 +74,13 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
 /// Builds the application: store, executors, policy, audit writer. Writes POLICY_LOADED.
 pub async fn build(config: Config, kinds: &Kinds) -> anyhow::Result<(Arc<App>, WriterTask)> {
     let store = open_store(&config).await?;
-    let (registry, policy) = load_policy(&config, kinds)?;
     let metrics = Metrics::new()?;
+    let env = ExecutorEnv {
+        store: Some(store.clone()),
+        metrics: Some(metrics.clone()),
+        dir: config.executors_dir.clone(),
+    };
+    let (registry, policy) = load_policy(&config, kinds, &env)?;
     let (audit, writer) = AuditLog::start(
         store.clone(),
         metrics.clone(),

@@ -217,7 +217,7 @@ async fn key_context(
     crate::audit::WriterTask,
 )> {
     let store = app::open_store(config).await?;
-    let (_, policy) = app::load_policy(config, &Kinds::builtin())?;
+    let (_, policy) = app::load_policy(config, &Kinds::builtin(), &Default::default())?;
     let (audit, writer) = AuditLog::start(
         store.clone(),
         Metrics::new()?,
@@ -335,7 +335,7 @@ async fn keys_command(config: Config, cmd: KeysCommand) -> anyhow::Result<ExitCo
 }
 
 fn policy_command(config: &Config, cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
-    let (registry, policy) = app::load_policy(config, &Kinds::builtin())?;
+    let (registry, policy) = app::load_policy(config, &Kinds::builtin(), &Default::default())?;
     match cmd {
         PolicyCommand::Check => {
             println!(

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub executor_calls: IntCounterVec,
     pub executor_duration: HistogramVec,
     pub action_results: IntCounterVec,
+    pub llm_tokens: IntCounterVec,
+    pub collector_refusals: IntCounterVec,
     pub audit_events: IntCounterVec,
     pub audit_write_failures: IntCounter,
     pub audit_flush_duration: Histogram,
@@ -95,6 +97,16 @@ impl Metrics {
                 "catraca_action_results_total",
                 "Outcome of /process by action (unknown when not in the policy) and status",
                 &["action", "status"],
+            )?,
+            llm_tokens: counter(
+                "catraca_llm_tokens_total",
+                "Tokens used by LLM executors, by executor and kind (prompt|completion)",
+                &["executor", "kind"],
+            )?,
+            collector_refusals: counter(
+                "catraca_collector_refusals_total",
+                "Collector runs refused before fetching, by executor and reason (disabled|busy)",
+                &["executor", "reason"],
             )?,
             audit_events: counter(
                 "catraca_audit_events_total",

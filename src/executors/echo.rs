@@ -7,15 +7,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::Value;
 
-use super::{Executor, ExecutorCall, ExecutorError};
+use super::{Executor, ExecutorCall, ExecutorError, ExecutorSpec};
 
 struct Echo {
     max_delay: Duration,
 }
 
-pub(super) fn build(_name: &str, settings: &toml::Table) -> Result<Arc<dyn Executor>, String> {
+pub(super) fn build(spec: &ExecutorSpec<'_>) -> Result<Arc<dyn Executor>, String> {
     let mut max_delay_ms = 0u64;
-    for (key, value) in settings {
+    for (key, value) in spec.settings {
         match (key.as_str(), value) {
             ("max_delay_ms", toml::Value::Integer(n)) if *n >= 0 => max_delay_ms = *n as u64,
             ("max_delay_ms", _) => return Err("max_delay_ms must be a non-negative integer".into()),
@@ -52,6 +52,13 @@ mod tests {
     fn unknown_settings_are_refused() {
         let mut t = toml::Table::new();
         t.insert("max_dealy_ms".into(), toml::Value::Integer(5));
-        assert!(build("echo", &t).is_err());
+        let env = super::super::ExecutorEnv::default();
+        let spec = ExecutorSpec {
+            name: "echo",
+            settings: &t,
+            env: &env,
+            timeout: std::time::Duration::from_secs(1),
+        };
+        assert!(build(&spec).is_err());
     }
 }

@@ -1,10 +1,13 @@
 //! Executors: what runs after an ALLOW. Each file in `executors/` defines one executor of a kind; the
 //! registry runs them under their timeout in a task of their own, so a panic or a hang stays contained.
 
+mod collector;
+mod composite;
 mod echo;
+mod llm;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,15 +16,82 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::domain::{ActionName, ContextId, TraceId};
+use crate::metrics::Metrics;
+use crate::store::Store;
 
 /// What an executor is asked to do.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ExecutorCall {
     pub trace_id: TraceId,
     pub decision_id: uuid::Uuid,
     pub action: ActionName,
     pub context: ContextId,
     pub payload: Value,
+    /// Runs another action for the same principal and context, re-authorized and audited as a step
+    /// (what composites are made of).
+    pub steps: Option<Arc<dyn StepRunner>>,
+}
+
+impl std::fmt::Debug for ExecutorCall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecutorCall")
+            .field("trace_id", &self.trace_id)
+            .field("decision_id", &self.decision_id)
+            .field("action", &self.action)
+            .field("context", &self.context)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a step did not produce a result.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StepError {
+    /// The action matrix (or the input gate) refused the step for this principal.
+    #[error("step {action} refused: {}", reason_codes.join(", "))]
+    Refused {
+        action: String,
+        reason_codes: Vec<String>,
+    },
+    /// The step's executor failed or timed out.
+    #[error("step {action} failed: {error}")]
+    Failed {
+        action: String,
+        error: ExecutorError,
+    },
+    /// The step could not be recorded: nothing more may run.
+    #[error("step {action} could not be audited")]
+    Unaudited { action: String },
+}
+
+/// Runs one step of a composite through the matrix and its executor, recording STEP_EXECUTED.
+#[async_trait]
+pub trait StepRunner: Send + Sync {
+    async fn run_step(
+        &self,
+        index: usize,
+        action: &str,
+        payload: Value,
+    ) -> Result<Value, StepError>;
+}
+
+/// What executor kinds may use besides their settings.
+#[derive(Clone, Default)]
+pub struct ExecutorEnv {
+    /// The database (collector snapshots, run locks); `None` in commands that only check files.
+    pub store: Option<Arc<dyn Store>>,
+    /// The gateway's metrics; `None` outside a running gateway.
+    pub metrics: Option<Metrics>,
+    /// The executors folder: relative paths in settings (prompt templates) resolve here.
+    pub dir: PathBuf,
+}
+
+/// One executor file's name and settings, as a kind factory sees them.
+pub struct ExecutorSpec<'a> {
+    pub name: &'a str,
+    pub settings: &'a toml::Table,
+    pub env: &'a ExecutorEnv,
+    /// The file's `timeout_ms`: how long one call may take in all.
+    pub timeout: Duration,
 }
 
 /// How an executor failed. Messages reach clients and the audit trail: never put a secret in one.
@@ -37,11 +107,17 @@ pub enum ExecutorError {
 #[async_trait]
 pub trait Executor: Send + Sync + 'static {
     async fn execute(&self, call: ExecutorCall) -> Result<Value, ExecutorError>;
+
+    /// Facts about this executor the audit trail should carry in EXECUTOR_SELECTED and
+    /// ACTION_EXECUTED (e.g. a prompt template's SHA-256 and the model); never secrets.
+    fn audit_facts(&self) -> Option<Value> {
+        None
+    }
 }
 
 /// Builds an executor of one kind from the `[settings]` table of its file.
 pub type KindFactory =
-    Arc<dyn Fn(&str, &toml::Table) -> Result<Arc<dyn Executor>, String> + Send + Sync>;
+    Arc<dyn Fn(&ExecutorSpec<'_>) -> Result<Arc<dyn Executor>, String> + Send + Sync>;
 
 /// The kinds this build can run. Library users may register more.
 #[derive(Clone)]
@@ -56,6 +132,9 @@ impl Kinds {
             factories: BTreeMap::new(),
         };
         kinds.register("echo", Arc::new(echo::build));
+        kinds.register("llm", Arc::new(llm::build));
+        kinds.register("collector", Arc::new(collector::build));
+        kinds.register("composite", Arc::new(composite::build));
         kinds
     }
 
@@ -107,7 +186,11 @@ pub struct Registry {
 
 impl Registry {
     /// Loads `dir/*.toml`. A file naming a kind this build lacks is an error naming the file and kind.
-    pub fn load(dir: &Path, kinds: &Kinds) -> anyhow::Result<Self> {
+    pub fn load(dir: &Path, kinds: &Kinds, env: &ExecutorEnv) -> anyhow::Result<Self> {
+        let env = ExecutorEnv {
+            dir: dir.to_path_buf(),
+            ..env.clone()
+        };
         let mut paths: Vec<_> = std::fs::read_dir(dir)
             .map_err(|e| anyhow::anyhow!("reading executors folder {}: {e}", dir.display()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -140,13 +223,19 @@ impl Registry {
                     kinds.names()
                 )
             })?;
-            let executor = factory(&file.name, &file.settings).map_err(|e| {
-                anyhow::anyhow!("{}: executor {:?}: {e}", path.display(), file.name)
-            })?;
             let timeout_ms = file.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
             if timeout_ms == 0 {
                 anyhow::bail!("{}: timeout_ms must be positive", path.display());
             }
+            let spec = ExecutorSpec {
+                name: &file.name,
+                settings: &file.settings,
+                env: &env,
+                timeout: Duration::from_millis(timeout_ms),
+            };
+            let executor = factory(&spec).map_err(|e| {
+                anyhow::anyhow!("{}: executor {:?}: {e}", path.display(), file.name)
+            })?;
             let def = ExecutorDef {
                 name: file.name.clone(),
                 kind: file.kind,
@@ -176,6 +265,11 @@ impl Registry {
 }
 
 impl ExecutorDef {
+    /// See [`Executor::audit_facts`].
+    pub fn audit_facts(&self) -> Option<Value> {
+        self.executor.audit_facts()
+    }
+
     /// Runs the executor in its own task under its timeout; on timeout the task is aborted.
     pub async fn run(&self, call: ExecutorCall) -> Result<Value, ExecutorError> {
         let executor = self.executor.clone();

@@ -20,8 +20,9 @@ use uuid::Uuid;
 
 use crate::app::App;
 use crate::audit::{EventType, PendingEvent, digest_of, timestamp};
+use crate::domain::ContextId;
 use crate::domain::TraceId;
-use crate::executors::{ExecutorCall, ExecutorError};
+use crate::executors::{ExecutorCall, ExecutorError, StepError, StepRunner};
 use crate::http::error::ApiError;
 use crate::policy::{Policy, Principal, Violation};
 use auth::{AuthRefusal, AuthenticatedKey};
@@ -329,7 +330,7 @@ async fn authenticate_and_limit(
 
 /// Runs one `/process` request through the turnstile.
 #[tracing::instrument(skip_all, fields(trace_id = %req.trace_id))]
-pub async fn process(app: &App, req: Incoming) -> Result<ActionResult, ApiError> {
+pub async fn process(app: &Arc<App>, req: Incoming) -> Result<ActionResult, ApiError> {
     let Incoming {
         trace_id,
         headers,
@@ -460,6 +461,7 @@ pub async fn process(app: &App, req: Incoming) -> Result<ActionResult, ApiError>
             "executor_id": executor.name,
             "executor_kind": executor.kind,
             "timeout_ms": u64::try_from(executor.timeout.as_millis()).unwrap_or(u64::MAX),
+            "executor_facts": executor.audit_facts(),
         }),
     );
     let start = d.start_event.clone();
@@ -480,6 +482,15 @@ pub async fn process(app: &App, req: Incoming) -> Result<ActionResult, ApiError>
             action: input.action.name.clone(),
             context: input.context.clone(),
             payload: input.payload,
+            steps: Some(Arc::new(StepContext {
+                app: app.clone(),
+                policy: d.policy.clone(),
+                trace_id: d.trace_id.clone(),
+                decision_id: d.id,
+                principal: principal.clone(),
+                context: input.context.clone(),
+                depth: 1,
+            })),
         })
         .await;
     let elapsed = t.elapsed();
@@ -511,6 +522,7 @@ pub async fn process(app: &App, req: Incoming) -> Result<ActionResult, ApiError>
             "duration_us": micros(elapsed),
             "result": result_digest,
             "error": outcome.as_ref().err().map(ToString::to_string),
+            "executor_facts": executor.audit_facts(),
         }),
     );
     let end = d.end_event(
@@ -711,5 +723,149 @@ async fn deny_only(
     match refuse(app, d, gate, codes, message, retry_after, vec![]).await {
         Err(e) => e,
         Ok(_) => ApiError::internal("a refusal produced a result", None),
+    }
+}
+
+/// How deep composites may nest (a composite step running a composite ...); deeper is refused, so a
+/// composite naming itself cannot loop.
+const MAX_STEP_DEPTH: usize = 4;
+
+/// Runs the steps of a composite for one allowed request: same principal, context and policy.
+struct StepContext {
+    app: Arc<App>,
+    policy: Arc<Policy>,
+    trace_id: TraceId,
+    decision_id: Uuid,
+    principal: Principal,
+    context: ContextId,
+    depth: usize,
+}
+
+#[async_trait::async_trait]
+impl StepRunner for StepContext {
+    async fn run_step(
+        &self,
+        index: usize,
+        action: &str,
+        payload: Value,
+    ) -> Result<Value, StepError> {
+        let started = Instant::now();
+        let refused = |codes: &[&str]| StepError::Refused {
+            action: action.to_owned(),
+            reason_codes: codes.iter().map(|c| (*c).to_owned()).collect(),
+        };
+        let payload_digest =
+            digest_of(&serde_json_canonicalizer::to_vec(&payload).unwrap_or_default());
+        let mut rules = Vec::new();
+        let mut executor_id = None;
+        let mut facts = None;
+        let outcome: Result<Value, StepError> = 'run: {
+            let Some(act) = self.policy.action(action).filter(|a| a.executor.is_some()) else {
+                break 'run Err(refused(&["ACTION_UNKNOWN"]));
+            };
+            if self.depth >= MAX_STEP_DEPTH {
+                break 'run Err(refused(&["STEP_DEPTH_EXCEEDED"]));
+            }
+            if act.validate(&payload).is_err() {
+                break 'run Err(refused(&["INPUT_SCHEMA_INVALID"]));
+            }
+            let verdict = self
+                .policy
+                .evaluate(&self.principal, &self.context, &act.name, &payload);
+            rules = verdict.determining_rules.clone();
+            if !verdict.allowed {
+                break 'run Err(StepError::Refused {
+                    action: action.to_owned(),
+                    reason_codes: verdict.reason_codes,
+                });
+            }
+            let Some(executor) = act
+                .executor
+                .as_deref()
+                .and_then(|n| self.app.executors.get(n))
+            else {
+                break 'run Err(refused(&["ACTION_UNKNOWN"]));
+            };
+            executor_id = Some(executor.name.clone());
+            facts = executor.audit_facts();
+            let t = Instant::now();
+            let result = executor
+                .run(ExecutorCall {
+                    trace_id: self.trace_id.clone(),
+                    decision_id: self.decision_id,
+                    action: act.name.clone(),
+                    context: self.context.clone(),
+                    payload,
+                    steps: Some(Arc::new(StepContext {
+                        app: self.app.clone(),
+                        policy: self.policy.clone(),
+                        trace_id: self.trace_id.clone(),
+                        decision_id: self.decision_id,
+                        principal: self.principal.clone(),
+                        context: self.context.clone(),
+                        depth: self.depth + 1,
+                    })),
+                })
+                .await;
+            let status = match &result {
+                Ok(_) => "success",
+                Err(ExecutorError::Timeout(_)) => "timeout",
+                Err(ExecutorError::Failed(_)) => "failed",
+            };
+            self.app
+                .metrics
+                .executor_calls
+                .with_label_values(&[executor.name.as_str(), status])
+                .inc();
+            self.app
+                .metrics
+                .executor_duration
+                .with_label_values(&[executor.name.as_str()])
+                .observe(t.elapsed().as_secs_f64());
+            result.map_err(|error| StepError::Failed {
+                action: action.to_owned(),
+                error,
+            })
+        };
+        let (status, codes, error) = match &outcome {
+            Ok(_) => ("success", vec![], None),
+            Err(StepError::Refused { reason_codes, .. }) => ("refused", reason_codes.clone(), None),
+            Err(StepError::Failed { error, .. }) => (
+                if matches!(error, ExecutorError::Timeout(_)) {
+                    "timeout"
+                } else {
+                    "failed"
+                },
+                vec![],
+                Some(error.to_string()),
+            ),
+            Err(StepError::Unaudited { .. }) => ("unaudited", vec![], None),
+        };
+        let event = PendingEvent::new(
+            EventType::StepExecuted,
+            Some(&self.trace_id),
+            json!({
+                "decision_id": self.decision_id.to_string(),
+                "step": index,
+                "depth": self.depth,
+                "action": truncated(action),
+                "executor_id": executor_id,
+                "status": status,
+                "reason_codes": codes,
+                "determining_rules": rules,
+                "duration_us": micros(started.elapsed()),
+                "payload": payload_digest,
+                "result": outcome.as_ref().ok().map(|v| digest_of(&serde_json_canonicalizer::to_vec(v).unwrap_or_default())),
+                "error": error,
+                "executor_facts": facts,
+            }),
+        );
+        if let Err(e) = self.app.audit.append(vec![event]).await {
+            tracing::error!(error = %e, "step not durable; the composite stops");
+            return Err(StepError::Unaudited {
+                action: action.to_owned(),
+            });
+        }
+        outcome
     }
 }

@@ -50,6 +50,38 @@ pub struct ChainTail {
     pub hash: String,
 }
 
+/// A collector run as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CollectorRun {
+    pub run_id: String,
+    pub source: String,
+    pub query_key: String,
+    pub started_at: String,
+    pub finished_at: String,
+    /// Every page was read; only complete runs become baselines.
+    pub complete: bool,
+    pub pages: i64,
+    pub items: i64,
+    /// JSON array of the errors met.
+    pub errors: String,
+}
+
+/// What a run saw of one record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotRow {
+    pub record_id: String,
+    pub content_hash: String,
+    /// JSON object: top-level field name -> SHA-256 of its canonical JSON.
+    pub field_hashes: String,
+}
+
+/// Who holds a collector lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockHolder {
+    pub run_id: String,
+    pub acquired_at: String,
+}
+
 /// Summary of one chain, for verification.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChainInfo {
@@ -92,6 +124,41 @@ pub trait Store: Send + Sync + 'static {
         after_seq: i64,
         limit: i64,
     ) -> Result<Vec<SealedEvent>, StoreError>;
+    /// Takes the run lock of `(source, query_key)` unless a live one exists (expired locks are
+    /// cleared first); `Some(holder)` when another run holds it. Shared by every instance.
+    async fn acquire_collector_lock(
+        &self,
+        source: &str,
+        query_key: &str,
+        run_id: &str,
+        now: &str,
+        expires_at: &str,
+    ) -> Result<Option<LockHolder>, StoreError>;
+    async fn release_collector_lock(
+        &self,
+        source: &str,
+        query_key: &str,
+        run_id: &str,
+    ) -> Result<(), StoreError>;
+    /// The snapshot of the latest complete run of `(source, query_key)`.
+    async fn collector_baseline(
+        &self,
+        source: &str,
+        query_key: &str,
+    ) -> Result<Option<(String, Vec<SnapshotRow>)>, StoreError>;
+    /// Stores a run; a complete run also stores its snapshot and updates first/last sightings.
+    async fn save_collector_run(
+        &self,
+        run: &CollectorRun,
+        snapshot: &[SnapshotRow],
+    ) -> Result<(), StoreError>;
+    /// First and last sighting of a record in complete runs of `source`.
+    async fn record_sightings(
+        &self,
+        source: &str,
+        record_id: &str,
+    ) -> Result<Option<(String, String)>, StoreError>;
+
     /// Events with `since <= occurred_at < until`, ordered by time then chain position, after the
     /// cursor `(occurred_at, chain_id, seq)`, at most `limit` (for streaming exports).
     async fn events_between(
@@ -178,6 +245,9 @@ fn key_from_row(row: KeyRow) -> Result<KeyRecord, StoreError> {
     })
 }
 
+/// Rows per multi-row snapshot INSERT: 4 columns each, far below either backend's parameter limit.
+const SNAPSHOT_CHUNK: usize = 1_000;
+
 /// Row fields of an audit event, in table order.
 type EventRow = (
     String,
@@ -216,6 +286,16 @@ fn event_from_row(row: EventRow) -> SealedEvent {
         prev_hash,
         hash,
         body,
+    }
+}
+
+fn snapshot_from_row(
+    (record_id, content_hash, field_hashes): (String, String, String),
+) -> SnapshotRow {
+    SnapshotRow {
+        record_id,
+        content_hash,
+        field_hashes,
     }
 }
 

@@ -8,8 +8,9 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Postgres, QueryBuilder, SqlSafeStr};
 
 use super::{
-    ChainInfo, ChainTail, EventRow, KeyRecord, KeyRow, Store, StoreError, contexts_to_text,
-    event_from_row, key_from_row, probe_event,
+    ChainInfo, ChainTail, CollectorRun, EventRow, KeyRecord, KeyRow, LockHolder, SNAPSHOT_CHUNK,
+    SnapshotRow, Store, StoreError, contexts_to_text, event_from_row, key_from_row, probe_event,
+    snapshot_from_row,
 };
 use crate::audit::SealedEvent;
 use crate::domain::KeyId;
@@ -22,13 +23,22 @@ pub struct PgStore {
 }
 
 fn migrator() -> Migrator {
-    Migrator::with_migrations(vec![Migration::new(
-        1,
-        "init".into(),
-        MigrationType::Simple,
-        include_str!("../../migrations/postgres/0001_init.sql").into_sql_str(),
-        false,
-    )])
+    Migrator::with_migrations(vec![
+        Migration::new(
+            1,
+            "init".into(),
+            MigrationType::Simple,
+            include_str!("../../migrations/postgres/0001_init.sql").into_sql_str(),
+            false,
+        ),
+        Migration::new(
+            2,
+            "collector".into(),
+            MigrationType::Simple,
+            include_str!("../../migrations/postgres/0002_collector.sql").into_sql_str(),
+            false,
+        ),
+    ])
 }
 
 /// `INSERT INTO audit_events ... VALUES (...), (...)` for `events` (at most [`INSERT_CHUNK`]).
@@ -258,6 +268,169 @@ impl Store for PgStore {
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.into_iter().map(event_from_row).collect())
+    }
+
+    async fn acquire_collector_lock(
+        &self,
+        source: &str,
+        query_key: &str,
+        run_id: &str,
+        now: &str,
+        expires_at: &str,
+    ) -> Result<Option<LockHolder>, StoreError> {
+        sqlx::query(
+            "DELETE FROM collector_locks WHERE source = $1 AND query_key = $2 AND expires_at < $3",
+        )
+        .bind(source)
+        .bind(query_key)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        let taken = sqlx::query(
+            "INSERT INTO collector_locks (source, query_key, run_id, acquired_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (source, query_key) DO NOTHING",
+        )
+        .bind(source)
+        .bind(query_key)
+        .bind(run_id)
+        .bind(now)
+        .bind(expires_at)
+        .execute(&self.pool)
+        .await?;
+        if taken.rows_affected() == 1 {
+            return Ok(None);
+        }
+        let holder: Option<(String, String)> = sqlx::query_as(
+            "SELECT run_id, acquired_at FROM collector_locks WHERE source = $1 AND query_key = $2",
+        )
+        .bind(source)
+        .bind(query_key)
+        .fetch_optional(&self.pool)
+        .await?;
+        // Released between our insert and this read: report it as busy anyway; the caller retries.
+        Ok(Some(holder.map_or_else(
+            || LockHolder {
+                run_id: "?".into(),
+                acquired_at: now.into(),
+            },
+            |(run_id, acquired_at)| LockHolder {
+                run_id,
+                acquired_at,
+            },
+        )))
+    }
+
+    async fn release_collector_lock(
+        &self,
+        source: &str,
+        query_key: &str,
+        run_id: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "DELETE FROM collector_locks WHERE source = $1 AND query_key = $2 AND run_id = $3",
+        )
+        .bind(source)
+        .bind(query_key)
+        .bind(run_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn collector_baseline(
+        &self,
+        source: &str,
+        query_key: &str,
+    ) -> Result<Option<(String, Vec<SnapshotRow>)>, StoreError> {
+        let run: Option<(String,)> = sqlx::query_as(
+            "SELECT run_id FROM collector_runs WHERE source = $1 AND query_key = $2 AND complete = 1 \
+             ORDER BY finished_at DESC, run_id DESC LIMIT 1",
+        )
+        .bind(source)
+        .bind(query_key)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some((run_id,)) = run else {
+            return Ok(None);
+        };
+        let rows: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT record_id, content_hash, field_hashes FROM collector_snapshots WHERE run_id = $1",
+        )
+        .bind(&run_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(Some((
+            run_id,
+            rows.into_iter().map(snapshot_from_row).collect(),
+        )))
+    }
+
+    async fn save_collector_run(
+        &self,
+        run: &CollectorRun,
+        snapshot: &[SnapshotRow],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO collector_runs (run_id, source, query_key, started_at, finished_at, complete, pages, items, errors) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(&run.run_id)
+        .bind(&run.source)
+        .bind(&run.query_key)
+        .bind(&run.started_at)
+        .bind(&run.finished_at)
+        .bind(i64::from(run.complete))
+        .bind(run.pages)
+        .bind(run.items)
+        .bind(&run.errors)
+        .execute(&mut *tx)
+        .await?;
+        if run.complete {
+            for chunk in snapshot.chunks(SNAPSHOT_CHUNK) {
+                let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
+                    "INSERT INTO collector_snapshots (run_id, record_id, content_hash, field_hashes) ",
+                );
+                qb.push_values(chunk, |mut b, r| {
+                    b.push_bind(run.run_id.clone())
+                        .push_bind(r.record_id.clone())
+                        .push_bind(r.content_hash.clone())
+                        .push_bind(r.field_hashes.clone());
+                });
+                qb.build().execute(&mut *tx).await?;
+                let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
+                    "INSERT INTO collector_records (source, record_id, content_hash, first_seen, last_seen) ",
+                );
+                qb.push_values(chunk, |mut b, r| {
+                    b.push_bind(run.source.clone())
+                        .push_bind(r.record_id.clone())
+                        .push_bind(r.content_hash.clone())
+                        .push_bind(run.finished_at.clone())
+                        .push_bind(run.finished_at.clone());
+                });
+                qb.push(
+                    " ON CONFLICT (source, record_id) DO UPDATE SET \
+                     content_hash = excluded.content_hash, last_seen = excluded.last_seen",
+                );
+                qb.build().execute(&mut *tx).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn record_sightings(
+        &self,
+        source: &str,
+        record_id: &str,
+    ) -> Result<Option<(String, String)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT first_seen, last_seen FROM collector_records WHERE source = $1 AND record_id = $2",
+        )
+        .bind(source)
+        .bind(record_id)
+        .fetch_optional(&self.pool)
+        .await?)
     }
 
     async fn events_between(

@@ -184,7 +184,15 @@ async fn nothing_allowed_means_denied_by_default() {
 
 #[tokio::test]
 async fn deny_overrides_allow_and_the_decision_names_the_rule() {
-    let app = spawn_app().await;
+    // The summariser echoes here: this test is about the matrix, not the model.
+    let app = crate::helpers::spawn_app_with(|c| {
+        std::fs::write(
+            c.executors_dir.join("summarizer.toml"),
+            "name = \"summarizer\"\nkind = \"echo\"\n",
+        )
+        .unwrap();
+    })
+    .await;
     let admin = app.admin_key().await;
     let body = json!({"action": "licitacoes.summarize", "context_id": "partner", "payload": {"text": "t"}});
     let resp = app.process(Some(&admin), &body).await;

@@ -98,6 +98,19 @@ executor = "echo"
 [actions."test.eval"]
 executor = "echo"
 
+[actions."test.chain"]
+executor = "chain"
+
+[roles.digester]
+description = "May digest and collect, but not summarise: for step re-authorization tests."
+
+[[rules]]
+id = "digesters-digest"
+effect = "allow"
+roles = ["digester"]
+contexts = ["work"]
+actions = ["licitacoes.digest", "licitacoes.collect"]
+
 [[rules]]
 id = "nobody-forbidden"
 effect = "deny"
@@ -116,6 +129,22 @@ reason_code = "N_TOO_LARGE"
 [[rules.when]]
 pointer = "/n"
 min = 10
+"#;
+
+/// A composite whose first step fails (the `broken` executor) and whose second echoes the input.
+pub const CHAIN_COMPOSITE: &str = r#"
+name = "chain"
+kind = "composite"
+timeout_ms = 5000
+[settings]
+mode = "continue"
+[[settings.steps]]
+name = "first"
+action = "test.broken"
+[[settings.steps]]
+name = "second"
+action = "echo"
+from = { "/message" = "/input/message" }
 "#;
 
 pub struct TestApp {
@@ -163,6 +192,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
         "name = \"broken\"\nkind = \"failing\"\ntimeout_ms = 1000\n",
     )
     .unwrap();
+    std::fs::write(executors.join("chain.toml"), CHAIN_COMPOSITE).unwrap();
     std::fs::write(
         executors.join("counted.toml"),
         "name = \"counted\"\nkind = \"counting\"\ntimeout_ms = 1000\n",
@@ -187,12 +217,12 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
     let c = calls.clone();
     kinds.register(
         "failing",
-        Arc::new(move |_, _| Ok(Arc::new(Failing(c.clone())) as Arc<dyn Executor>)),
+        Arc::new(move |_| Ok(Arc::new(Failing(c.clone())) as Arc<dyn Executor>)),
     );
     let c = calls.clone();
     kinds.register(
         "counting",
-        Arc::new(move |_, _| Ok(Arc::new(Counting(c.clone())) as Arc<dyn Executor>)),
+        Arc::new(move |_| Ok(Arc::new(Counting(c.clone())) as Arc<dyn Executor>)),
     );
 
     let server = Server::bind(config, kinds).await.expect("gateway starts");
