@@ -128,7 +128,25 @@ pub fn render(trace_id: &str, events: &[SealedEvent]) -> String {
                     body["timeout_ms"]
                 );
             }
-            "ACTION_EXECUTED" | "STEP_EXECUTED" => {
+            "STEP_EXECUTED" => {
+                let _ = writeln!(
+                    out,
+                    "step {} {} ({}) {} in {}{}{}",
+                    body["step"],
+                    body["action"].as_str().unwrap_or("?"),
+                    body["executor_id"].as_str().unwrap_or("-"),
+                    body["status"].as_str().unwrap_or("?"),
+                    us(&body["duration_us"]),
+                    match list(&body["reason_codes"]).as_str() {
+                        "-" => String::new(),
+                        codes => format!("  reasons: {codes}"),
+                    },
+                    body["error"]
+                        .as_str()
+                        .map_or_else(String::new, |e| format!("  error: {e}"))
+                );
+            }
+            "ACTION_EXECUTED" => {
                 let _ = writeln!(
                     out,
                     "{} {} in {}{}",

@@ -91,6 +91,16 @@ async fn a_digest_collects_then_summarises_each_new_record_and_audits_every_step
         .find(|e| e["event_type"] == "STEP_EXECUTED")
         .unwrap();
     assert_eq!(first["determining_rules"], json!(["operators-collect"]));
+    let stored = app.app.store.events_for_trace(&trace).await.unwrap();
+    let timeline = catraca::audit::timeline::render(&trace, &stored);
+    assert!(
+        timeline.contains("step 1 licitacoes.collect (pncp) success"),
+        "{timeline}"
+    );
+    assert!(
+        timeline.contains("step 4 licitacoes.summarize (summarizer) success"),
+        "{timeline}"
+    );
 }
 
 #[tokio::test]

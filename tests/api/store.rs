@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use catraca::audit::{EventType, GENESIS_HASH, PendingEvent, SealedEvent, seal};
 use catraca::domain::{ApiKey, KeyId, RoleName, TierName};
-use catraca::store::{KeyRecord, PgStore, SqliteStore, Store};
+use catraca::store::{CollectorRun, KeyRecord, PgStore, SnapshotRow, SqliteStore, Store};
 use serde_json::json;
 use sqlx::Connection;
 
@@ -167,6 +167,120 @@ async fn trace_lookup_returns_chain_order(store: Arc<dyn Store>) {
     assert!(store.events_for_trace("nothing").await.unwrap().is_empty());
 }
 
+async fn collector_locks_runs_and_baselines(store: Arc<dyn Store>) {
+    let t = |s: &str| format!("2026-11-22T{s}.000000Z");
+    assert_eq!(
+        store
+            .acquire_collector_lock("pncp", "q", "r1", &t("01:00:00"), &t("01:10:00"))
+            .await
+            .unwrap(),
+        None
+    );
+    let busy = store
+        .acquire_collector_lock("pncp", "q", "r2", &t("01:01:00"), &t("01:11:00"))
+        .await
+        .unwrap();
+    assert_eq!(
+        busy.map(|h| h.run_id),
+        Some("r1".to_owned()),
+        "one run per source and query"
+    );
+    assert_eq!(
+        store
+            .acquire_collector_lock("pncp", "other", "r3", &t("01:01:00"), &t("01:11:00"))
+            .await
+            .unwrap(),
+        None
+    );
+    // A holder that crashed: its lock lapses at expires_at.
+    assert_eq!(
+        store
+            .acquire_collector_lock("pncp", "q", "r4", &t("01:20:00"), &t("01:30:00"))
+            .await
+            .unwrap(),
+        None
+    );
+    store
+        .release_collector_lock("pncp", "q", "r1")
+        .await
+        .unwrap();
+    assert!(
+        store
+            .acquire_collector_lock("pncp", "q", "r5", &t("01:21:00"), &t("01:31:00"))
+            .await
+            .unwrap()
+            .is_some(),
+        "only the holder releases"
+    );
+    store
+        .release_collector_lock("pncp", "q", "r4")
+        .await
+        .unwrap();
+
+    let row = |id: &str, h: &str| SnapshotRow {
+        record_id: id.into(),
+        content_hash: h.into(),
+        field_hashes: "{}".into(),
+    };
+    let run = |id: &str, at: &str, complete: bool| CollectorRun {
+        run_id: id.into(),
+        source: "pncp".into(),
+        query_key: "q".into(),
+        started_at: t(at),
+        finished_at: t(at),
+        complete,
+        pages: 1,
+        items: 2,
+        errors: "[]".into(),
+    };
+    assert!(
+        store
+            .collector_baseline("pncp", "q")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    store
+        .save_collector_run(&run("a", "02:00:00", true), &[row("x", "1"), row("y", "1")])
+        .await
+        .unwrap();
+    store
+        .save_collector_run(&run("b", "03:00:00", false), &[row("x", "2")])
+        .await
+        .unwrap();
+    let (base, rows) = store
+        .collector_baseline("pncp", "q")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (base.as_str(), rows.len()),
+        ("a", 2),
+        "an incomplete run is never the baseline"
+    );
+    store
+        .save_collector_run(&run("c", "04:00:00", true), &[row("x", "3")])
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .collector_baseline("pncp", "q")
+            .await
+            .unwrap()
+            .unwrap()
+            .0,
+        "c"
+    );
+    assert_eq!(
+        store.record_sightings("pncp", "x").await.unwrap(),
+        Some((t("02:00:00"), t("04:00:00")))
+    );
+    assert_eq!(
+        store.record_sightings("pncp", "y").await.unwrap(),
+        Some((t("02:00:00"), t("02:00:00")))
+    );
+}
+
 async fn sqlite() -> (Arc<dyn Store>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("s.db").display());
@@ -230,6 +344,10 @@ mod sqlite_and_postgres {
         trace_lookup_returns_chain_order,
         trace_lookup_returns_chain_order_on_postgres
     );
+    store_story!(
+        collector_locks_runs_and_baselines,
+        collector_locks_runs_and_baselines_on_postgres
+    );
 }
 
 #[tokio::test]
@@ -247,4 +365,32 @@ async fn postgres_rejects_update_and_delete_on_the_audit_table() {
         let err = sqlx::query(sql).execute(&mut conn).await.unwrap_err();
         assert!(err.to_string().contains("append-only"), "{sql}: {err}");
     }
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL at CATRACA_TEST_POSTGRES_URL"]
+async fn a_gateway_on_postgres_serves_audits_and_verifies() {
+    let url = postgres_url().await;
+    let app = crate::helpers::spawn_app_with(|c| {
+        c.database_url = catraca::config::DatabaseUrl::new(url.clone())
+    })
+    .await;
+    let key = app.admin_key().await;
+    assert_eq!(
+        app.process(Some(&key), &crate::helpers::echo("olá"))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        app.process(None, &crate::helpers::echo("x")).await.status(),
+        401
+    );
+    let store = app.app.store.clone();
+    app.stop().await;
+    let report = catraca::audit::verify::verify_store(store.as_ref(), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(report.finding, None);
+    assert!(report.events >= 10, "{} events", report.events);
 }
