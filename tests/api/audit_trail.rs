@@ -180,15 +180,7 @@ async fn when_the_audit_store_cannot_write_nothing_executes_and_ready_fails_unti
             .status(),
         503
     );
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.get_text("/metrics").await;
     assert!(
         metrics.contains("catraca_audit_write_failures_total 2"),
         "{metrics}"

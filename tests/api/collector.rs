@@ -426,15 +426,7 @@ async fn a_switched_off_source_is_refused_and_counted() {
         "{body}"
     );
     assert_eq!(fx.hits.load(Ordering::SeqCst), 0);
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.get_text("/metrics").await;
     assert!(
         metrics
             .contains(r#"catraca_collector_refusals_total{executor="pncp",reason="disabled"} 1"#),

@@ -311,6 +311,30 @@ impl TestApp {
         .await
     }
 
+    /// GET `path` as text (e.g. `/metrics`).
+    pub async fn get_text(&self, path: &str) -> String {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// GET `path` as JSON.
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// POST /process with an optional key and a JSON body.
     pub async fn process(&self, key: Option<&str>, body: &Value) -> reqwest::Response {
         self.process_raw(key, body.to_string()).await

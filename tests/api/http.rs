@@ -7,15 +7,7 @@ use crate::helpers::{echo, spawn_app};
 #[tokio::test]
 async fn health_answers_with_version_and_time() {
     let app = spawn_app().await;
-    let body: Value = app
-        .client
-        .get(app.url("/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body: Value = app.get_json("/health").await;
     assert_eq!(body["status"], "ok");
     assert_eq!(body["version"], env!("CARGO_PKG_VERSION"));
     assert!(body["timestamp"].as_str().unwrap().ends_with('Z'));
@@ -24,15 +16,7 @@ async fn health_answers_with_version_and_time() {
 #[tokio::test]
 async fn openapi_is_generated_and_describes_every_route() {
     let app = spawn_app().await;
-    let doc: Value = app
-        .client
-        .get(app.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc: Value = app.get_json("/openapi.json").await;
     assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
     for path in [
         "/process",
@@ -92,15 +76,7 @@ async fn the_metric_catalogue_is_exported() {
     let key = app.admin_key().await;
     app.process(Some(&key), &echo("x")).await;
     app.process(None, &echo("x")).await;
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.get_text("/metrics").await;
     for name in [
         "catraca_requests_total{",
         "catraca_request_duration_seconds_bucket{",
@@ -155,15 +131,7 @@ async fn random_actions_contexts_and_paths_do_not_grow_the_series() {
         after_first, after_second,
         "new request data made new series"
     );
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.get_text("/metrics").await;
     assert!(!text.contains("random"), "request data leaked into labels");
     assert!(text.contains(r#"action="unknown""#));
 }

@@ -275,15 +275,7 @@ async fn a_summary_comes_back_with_model_prompt_hash_and_usage_and_is_audited() 
     assert_eq!(upstream.authorization(0), None);
 
     // Tokens are counted per executor and kind.
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.get_text("/metrics").await;
     assert!(
         metrics.contains(r#"catraca_llm_tokens_total{executor="standin",kind="prompt"} 321"#),
         "{metrics}"
