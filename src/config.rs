@@ -1,12 +1,53 @@
 //! One typed configuration: `catraca.toml` (optional) overridden by `CATRACA_*` environment variables.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 use std::{fmt, str::FromStr};
 
 use anyhow::Context as _;
 use serde::Deserialize;
+
+/// Parses `.env` text: `KEY=VALUE` lines, optional `export `, `#` comments, values optionally quoted.
+fn parse_dotenv(text: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").unwrap_or(line);
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        let value = value.trim();
+        let unquoted = [('"', '"'), ('\'', '\'')]
+            .iter()
+            .find_map(|(a, b)| value.strip_prefix(*a).and_then(|v| v.strip_suffix(*b)))
+            .unwrap_or(value);
+        out.insert(key.trim().to_owned(), unquoted.to_owned());
+    }
+    out
+}
+
+/// A variable from the process environment, else from `.env` in the working directory (read once).
+/// Secrets such as LLM API keys come from here, never from files in the repository. The environment is
+/// never modified.
+pub fn env_var(name: &str) -> Option<String> {
+    static DOTENV: OnceLock<BTreeMap<String, String>> = OnceLock::new();
+    std::env::var(name).ok().or_else(|| {
+        DOTENV
+            .get_or_init(|| {
+                std::fs::read_to_string(".env")
+                    .map(|t| parse_dotenv(&t))
+                    .unwrap_or_default()
+            })
+            .get(name)
+            .cloned()
+    })
+}
 
 /// Where the gateway runs; decides start-up conveniences and policy hot reload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -173,7 +214,7 @@ impl Config {
             }
             None => FileConfig::default(),
         };
-        Self::resolve(parsed, |name| std::env::var(name).ok())
+        Self::resolve(parsed, env_var)
     }
 
     /// Defaults for everything, as if no file and no variable were present; used by tests.
@@ -208,7 +249,7 @@ impl Config {
             .unwrap_or(Mode::Dev);
         let instance_id = text("CATRACA_INSTANCE_ID")
             .or(file.instance_id)
-            .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+            .or_else(|| env_var("HOSTNAME").filter(|h| !h.is_empty()))
             .unwrap_or_else(|| "catraca".to_owned());
         if instance_id.len() > 64 || instance_id.contains(char::is_whitespace) {
             anyhow::bail!(
@@ -277,6 +318,17 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.listen.port(), 9100);
         assert_eq!(cfg.mode, Mode::Prod);
+    }
+
+    #[test]
+    fn dotenv_lines_are_parsed_like_a_shell_would() {
+        let vars = parse_dotenv(
+            "# secrets\nCATRACA_LLM_API_KEY=\"sk-abc=def\"\nexport MODEL='qwen'\n\nBROKEN\nPLAIN = value \n",
+        );
+        assert_eq!(vars["CATRACA_LLM_API_KEY"], "sk-abc=def");
+        assert_eq!(vars["MODEL"], "qwen");
+        assert_eq!(vars["PLAIN"], "value");
+        assert!(!vars.contains_key("BROKEN"));
     }
 
     #[test]

@@ -304,7 +304,7 @@ pub(super) fn build(spec: &ExecutorSpec<'_>) -> Result<Arc<dyn Executor>, String
             settings.source
         ));
     }
-    if let Ok(url) = std::env::var("CATRACA_PNCP_BASE_URL")
+    if let Some(url) = crate::config::env_var("CATRACA_PNCP_BASE_URL")
         && !url.is_empty()
     {
         settings.base_url = url;

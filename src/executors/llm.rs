@@ -291,7 +291,7 @@ impl fmt::Debug for Llm {
 
 /// Builds an `llm` executor from its settings and the process environment.
 pub(super) fn build(spec: &ExecutorSpec<'_>) -> Result<Arc<dyn Executor>, String> {
-    let llm = build_with(spec, &|name| std::env::var(name).ok())?;
+    let llm = build_with(spec, &crate::config::env_var)?;
     Ok(Arc::new(llm))
 }
 
