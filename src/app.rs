@@ -16,6 +16,7 @@ use crate::domain::{ApiKey, RoleName, TierName};
 use crate::executors::{ExecutorEnv, Kinds, Registry};
 use crate::gates::auth::AuthGate;
 use crate::gates::rate_limit::{InProcessLimiter, RateLimiter};
+use crate::gates::rate_limit_redis::RedisLimiter;
 use crate::keys::{self, NewKey};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
@@ -101,12 +102,20 @@ pub async fn build(config: Config, kinds: &Kinds) -> anyhow::Result<(Arc<App>, W
         config.auth_cache_ttl,
         config.auth_failures_per_minute,
     );
+    // One limiter shared by every instance when Redis is configured; else each instance its own.
+    let limiter: Arc<dyn RateLimiter> = match &config.redis_url {
+        Some(url) => Arc::new(
+            RedisLimiter::new(url.expose())
+                .with_context(|| format!("CATRACA_REDIS_URL {url} is not a Redis URL"))?,
+        ),
+        None => Arc::new(InProcessLimiter::default()),
+    };
     let app = App {
         store,
         policy: RwLock::new(Arc::new(policy)),
         executors: Arc::new(registry),
         auth,
-        limiter: Arc::new(InProcessLimiter::default()),
+        limiter,
         audit,
         metrics,
         config,

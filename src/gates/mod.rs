@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod input;
 pub mod rate_limit;
+pub mod rate_limit_redis;
 pub mod trace;
 
 use std::net::IpAddr;

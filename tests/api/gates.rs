@@ -286,3 +286,84 @@ async fn an_executor_failure_is_a_502_and_a_timeout_a_504() {
     assert_eq!(end["event_type"], "REQUEST_END");
     assert_eq!(end["status"], 504);
 }
+
+#[tokio::test]
+async fn an_unreachable_shared_limiter_fails_closed_unless_configured_open() {
+    // Nothing listens on port 1 of the loopback: the shared limiter is really unreachable.
+    let closed = |c: &mut catraca::config::Config| {
+        c.redis_url = Some(catraca::config::DatabaseUrl::new("redis://127.0.0.1:1"))
+    };
+    let app = crate::helpers::spawn_app_with(closed).await;
+    let key = app
+        .key(KeySpec {
+            tier: "standard",
+            ..KeySpec::default()
+        })
+        .await;
+    let resp = app.process(Some(&key), &echo("x")).await;
+    assert!(resp.headers().contains_key("retry-after"));
+    let (status, body) = reasons(resp).await;
+    assert_denial(status, &body, 503, "rate_limit", "RATE_LIMIT_UNAVAILABLE");
+
+    let app = crate::helpers::spawn_app_with(|c| {
+        closed(c);
+        c.rate_limit_fail_open = true;
+    })
+    .await;
+    let key = app
+        .key(KeySpec {
+            tier: "standard",
+            ..KeySpec::default()
+        })
+        .await;
+    assert_eq!(app.process(Some(&key), &echo("x")).await.status(), 200);
+}
+
+#[tokio::test]
+#[ignore = "needs Redis at CATRACA_TEST_REDIS_URL"]
+async fn two_gateways_sharing_redis_share_one_quota() {
+    let redis = std::env::var("CATRACA_TEST_REDIS_URL")
+        .expect("CATRACA_TEST_REDIS_URL must name a Redis server for this test");
+    let with_redis = |c: &mut catraca::config::Config| {
+        c.redis_url = Some(catraca::config::DatabaseUrl::new(redis.clone()))
+    };
+    let first = crate::helpers::spawn_app_with(with_redis).await;
+    let db = first.db_url();
+    let second = crate::helpers::spawn_app_with(|c| {
+        with_redis(c);
+        c.database_url = catraca::config::DatabaseUrl::new(db.clone());
+    })
+    .await;
+    let key = first
+        .key(KeySpec {
+            tier: "standard",
+            ..KeySpec::default()
+        })
+        .await;
+    // The standard tier allows a burst of 10. Eight requests to each instance stay under it locally,
+    // so only a shared quota can refuse any of them.
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        statuses.push(
+            first
+                .process(Some(&key), &echo("x"))
+                .await
+                .status()
+                .as_u16(),
+        );
+        statuses.push(
+            second
+                .process(Some(&key), &echo("x"))
+                .await
+                .status()
+                .as_u16(),
+        );
+    }
+    let allowed = statuses.iter().filter(|s| **s == 200).count();
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!(allowed + limited, 16, "{statuses:?}");
+    assert!(
+        (10..=11).contains(&allowed),
+        "one quota of burst 10 for both: {statuses:?}"
+    );
+}
