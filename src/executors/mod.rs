@@ -103,6 +103,16 @@ pub enum ExecutorError {
     Timeout(Duration),
 }
 
+impl ExecutorError {
+    /// The status of this failure in metrics and audit events (`failed` or `timeout`).
+    pub fn status(&self) -> &'static str {
+        match self {
+            Self::Failed(_) => "failed",
+            Self::Timeout(_) => "timeout",
+        }
+    }
+}
+
 /// One replaceable kind of work (echo, llm, collector, composite).
 #[async_trait]
 pub trait Executor: Send + Sync + 'static {

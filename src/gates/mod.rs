@@ -133,6 +133,48 @@ struct Decision {
 /// Longest request-supplied text kept in an audit event (e.g. an unknown action name).
 const MAX_AUDITED_TEXT: usize = 128;
 
+impl Decision {
+    /// A request's story before any gate has run.
+    fn new(trace_id: TraceId, start_event: PendingEvent, policy: Arc<Policy>) -> Self {
+        Self {
+            id: Uuid::now_v7(),
+            trace_id,
+            started: Instant::now(),
+            start_event,
+            policy,
+            verdicts: Vec::with_capacity(Gate::ALL.len()),
+            principal: None,
+            presented_key_id: None,
+            action: None,
+            requested_action: None,
+            context: None,
+            payload_digest: None,
+            rules: vec![],
+        }
+    }
+}
+
+/// Counts one executor call in the metrics; returns its status (`success`, `failed`, `timeout`).
+fn count_execution(
+    app: &App,
+    executor: &str,
+    outcome: &Result<Value, ExecutorError>,
+    elapsed: Duration,
+) -> &'static str {
+    let status = outcome
+        .as_ref()
+        .map_or_else(ExecutorError::status, |_| "success");
+    app.metrics
+        .executor_calls
+        .with_label_values(&[executor, status])
+        .inc();
+    app.metrics
+        .executor_duration
+        .with_label_values(&[executor])
+        .observe(elapsed.as_secs_f64());
+    status
+}
+
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
@@ -352,21 +394,7 @@ pub async fn process(app: &Arc<App>, req: Incoming) -> Result<ActionResult, ApiE
             "content_length": content_length,
         }),
     );
-    let mut d = Decision {
-        id: Uuid::now_v7(),
-        trace_id,
-        started: Instant::now(),
-        start_event,
-        policy: app.policy(),
-        verdicts: Vec::with_capacity(4),
-        principal: None,
-        presented_key_id: None,
-        action: None,
-        requested_action: None,
-        context: None,
-        payload_digest: None,
-        rules: vec![],
-    };
+    let mut d = Decision::new(trace_id, start_event, app.policy());
 
     let key = match authenticate_and_limit(app, &mut d, &headers, client).await {
         Ok(key) => key,
@@ -495,19 +523,12 @@ pub async fn process(app: &Arc<App>, req: Incoming) -> Result<ActionResult, ApiE
         })
         .await;
     let elapsed = t.elapsed();
-    let (status_label, http_status) = match &outcome {
-        Ok(_) => ("success", StatusCode::OK),
-        Err(ExecutorError::Timeout(_)) => ("timeout", StatusCode::GATEWAY_TIMEOUT),
-        Err(ExecutorError::Failed(_)) => ("failed", StatusCode::BAD_GATEWAY),
+    let status_label = count_execution(app, &executor.name, &outcome, elapsed);
+    let http_status = match &outcome {
+        Ok(_) => StatusCode::OK,
+        Err(ExecutorError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
+        Err(ExecutorError::Failed(_)) => StatusCode::BAD_GATEWAY,
     };
-    app.metrics
-        .executor_calls
-        .with_label_values(&[executor.name.as_str(), status_label])
-        .inc();
-    app.metrics
-        .executor_duration
-        .with_label_values(&[executor.name.as_str()])
-        .observe(elapsed.as_secs_f64());
     let result_digest = outcome
         .as_ref()
         .ok()
@@ -634,21 +655,8 @@ pub async fn authorize_permission(
             Some(trace_id),
         ));
     };
-    let mut d = Decision {
-        id: Uuid::now_v7(),
-        trace_id: trace_id.clone(),
-        started: Instant::now(),
-        start_event,
-        policy,
-        verdicts: Vec::with_capacity(3),
-        principal: None,
-        presented_key_id: None,
-        action: Some(action.name.to_string()),
-        requested_action: None,
-        context: None,
-        payload_digest: None,
-        rules: vec![],
-    };
+    let mut d = Decision::new(trace_id.clone(), start_event, policy);
+    d.action = Some(action.name.to_string());
     let key = match authenticate_and_limit(app, &mut d, headers, client).await {
         Ok(key) => key,
         Err(Ok(r)) => {
@@ -808,21 +816,7 @@ impl StepRunner for StepContext {
                     })),
                 })
                 .await;
-            let status = match &result {
-                Ok(_) => "success",
-                Err(ExecutorError::Timeout(_)) => "timeout",
-                Err(ExecutorError::Failed(_)) => "failed",
-            };
-            self.app
-                .metrics
-                .executor_calls
-                .with_label_values(&[executor.name.as_str(), status])
-                .inc();
-            self.app
-                .metrics
-                .executor_duration
-                .with_label_values(&[executor.name.as_str()])
-                .observe(t.elapsed().as_secs_f64());
+            count_execution(&self.app, &executor.name, &result, t.elapsed());
             result.map_err(|error| StepError::Failed {
                 action: action.to_owned(),
                 error,
@@ -831,15 +825,9 @@ impl StepRunner for StepContext {
         let (status, codes, error) = match &outcome {
             Ok(_) => ("success", vec![], None),
             Err(StepError::Refused { reason_codes, .. }) => ("refused", reason_codes.clone(), None),
-            Err(StepError::Failed { error, .. }) => (
-                if matches!(error, ExecutorError::Timeout(_)) {
-                    "timeout"
-                } else {
-                    "failed"
-                },
-                vec![],
-                Some(error.to_string()),
-            ),
+            Err(StepError::Failed { error, .. }) => {
+                (error.status(), vec![], Some(error.to_string()))
+            }
             Err(StepError::Unaudited { .. }) => ("unaudited", vec![], None),
         };
         let event = PendingEvent::new(
