@@ -63,6 +63,10 @@ struct Settings {
     /// Most new or changed records returned in full in `records` (the ids are always all listed).
     #[serde(default = "default_result_records")]
     result_records: usize,
+    /// How long a run lock outlives the executor's `timeout_ms`, so the lock of a run that died
+    /// (a crashed instance, an aborted task) lapses on its own.
+    #[serde(default = "default_lock_margin")]
+    lock_margin_ms: u64,
 }
 
 fn default_result_records() -> usize {
@@ -93,11 +97,14 @@ fn default_backoff() -> u64 {
 fn default_cache_ttl() -> u64 {
     600
 }
+/// A minute past the executor's own timeout: a live holder has always finished or been aborted by
+/// then, and a dead one blocks its query for little longer than a run would have taken.
+fn default_lock_margin() -> u64 {
+    60_000
+}
 
 /// Most cached pages kept per collector; the oldest are dropped first.
 const CACHE_CAPACITY: usize = 1_000;
-/// How long a run lock outlives its expected end, so a crashed holder's lock lapses on its own.
-const LOCK_MARGIN: Duration = Duration::from_secs(60);
 
 /// The HTTP side of a collector: one GET, answered with status, content type and a bounded body.
 #[async_trait]
@@ -288,7 +295,7 @@ struct Collector {
     /// When the last request to the source was sent, to keep `min_interval_ms` between requests.
     last_request: tokio::sync::Mutex<Option<Instant>>,
     cache: Cache,
-    /// The run lock lasts as long as the executor may run.
+    /// The run lock lasts as long as the executor may run, plus `lock_margin_ms`.
     run_budget: Duration,
 }
 
@@ -504,7 +511,8 @@ impl Executor for Collector {
         let query_key = query.key();
         let run_id = uuid::Uuid::now_v7().to_string();
         let started = OffsetDateTime::now_utc();
-        let expires = started + self.run_budget + LOCK_MARGIN;
+        let expires =
+            started + self.run_budget + Duration::from_millis(self.settings.lock_margin_ms);
         let store_err =
             |e: crate::store::StoreError| ExecutorError::Failed(format!("database: {e}"));
         if let Some(holder) = store
