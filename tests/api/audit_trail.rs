@@ -304,7 +304,21 @@ async fn the_json_lines_files_hold_the_same_events_as_the_database() {
         }
     }
     assert!(in_db.values().map(Vec::len).sum::<usize>() > 30);
-    assert_eq!(in_db, in_files);
+    assert_eq!(
+        in_db.keys().collect::<Vec<_>>(),
+        in_files.keys().collect::<Vec<_>>(),
+        "the same chains"
+    );
+    for (chain, events) in &in_db {
+        let lines = &in_files[chain];
+        let first_difference = events.iter().zip(lines).position(|(a, b)| a != b);
+        assert!(
+            events.len() == lines.len() && first_difference.is_none(),
+            "chain {chain}: {} events in the database, {} lines in the files, first difference at {first_difference:?}",
+            events.len(),
+            lines.len()
+        );
+    }
 }
 
 #[tokio::test]

@@ -285,8 +285,8 @@ expect = "allow"
     );
 }
 
-/// Seals one event per time, as one chain named `chain_id`, into a fresh database in `dir`; returns the
-/// database URL and the events as stored.
+/// Seals one event per time, as one chain named `chain_id`, into `crafted.db` in `dir` (made if
+/// missing); returns the database URL and the events as stored.
 async fn crafted_trail(
     dir: &Path,
     chain_id: &str,
@@ -316,11 +316,18 @@ async fn crafted_trail(
 #[tokio::test]
 async fn the_csv_export_names_the_event_fields_and_escapes_commas_quotes_and_line_breaks() {
     let dir = tempfile::tempdir().unwrap();
-    // A chain id with a comma, quotes and a line break; the bodies hold commas and quotes as well.
-    let chain = "crafted,\"chain\"\nwith a line break";
+    // Chain ids holding a comma, a quote and a line break, each alone, so each needs its own escaping.
+    let chains = ["crafted,comma", "crafted\"quote", "crafted\nline break"];
     let at = datetime!(2026-11-10 12:00 UTC);
-    let times = [at, at + time::Duration::SECOND, at + time::Duration::MINUTE];
-    let (url, events) = crafted_trail(dir.path(), chain, &times).await;
+    let mut events = Vec::new();
+    let mut url = String::new();
+    for (n, chain) in (0..).zip(chains) {
+        let first = at + time::Duration::minutes(n);
+        let times = [first, first + time::Duration::SECOND];
+        let (db, sealed) = crafted_trail(dir.path(), chain, &times).await;
+        url = db;
+        events.extend(sealed);
+    }
     let cli = Cli::new().env("CATRACA_DATABASE_URL", url);
 
     let csv = cli.stdout(&[
@@ -368,7 +375,7 @@ async fn the_csv_export_names_the_event_fields_and_escapes_commas_quotes_and_lin
             .iter()
             .find(|e| e.event_id == cell("event_id"))
             .unwrap_or_else(|| panic!("a row of no crafted event: {row:?}"));
-        assert_eq!(cell("chain_id"), chain);
+        assert_eq!(cell("chain_id"), event.chain_id);
         assert_eq!(cell("seq"), event.seq.to_string());
         assert_eq!(cell("prev_hash"), event.prev_hash);
         assert_eq!(cell("hash"), event.hash);
