@@ -1,12 +1,14 @@
 //! The audit trail as the request path writes it: events, order, chain links, fail-closed behaviour.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
-use catraca::audit::chain_hash;
+use catraca::audit::verify::verify_store;
+use catraca::audit::{SealedEvent, chain_hash};
 use serde_json::{Value, json};
 use sqlx::Connection;
 
-use crate::helpers::{captured_logs, echo, reasons, spawn_app};
+use crate::helpers::{TestApp, captured_logs, echo, reasons, spawn_app, spawn_app_with};
 
 fn types(events: &[Value]) -> Vec<&str> {
     events
@@ -31,7 +33,7 @@ fn assert_linked(events: &[Value]) {
     }
 }
 
-async fn assert_chain_intact(app: &crate::helpers::TestApp) {
+async fn assert_chain_intact(app: &TestApp) {
     let store = &app.app.store;
     for chain in store.chains().await.unwrap() {
         let events = store
@@ -52,6 +54,20 @@ async fn assert_chain_intact(app: &crate::helpers::TestApp) {
         }
     }
 }
+
+/// `GET /ready`: status and body.
+async fn ready(app: &TestApp) -> (u16, Value) {
+    let resp = app.client.get(app.url("/ready")).send().await.unwrap();
+    (resp.status().as_u16(), resp.json().await.unwrap())
+}
+
+const FULL_STORY: [&str; 5] = [
+    "REQUEST_START",
+    "DECISION",
+    "EXECUTOR_SELECTED",
+    "ACTION_EXECUTED",
+    "REQUEST_END",
+];
 
 #[tokio::test]
 async fn an_allowed_request_leaves_five_linked_events_in_order() {
@@ -77,16 +93,7 @@ async fn an_allowed_request_leaves_five_linked_events_in_order() {
 
     let events = app.events("4bf92f3577b34da6a3ce929d0e0e4736").await;
 
-    assert_eq!(
-        types(&events),
-        [
-            "REQUEST_START",
-            "DECISION",
-            "EXECUTOR_SELECTED",
-            "ACTION_EXECUTED",
-            "REQUEST_END"
-        ]
-    );
+    assert_eq!(types(&events), FULL_STORY);
     assert_linked(&events);
     let decision = &events[1];
     assert_eq!(decision["effect"], "allow");
@@ -149,6 +156,8 @@ async fn when_the_audit_store_cannot_write_nothing_executes_and_ready_fails_unti
     let counted = json!({"action": "test.counted", "context_id": "work", "payload": {}});
     assert_eq!(app.process(Some(&key), &counted).await.status(), 200);
     assert_eq!(app.calls.count(), 1);
+    let (status, healthy) = ready(&app).await;
+    assert_eq!(status, 200, "{healthy}");
 
     // Make the store refuse audit inserts, as a full disk or a read-only file would.
     let mut conn = sqlx::SqliteConnection::connect(&app.db_url())
@@ -171,14 +180,15 @@ async fn when_the_audit_store_cannot_write_nothing_executes_and_ready_fails_unti
         status, 503,
         "a refusal that cannot be recorded is not sent either"
     );
+    let (status, unready) = ready(&app).await;
+    assert_eq!(status, 503, "{unready}");
+    assert_ne!(
+        unready["checks"]["audit"], healthy["checks"]["audit"],
+        "the body names the audit as the failing part: {unready}"
+    );
     assert_eq!(
-        app.client
-            .get(app.url("/ready"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        503
+        unready["checks"]["database"], healthy["checks"]["database"],
+        "the database still answers: {unready}"
     );
     let metrics = app.get_text("/metrics").await;
     assert!(
@@ -190,15 +200,7 @@ async fn when_the_audit_store_cannot_write_nothing_executes_and_ready_fails_unti
         .execute(&mut conn)
         .await
         .unwrap();
-    assert_eq!(
-        app.client
-            .get(app.url("/ready"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(ready(&app).await, (200, healthy));
     assert_eq!(app.process(Some(&key), &counted).await.status(), 200);
     assert_eq!(app.calls.count(), 2);
     assert_chain_intact(&app).await;
@@ -276,26 +278,47 @@ async fn the_json_lines_files_hold_the_same_events_as_the_database() {
         app.process(None, &echo("x")).await;
     }
     let store = app.app.store.clone();
-    let mut in_db = BTreeSet::new();
+    let mut in_db: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     for chain in store.chains().await.unwrap() {
-        for e in store
+        let events = store
             .chain_events(&chain.chain_id, 0, 1_000_000)
             .await
-            .unwrap()
-        {
-            in_db.insert(e.to_json().to_string());
-        }
+            .unwrap();
+        in_db.insert(
+            chain.chain_id,
+            events.iter().map(SealedEvent::to_json).collect(),
+        );
     }
     let dir = app.stop().await;
-    let mut in_files = BTreeSet::new();
-    for path in walk(&dir.path().join("audit")) {
+    // Daily files, oldest first; within a chain, lines must follow the chain's order, each exactly once.
+    let mut files = walk(&dir.path().join("audit"));
+    files.sort();
+    let mut in_files: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for path in files {
         for line in std::fs::read_to_string(path).unwrap().lines() {
             let v: Value = serde_json::from_str(line).unwrap();
-            in_files.insert(v.to_string());
+            in_files
+                .entry(v["chain_id"].as_str().unwrap().to_owned())
+                .or_default()
+                .push(v);
         }
     }
-    assert!(in_db.len() > 30);
-    assert_eq!(in_db, in_files);
+    assert!(in_db.values().map(Vec::len).sum::<usize>() > 30);
+    assert_eq!(
+        in_db.keys().collect::<Vec<_>>(),
+        in_files.keys().collect::<Vec<_>>(),
+        "the same chains"
+    );
+    for (chain, events) in &in_db {
+        let lines = &in_files[chain];
+        let first_difference = events.iter().zip(lines).position(|(a, b)| a != b);
+        assert!(
+            events.len() == lines.len() && first_difference.is_none(),
+            "chain {chain}: {} events in the database, {} lines in the files, first difference at {first_difference:?}",
+            events.len(),
+            lines.len()
+        );
+    }
 }
 
 #[tokio::test]
@@ -381,4 +404,251 @@ async fn wait_for_event(app: &crate::helpers::TestApp, needle: &str) -> Value {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     panic!("no event containing {needle} within 10 s");
+}
+
+#[tokio::test]
+async fn reading_a_trace_is_itself_audited_for_the_reader() {
+    let app = spawn_app().await;
+    let admin = app.admin_key().await;
+    let auditor = app.role_key("auditor").await;
+    let analyst = app.role_key("analyst").await;
+    let resp = app.process(Some(&admin), &echo("x")).await;
+    let wanted = resp.headers()["x-trace-id"].to_str().unwrap().to_owned();
+    let read = |key: &str, trace: &str| {
+        app.client
+            .get(app.url(&format!("/v1/audit/traces/{wanted}")))
+            .header("x-api-key", key)
+            .header("x-trace-id", trace)
+            .send()
+    };
+
+    assert_eq!(
+        read(&auditor, "audit-read-allowed").await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        read(&analyst, "audit-read-refused").await.unwrap().status(),
+        403
+    );
+
+    let allowed = app.events("audit-read-allowed").await;
+    assert_eq!(
+        types(&allowed),
+        ["REQUEST_START", "DECISION", "REQUEST_END"]
+    );
+    assert_linked(&allowed);
+    assert!(
+        allowed[0]["route"]
+            .as_str()
+            .unwrap()
+            .starts_with("/v1/audit/traces/"),
+        "{}",
+        allowed[0]
+    );
+    assert_eq!(allowed[1]["effect"], "allow");
+    assert_eq!(allowed[1]["action"], "audit.read");
+    assert_eq!(allowed[1]["principal"]["role"], "auditor");
+    assert_eq!(
+        allowed[1]["principal"]["key_id"],
+        auditor.split('_').nth(1).unwrap()
+    );
+    assert_eq!(allowed[2]["status"], 200);
+    let refused = app.events("audit-read-refused").await;
+    assert_eq!(
+        types(&refused),
+        ["REQUEST_START", "DECISION", "REQUEST_END"]
+    );
+    assert_eq!(refused[1]["effect"], "deny");
+    assert_eq!(refused[1]["principal"]["role"], "analyst");
+    assert_eq!(refused[2]["status"], 403);
+}
+
+#[tokio::test]
+async fn when_the_outcome_cannot_be_recorded_after_the_executor_ran_the_client_gets_503_not_the_result()
+ {
+    let app = spawn_app().await;
+    let key = app.admin_key().await;
+    let counted = json!({"action": "test.counted", "context_id": "work", "payload": {}});
+    // The store accepts everything but the outcome, as if the disk filled up while the executor ran.
+    let mut conn = sqlx::SqliteConnection::connect(&app.db_url())
+        .await
+        .unwrap();
+    sqlx::query(
+        "CREATE TRIGGER test_outcome_refused BEFORE INSERT ON audit_events \
+         WHEN NEW.event_type = 'ACTION_EXECUTED' \
+         BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+
+    let resp = app
+        .client
+        .post(app.url("/process"))
+        .header("x-api-key", &key)
+        .header("x-trace-id", "outcome-lost-0001")
+        .json(&counted)
+        .send()
+        .await
+        .unwrap();
+
+    let retry_after = resp.headers().get("retry-after").cloned();
+    let (status, body) = reasons(resp).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "SERVICE_UNAVAILABLE");
+    assert_eq!(body["gate"], "audit");
+    assert_eq!(body["reason_codes"], json!(["AUDIT_UNAVAILABLE"]));
+    assert_retry_after(retry_after.as_ref());
+    assert!(body.get("result").is_none(), "no result leaves: {body}");
+    assert_eq!(app.calls.count(), 1, "the executor did run");
+    let events = app.events("outcome-lost-0001").await;
+    assert_eq!(
+        types(&events)[..3],
+        ["REQUEST_START", "DECISION", "EXECUTOR_SELECTED"],
+        "the ALLOW was durable before the executor ran"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["event_type"] == "ACTION_EXECUTED" || e["status"] == 200),
+        "nothing in the trail says this request succeeded: {events:?}"
+    );
+
+    sqlx::query("DROP TRIGGER test_outcome_refused")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(app.process(Some(&key), &counted).await.status(), 200);
+    assert_chain_intact(&app).await;
+}
+
+/// `Retry-After` as HTTP defines it for a delay: a whole number of seconds, here at least one.
+fn assert_retry_after(value: Option<&reqwest::header::HeaderValue>) {
+    let value = value.expect("a 503 from the audit carries Retry-After");
+    let secs: u64 = value.to_str().unwrap().parse().unwrap_or_else(|_| {
+        panic!("Retry-After {value:?} is not a number of seconds");
+    });
+    assert!(secs >= 1, "Retry-After {secs}");
+}
+
+/// One answer to a request sent while the audit writer was blocked.
+struct Answer {
+    trace: String,
+    status: u16,
+    retry_after: Option<reqwest::header::HeaderValue>,
+    body: Value,
+    waited: Duration,
+}
+
+#[tokio::test]
+async fn a_full_audit_queue_makes_requests_wait_then_503_and_drops_nothing_it_answered() {
+    const CAPACITY: usize = 2;
+    const REQUESTS: usize = 10;
+    let app = spawn_app_with(|c| c.audit_queue_capacity = CAPACITY).await;
+    let key = app.admin_key().await;
+    let counted = json!({"action": "test.counted", "context_id": "work", "payload": {}});
+    // Warm the key's verification so the requests below reach the audit at once.
+    assert_eq!(app.process(Some(&key), &counted).await.status(), 200);
+
+    // Another process holds SQLite's write lock: the writer blocks on its batch and the queue fills.
+    let mut lock = sqlx::SqliteConnection::connect(&app.db_url())
+        .await
+        .unwrap();
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut lock)
+        .await
+        .unwrap();
+    let (tx, mut answers) = tokio::sync::mpsc::unbounded_channel();
+    for i in 0..REQUESTS {
+        let request = app
+            .client
+            .post(app.url("/process"))
+            .header("x-api-key", &key)
+            .header("x-trace-id", format!("queue-full-{i:04}"))
+            .json(&counted);
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let sent = Instant::now();
+            let resp = request.send().await.unwrap();
+            let waited = sent.elapsed();
+            let trace = resp.headers()["x-trace-id"].to_str().unwrap().to_owned();
+            let status = resp.status().as_u16();
+            let retry_after = resp.headers().get("retry-after").cloned();
+            let body = resp.json().await.unwrap();
+            let _ = tx.send(Answer {
+                trace,
+                status,
+                retry_after,
+                body,
+                waited,
+            });
+        });
+    }
+    drop(tx);
+    let full = format!("catraca_audit_queue_depth {CAPACITY}\n");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !app.get_text("/metrics").await.contains(&full) {
+        assert!(Instant::now() < deadline, "the audit queue never filled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Hold the lock until the first answer, then let the writer go on.
+    let first = tokio::time::timeout(Duration::from_secs(60), answers.recv())
+        .await
+        .expect("an answer while the queue is full")
+        .unwrap();
+    sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
+    let mut all = vec![first];
+    while let Some(answer) = tokio::time::timeout(Duration::from_secs(60), answers.recv())
+        .await
+        .expect("every request is answered")
+    {
+        all.push(answer);
+    }
+
+    assert_eq!(all.len(), REQUESTS);
+    let refused: Vec<&Answer> = all.iter().filter(|a| a.status == 503).collect();
+    let served: Vec<&Answer> = all.iter().filter(|a| a.status == 200).collect();
+    assert_eq!(refused.len() + served.len(), REQUESTS, "only 200 or 503");
+    assert!(!refused.is_empty(), "the full queue pushed back");
+    assert!(
+        !served.is_empty(),
+        "requests queued when the lock went were served"
+    );
+    for a in &refused {
+        assert_eq!(
+            a.body["reason_codes"],
+            json!(["AUDIT_UNAVAILABLE"]),
+            "{}",
+            a.body
+        );
+        assert_retry_after(a.retry_after.as_ref());
+        assert!(
+            a.waited >= Duration::from_secs(1),
+            "{} was refused after {:?}: requests wait for room before failing",
+            a.trace,
+            a.waited
+        );
+        let events = app.events(&a.trace).await;
+        assert!(
+            !events.iter().any(|e| e["event_type"] == "ACTION_EXECUTED"),
+            "{} was refused but executed",
+            a.trace
+        );
+    }
+    for a in &served {
+        assert_eq!(
+            types(&app.events(&a.trace).await),
+            FULL_STORY,
+            "{}",
+            a.trace
+        );
+    }
+    assert_eq!(
+        app.calls.count(),
+        1 + served.len(),
+        "the executor ran for the served requests only"
+    );
+    let report = verify_store(app.app.store.as_ref(), |_| {}).await.unwrap();
+    assert_eq!(report.finding, None);
 }

@@ -10,6 +10,7 @@ use catraca::store::{SqliteStore, Store};
 use serde_json::{Value, json};
 use sqlx::{Connection, Row, SqliteConnection};
 
+use crate::cli::{Cli, printed};
 use crate::helpers::{echo, spawn_app, spawn_app_with};
 
 /// Two gateway runs on one database (two linked chains), some allowed and some refused requests.
@@ -29,11 +30,61 @@ async fn trail() -> (tempfile::TempDir, String) {
     (dir, url)
 }
 
+/// The README's exit code of `catraca audit verify` for each kind of damage.
+fn readme_exit_code(problem: Problem) -> i32 {
+    match problem {
+        Problem::HashMismatch => 3,
+        Problem::Gap => 4,
+        Problem::Reorder => 5,
+        Problem::Truncation => 6,
+        Problem::BrokenLink => 7,
+    }
+}
+
+/// Whether some line of `text` names `chain` and `seq` (as `seq <n>`): the first broken `(chain, seq)`.
+fn names_chain_and_seq(text: &str, chain: &str, seq: i64) -> bool {
+    let seq = seq.to_string();
+    text.lines().any(|line| {
+        let words: Vec<&str> = line
+            .split(|c: char| !c.is_ascii_alphanumeric())
+            .filter(|w| !w.is_empty())
+            .collect();
+        line.contains(chain) && words.windows(2).any(|w| w == ["seq", seq.as_str()])
+    })
+}
+
+/// `catraca audit verify` on the database at `url`.
+fn verify_cli(url: &str) -> std::process::Output {
+    Cli::new()
+        .env("CATRACA_DATABASE_URL", url)
+        .output(&["audit", "verify"])
+}
+
+/// What verification finds in the database at `url`, asserting that the binary agrees: exit 0 when
+/// intact, else the README's code for the damage and a summary naming the same chain and seq.
 async fn verify(url: &str) -> Option<(Problem, String, i64)> {
     let store: Arc<dyn Store> = Arc::new(SqliteStore::connect(url).await.unwrap());
     let report = verify_store(store.as_ref(), |_| {}).await.unwrap();
     assert!(report.events > 0);
-    report.finding.map(|f| (f.problem, f.chain_id, f.seq))
+    let found = report.finding.map(|f| (f.problem, f.chain_id, f.seq));
+    let out = verify_cli(url);
+    match &found {
+        None => assert_eq!(out.status.code(), Some(0), "{}", printed(&out)),
+        Some((problem, chain, seq)) => {
+            assert_eq!(
+                out.status.code(),
+                Some(readme_exit_code(*problem)),
+                "{problem:?}: {}",
+                printed(&out)
+            );
+            assert!(
+                names_chain_and_seq(&printed(&out), chain, *seq),
+                "names chain {chain} seq {seq}: {}",
+                printed(&out)
+            );
+        }
+    }
+    found
 }
 
 /// The first chain (the one a later chain links to) and a connection with the triggers dropped.
@@ -84,6 +135,7 @@ async fn an_untouched_trail_verifies_across_a_restart() {
         chains[0].chain_id.as_str()
     );
     assert_eq!(second_open["previous_seq"], chains[0].events);
+    assert_eq!(verify(&url).await, None);
 }
 
 #[tokio::test]
@@ -186,53 +238,130 @@ async fn a_forged_event_with_a_correct_own_hash_breaks_the_link_after_it() {
 }
 
 #[tokio::test]
-async fn the_cli_exits_with_the_code_of_the_damage_and_verifies_files() {
-    let (dir, url) = trail().await;
-    let run = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_catraca"))
-            .args(args)
-            .env("CATRACA_DATABASE_URL", &url)
-            .env("CATRACA_LOG", "error")
-            .output()
-            .unwrap()
-    };
-    let ok = run(&["audit", "verify", "--quiet"]);
-    assert_eq!(
-        ok.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&ok.stdout)
-    );
-    assert!(String::from_utf8_lossy(&ok.stdout).starts_with("audit verify: intact: 2 chains"));
+async fn the_cli_passes_each_json_lines_file_of_an_untouched_trail() {
+    let (dir, _url) = trail().await;
+    let mut files = 0;
     for file in std::fs::read_dir(dir.path().join("audit")).unwrap() {
         let path = file.unwrap().path();
-        let out = run(&[
+        let out = Cli::new().output(&[
             "audit",
             "verify",
             "--quiet",
             "--file",
             path.to_str().unwrap(),
         ]);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+        files += 1;
     }
+    assert!(files > 0);
+}
+
+#[tokio::test]
+async fn a_chain_that_lost_its_head_is_a_truncation_at_its_first_remaining_event() {
+    let (_dir, url) = trail().await;
     let (mut conn, chain) = intruder(&url).await;
-    sqlx::query("DELETE FROM audit_events WHERE chain_id = ? AND seq = 4")
+    sqlx::query("DELETE FROM audit_events WHERE chain_id = ? AND seq <= 2")
         .bind(&chain)
         .execute(&mut conn)
         .await
         .unwrap();
-    let out = run(&["audit", "verify"]);
-    assert_eq!(out.status.code(), Some(4));
-    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(verify(&url).await, Some((Problem::Truncation, chain, 3)));
+}
+
+#[tokio::test]
+async fn a_vanished_predecessor_of_the_newest_chain_is_a_truncation_naming_it() {
+    let (_dir, url) = trail().await;
+    let (mut conn, first) = intruder(&url).await;
+    let (last,): (i64,) = sqlx::query_as("SELECT MAX(seq) FROM audit_events WHERE chain_id = ?")
+        .bind(&first)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM audit_events WHERE chain_id = ?")
+        .bind(&first)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(verify(&url).await, Some((Problem::Truncation, first, last)));
+}
+
+#[tokio::test]
+async fn a_chain_opened_event_naming_the_wrong_predecessor_is_a_broken_link() {
+    let (_dir, url) = trail().await;
+    let (mut conn, first) = intruder(&url).await;
+    let (second,): (String,) =
+        sqlx::query_as("SELECT chain_id FROM audit_events WHERE seq = 1 AND chain_id <> ?")
+            .bind(&first)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    let (last,): (i64,) = sqlx::query_as("SELECT MAX(seq) FROM audit_events WHERE chain_id = ?")
+        .bind(&first)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    // The second chain's CHAIN_OPENED is made to name another event (the one before the first chain's
+    // tail), and the whole second chain is re-sealed on that claim so every link inside it holds.
+    let (_, _, wrong) = body_at(&mut conn, &first, last - 1).await;
+    let rows: Vec<(i64, String)> =
+        sqlx::query_as("SELECT seq, body FROM audit_events WHERE chain_id = ? ORDER BY seq")
+            .bind(&second)
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    let mut prev = wrong.clone();
+    for (seq, body) in rows {
+        let mut event: Value = serde_json::from_str(&body).unwrap();
+        if seq == 1 {
+            assert_eq!(event["previous_chain_id"], first.as_str());
+            event["previous_hash"] = json!(wrong);
+        }
+        event["prev_hash"] = json!(prev);
+        let body = serde_json_canonicalizer::to_string(&event).unwrap();
+        let hash = chain_hash(&prev, &body);
+        sqlx::query(
+            "UPDATE audit_events SET body = ?, prev_hash = ?, hash = ? WHERE chain_id = ? AND seq = ?",
+        )
+        .bind(&body)
+        .bind(&prev)
+        .bind(&hash)
+        .bind(&second)
+        .bind(seq)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        prev = hash;
+    }
+    assert_eq!(verify(&url).await, Some((Problem::BrokenLink, second, 1)));
+}
+
+#[test]
+fn the_cli_exits_1_when_it_cannot_read_the_file_or_open_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = Cli::new().cwd(dir.path());
+    let missing = dir.path().join("no-such-audit.jsonl");
+
+    let out = cli.output(&["audit", "verify", "--file", missing.to_str().unwrap()]);
+
+    assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
     assert!(
-        text.contains(&format!("FAILED (gap) at chain {chain} seq 4")),
-        "{text}"
+        printed(&out).contains("no-such-audit.jsonl"),
+        "{}",
+        printed(&out)
     );
+
+    // A database whose folder cannot exist: its parent is a plain file.
+    let plain = dir.path().join("plain-file");
+    std::fs::write(&plain, "").unwrap();
+    let out = cli
+        .env(
+            "CATRACA_DATABASE_URL",
+            format!("sqlite://{}/catraca.db", plain.display()),
+        )
+        .output(&["audit", "verify"]);
+
+    assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
+    assert!(printed(&out).contains("plain-file"), "{}", printed(&out));
 }
 
 #[tokio::test]
@@ -250,5 +379,19 @@ async fn a_tampered_json_lines_file_fails_verification() {
     let tampered = dir.path().join("tampered.jsonl");
     std::fs::write(&tampered, lines.join("\n")).unwrap();
     let report = catraca::audit::verify::verify_file(&tampered, |_| {}).unwrap();
-    assert_eq!(report.finding.map(|f| f.problem), Some(Problem::Gap));
+    let finding = report.finding.unwrap();
+    assert_eq!(finding.problem, Problem::Gap);
+
+    let out = Cli::new().output(&["audit", "verify", "--file", tampered.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(readme_exit_code(Problem::Gap)),
+        "{}",
+        printed(&out)
+    );
+    assert!(
+        names_chain_and_seq(&printed(&out), &finding.chain_id, finding.seq),
+        "{}",
+        printed(&out)
+    );
 }

@@ -1,22 +1,120 @@
 //! The `catraca` binary as operators use it: keys (audited), policy, trace, export.
 
-use std::process::{Command, Output};
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use catraca::audit::{EventType, GENESIS_HASH, PendingEvent, SealedEvent, seal};
+use catraca::domain::TraceId;
+use catraca::store::{SqliteStore, Store};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use time::macros::datetime;
 
-use crate::helpers::{echo, spawn_app};
+use crate::helpers::{TestApp, echo, spawn_app};
 
-struct Cli {
-    env: Vec<(&'static str, String)>,
+/// Longest a command may run before the test gives up on it (generous: CI machines are loaded).
+const CLI_DEADLINE: Duration = Duration::from_secs(120);
+
+/// The `catraca` binary with a chosen environment and working folder. Variables named `CATRACA_*` that
+/// the test process happens to have are not passed on, so each run sees only what the test sets.
+#[derive(Clone)]
+pub struct Cli {
+    env: Vec<(String, String)>,
+    cwd: Option<PathBuf>,
+}
+
+pub fn repo(path: &str) -> String {
+    format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))
 }
 
 impl Cli {
-    fn run(&self, args: &[&str]) -> Output {
-        let out = Command::new(env!("CARGO_BIN_EXE_catraca"))
-            .args(args)
-            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
-            .output()
-            .unwrap();
+    pub fn new() -> Self {
+        Self {
+            env: vec![("CATRACA_LOG".into(), "error".into())],
+            cwd: None,
+        }
+    }
+
+    /// The CLI on a test gateway's database, with the example policy and executors (the test app adds
+    /// executor kinds only the harness knows).
+    pub fn for_app(app: &TestApp) -> Self {
+        Self::new()
+            .env("CATRACA_DATABASE_URL", app.db_url())
+            .env("CATRACA_POLICIES_DIR", repo("policies"))
+            .env("CATRACA_EXECUTORS_DIR", repo("executors"))
+            .env(
+                "CATRACA_AUDIT_DIR",
+                app.dir.path().join("cli-audit").display().to_string(),
+            )
+            .env("CATRACA_INSTANCE_ID", "cli-test")
+    }
+
+    pub fn env(mut self, name: &str, value: impl Into<String>) -> Self {
+        self.env.retain(|(k, _)| k != name);
+        self.env.push((name.to_owned(), value.into()));
+        self
+    }
+
+    pub fn without(mut self, name: &str) -> Self {
+        self.env.retain(|(k, _)| k != name);
+        self
+    }
+
+    pub fn cwd(mut self, dir: &Path) -> Self {
+        self.cwd = Some(dir.to_path_buf());
+        self
+    }
+
+    /// Runs `catraca args` to its end (bounded by [`CLI_DEADLINE`]), whatever its exit code.
+    pub fn output(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_catraca"));
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (name, _) in std::env::vars() {
+            if name.starts_with("CATRACA_") {
+                cmd.env_remove(name);
+            }
+        }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        if let Some(dir) = &self.cwd {
+            cmd.current_dir(dir);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let drain = |mut pipe: Box<dyn std::io::Read + Send>| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                pipe.read_to_end(&mut buf).unwrap();
+                buf
+            })
+        };
+        let stdout = drain(Box::new(child.stdout.take().unwrap()));
+        let stderr = drain(Box::new(child.stderr.take().unwrap()));
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if started.elapsed() > CLI_DEADLINE {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                panic!("catraca {args:?} still running after {CLI_DEADLINE:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Output {
+            status,
+            stdout: stdout.join().unwrap(),
+            stderr: stderr.join().unwrap(),
+        }
+    }
+
+    /// Runs `catraca args` and insists that it succeeds.
+    pub fn run(&self, args: &[&str]) -> Output {
+        let out = self.output(args);
         assert!(
             out.status.success(),
             "catraca {args:?}: {}{}",
@@ -26,35 +124,26 @@ impl Cli {
         out
     }
 
-    fn stdout(&self, args: &[&str]) -> String {
+    pub fn stdout(&self, args: &[&str]) -> String {
         String::from_utf8(self.run(args).stdout).unwrap()
     }
+}
+
+/// Everything a command printed, for assertion messages and searches.
+pub fn printed(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 #[tokio::test]
 async fn keys_are_audited_and_requests_can_be_traced_and_exported() {
     let app = spawn_app().await;
-    let cli = Cli {
-        env: vec![
-            ("CATRACA_DATABASE_URL", app.db_url()),
-            // The example policy and executors (the test app adds kinds only the harness knows).
-            (
-                "CATRACA_POLICIES_DIR",
-                concat!(env!("CARGO_MANIFEST_DIR"), "/policies").into(),
-            ),
-            (
-                "CATRACA_EXECUTORS_DIR",
-                concat!(env!("CARGO_MANIFEST_DIR"), "/executors").into(),
-            ),
-            (
-                "CATRACA_AUDIT_DIR",
-                app.dir.path().join("cli-audit").display().to_string(),
-            ),
-            ("CATRACA_INSTANCE_ID", "cli-test".into()),
-            ("CATRACA_LOG", "error".into()),
-        ],
-    };
+    let cli = Cli::for_app(&app);
 
+    let before = OffsetDateTime::now_utc();
     let created: Value = serde_json::from_str(&cli.stdout(&[
         "keys",
         "create",
@@ -71,29 +160,50 @@ async fn keys_are_audited_and_requests_can_be_traced_and_exported() {
         "--json",
     ]))
     .unwrap();
+    let after = OffsetDateTime::now_utc();
     let key = created["key"].as_str().unwrap().to_owned();
     let key_id = created["key_id"].as_str().unwrap().to_owned();
     assert!(key.starts_with(&format!("ck_{key_id}_")));
-    assert_eq!(created["contexts"], serde_json::json!(["work"]));
-    assert!(created["expires_at"].as_str().unwrap() > "2027");
+    assert_eq!(created["contexts"], json!(["work"]));
+    let expires = OffsetDateTime::parse(
+        created["expires_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let ninety_days = time::Duration::days(90);
+    assert!(
+        expires >= before + ninety_days - time::Duration::seconds(1)
+            && expires <= after + ninety_days + time::Duration::seconds(1),
+        "--expires-in 90d gives {expires}, created between {before} and {after}"
+    );
 
     let resp = app.process(Some(&key), &echo("x")).await;
     assert_eq!(resp.status(), 200);
     let trace = resp.headers()["x-trace-id"].to_str().unwrap().to_owned();
+    let result: Value = resp.json().await.unwrap();
 
     let timeline = cli.stdout(&["audit", "trace", &trace]);
     for needle in [
         "REQUEST_START",
-        "ALLOW by action_matrix",
-        "gate auth",
-        "executor echo",
-        "HTTP 200 SUCCESS",
+        "DECISION",
+        "action_matrix",
+        "auth",
+        "EXECUTOR_SELECTED",
+        "ACTION_EXECUTED",
+        "echo",
+        "REQUEST_END",
+        "200",
     ] {
         assert!(
             timeline.contains(needle),
             "{needle} missing from:\n{timeline}"
         );
     }
+    let revision = result["policy_revision"].as_str().unwrap();
+    assert!(
+        timeline.contains(&revision[..12]),
+        "the timeline shows the policy revision {revision}:\n{timeline}"
+    );
     let as_json: Value =
         serde_json::from_str(&cli.stdout(&["audit", "trace", &trace, "--json"])).unwrap();
     assert_eq!(as_json["events"].as_array().unwrap().len(), 5);
@@ -119,19 +229,15 @@ async fn keys_are_audited_and_requests_can_be_traced_and_exported() {
     assert!(types.iter().any(|t| t == "KEY_CREATED"));
     assert!(types.iter().any(|t| t == "KEY_REVOKED"));
     assert!(types.iter().any(|t| t == "POLICY_LOADED"));
-    let csv = cli.stdout(&[
+    let csv = parse_csv(&cli.stdout(&[
         "audit",
         "export",
         "--since",
         "2000-01-01",
         "--format",
         "csv",
-    ]);
-    assert_eq!(
-        csv.lines().count(),
-        types.len() + 1,
-        "one header, one row per event"
-    );
+    ]));
+    assert_eq!(csv.len(), types.len() + 1, "one header, one row per event");
     let none = cli.stdout(&[
         "audit",
         "export",
@@ -142,9 +248,274 @@ async fn keys_are_audited_and_requests_can_be_traced_and_exported() {
     ]);
     assert!(none.is_empty());
 
-    assert!(cli.stdout(&["policy", "test"]).contains("0 failed"));
+    cli.run(&["policy", "test"]);
+    cli.run(&["audit", "verify"]);
+}
+
+#[test]
+fn policy_test_exits_1_when_a_case_fails_and_names_that_case() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    copy_dir(Path::new(&repo("policies")), &policies);
+    let cli = Cli::new()
+        .env("CATRACA_POLICIES_DIR", policies.display().to_string())
+        .env("CATRACA_EXECUTORS_DIR", repo("executors"));
+    cli.run(&["policy", "test"]);
+
+    std::fs::write(
+        policies.join("tests").join("zz-wrong.toml"),
+        r#"
+[[case]]
+name = "a deliberately wrong expectation: analysts collecting"
+role = "analyst"
+action = "licitacoes.collect"
+context = "work"
+payload = { source = "pncp", endpoint = "publicacao", data_inicial = "2026-01-01", data_final = "2026-01-02", modalidade = 6 }
+expect = "allow"
+"#,
+    )
+    .unwrap();
+    let out = cli.output(&["policy", "test"]);
+
+    assert_eq!(out.status.code(), Some(1), "{}", printed(&out));
     assert!(
-        cli.stdout(&["audit", "verify"])
-            .starts_with("audit verify: intact")
+        printed(&out).contains("a deliberately wrong expectation: analysts collecting"),
+        "the failing case is named: {}",
+        printed(&out)
     );
+}
+
+/// Seals one event per time, as one chain named `chain_id`, into `crafted.db` in `dir` (made if
+/// missing); returns the database URL and the events as stored.
+async fn crafted_trail(
+    dir: &Path,
+    chain_id: &str,
+    times: &[OffsetDateTime],
+) -> (String, Vec<SealedEvent>) {
+    let url = format!("sqlite://{}", dir.join("crafted.db").display());
+    let store = SqliteStore::connect(&url).await.unwrap();
+    store.migrate().await.unwrap();
+    let trace = TraceId::parse("crafted-trace-0001").unwrap();
+    let mut prev = GENESIS_HASH.to_owned();
+    let mut sealed = Vec::new();
+    for (seq, at) in (1..).zip(times) {
+        let mut pending = PendingEvent::new(
+            EventType::PolicyRejected,
+            (seq % 2 == 0).then_some(&trace),
+            json!({ "error": format!("policies/a,b.toml: \"effect\" is wrong\nat line {seq}") }),
+        );
+        pending.occurred_at = *at;
+        let event = seal(pending, chain_id, "crafted", seq, &prev).unwrap();
+        prev.clone_from(&event.hash);
+        sealed.push(event);
+    }
+    store.append_events(&sealed).await.unwrap();
+    (url, sealed)
+}
+
+#[tokio::test]
+async fn the_csv_export_names_the_event_fields_and_escapes_commas_quotes_and_line_breaks() {
+    let dir = tempfile::tempdir().unwrap();
+    // Chain ids holding a comma, a quote and a line break, each alone, so each needs its own escaping.
+    let chains = ["crafted,comma", "crafted\"quote", "crafted\nline break"];
+    let at = datetime!(2026-11-10 12:00 UTC);
+    let mut events = Vec::new();
+    let mut url = String::new();
+    for (n, chain) in (0..).zip(chains) {
+        let first = at + time::Duration::minutes(n);
+        let times = [first, first + time::Duration::SECOND];
+        let (db, sealed) = crafted_trail(dir.path(), chain, &times).await;
+        url = db;
+        events.extend(sealed);
+    }
+    let cli = Cli::new().env("CATRACA_DATABASE_URL", url);
+
+    let csv = cli.stdout(&[
+        "audit",
+        "export",
+        "--since",
+        "2026-11-01",
+        "--until",
+        "2026-12-01",
+        "--format",
+        "csv",
+    ]);
+
+    let rows = parse_csv(&csv);
+    let (header, rows) = rows.split_first().unwrap();
+    for column in [
+        "event_id",
+        "chain_id",
+        "seq",
+        "prev_hash",
+        "hash",
+        "event_type",
+        "trace_id",
+        "occurred_at",
+    ] {
+        assert!(
+            header.iter().any(|h| h == column),
+            "the header names {column}: {header:?}"
+        );
+    }
+    assert_eq!(rows.len(), events.len(), "one row per event:\n{csv}");
+    for row in rows {
+        assert_eq!(
+            row.len(),
+            header.len(),
+            "every row has every column: {row:?}"
+        );
+        let cell = |name: &str| -> &str {
+            header
+                .iter()
+                .position(|h| h == name)
+                .map_or("<no such column>", |i| row[i].as_str())
+        };
+        let event = events
+            .iter()
+            .find(|e| e.event_id == cell("event_id"))
+            .unwrap_or_else(|| panic!("a row of no crafted event: {row:?}"));
+        assert_eq!(cell("chain_id"), event.chain_id);
+        assert_eq!(cell("seq"), event.seq.to_string());
+        assert_eq!(cell("prev_hash"), event.prev_hash);
+        assert_eq!(cell("hash"), event.hash);
+        assert_eq!(cell("event_type"), event.event_type);
+        assert_eq!(cell("trace_id"), event.trace_id.as_deref().unwrap_or(""));
+        assert_eq!(cell("occurred_at"), event.occurred_at);
+        if header.iter().any(|h| h == "body") {
+            assert_eq!(
+                cell("body"),
+                event.body,
+                "the body column holds the hashed bytes"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_export_includes_events_exactly_at_since_and_excludes_events_exactly_at_until() {
+    let dir = tempfile::tempdir().unwrap();
+    let times = [
+        datetime!(2026-10-31 23:59:59.999999 UTC),
+        datetime!(2026-11-01 00:00 UTC),
+        datetime!(2026-11-15 12:00 UTC),
+        datetime!(2026-11-30 23:59:59.999999 UTC),
+        datetime!(2026-12-01 00:00 UTC),
+    ];
+    let (url, events) = crafted_trail(dir.path(), "boundaries", &times).await;
+    let cli = Cli::new().env("CATRACA_DATABASE_URL", url);
+    let exported = |range: [&str; 2], csv: bool| -> Vec<String> {
+        let mut args = vec!["audit", "export", "--since", range[0], "--until", range[1]];
+        if csv {
+            args.extend(["--format", "csv"]);
+        }
+        let out = cli.stdout(&args);
+        let mut ids: Vec<String> = if csv {
+            let rows = parse_csv(&out);
+            let column = rows[0].iter().position(|h| h == "event_id").unwrap();
+            rows[1..].iter().map(|r| r[column].clone()).collect()
+        } else {
+            out.lines()
+                .map(|l| {
+                    serde_json::from_str::<Value>(l).unwrap()["event_id"]
+                        .as_str()
+                        .unwrap()
+                        .to_owned()
+                })
+                .collect()
+        };
+        ids.sort();
+        ids
+    };
+    let ids = |of: &[usize]| -> Vec<String> {
+        let mut ids: Vec<String> = of.iter().map(|&i| events[i].event_id.clone()).collect();
+        ids.sort();
+        ids
+    };
+
+    // Dates are UTC midnights: --since 2026-11-01 --until 2026-12-01 is November, exactly.
+    for csv in [false, true] {
+        assert_eq!(
+            exported(["2026-11-01", "2026-12-01"], csv),
+            ids(&[1, 2, 3]),
+            "csv: {csv}"
+        );
+    }
+    // RFC 3339 times (one with an offset): the instant at --since is in, the instant at --until is out.
+    assert_eq!(
+        exported(
+            ["2026-11-15T09:00:00-03:00", "2026-11-30T23:59:59.999999Z"],
+            false
+        ),
+        ids(&[2])
+    );
+    assert_eq!(
+        exported(
+            ["2026-10-31T23:59:59.999999Z", "2026-11-01T00:00:00Z"],
+            false
+        ),
+        ids(&[0])
+    );
+}
+
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// Parses RFC 4180 CSV strictly: a quoted field may hold commas, doubled quotes and line breaks; a
+/// quote anywhere else is an error, so an unescaped field cannot pass.
+fn parse_csv(text: &str) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    let mut row = Vec::new();
+    let mut field = String::new();
+    let mut quoted = false;
+    let mut closed = false;
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if quoted {
+            match c {
+                '"' if chars.peek() == Some(&'"') => {
+                    field.push('"');
+                    chars.next();
+                }
+                '"' => {
+                    quoted = false;
+                    closed = true;
+                }
+                _ => field.push(c),
+            }
+            continue;
+        }
+        match c {
+            ',' => {
+                row.push(std::mem::take(&mut field));
+                closed = false;
+            }
+            '\n' => {
+                row.push(std::mem::take(&mut field));
+                rows.push(std::mem::take(&mut row));
+                closed = false;
+            }
+            '\r' if chars.peek() == Some(&'\n') => {}
+            _ if closed => panic!("{c:?} after a closing quote in CSV row {}", rows.len() + 1),
+            '"' if field.is_empty() => quoted = true,
+            '"' => panic!("a bare quote in {field:?} in CSV row {}", rows.len() + 1),
+            _ => field.push(c),
+        }
+    }
+    assert!(!quoted, "unterminated quoted field");
+    if !field.is_empty() || !row.is_empty() {
+        row.push(field);
+        rows.push(row);
+    }
+    rows
 }

@@ -15,5 +15,7 @@ mod collector;
 mod composite;
 mod gates;
 mod http;
+mod keys;
 mod llm;
+mod startup;
 mod store;
