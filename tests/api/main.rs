@@ -5,7 +5,9 @@
     reason = "a test that cannot set itself up should fail loudly at that line"
 )]
 
+mod binary;
 mod helpers;
+mod prom;
 
 mod audit_trail;
 mod audit_verify;
@@ -16,4 +18,5 @@ mod composite;
 mod gates;
 mod http;
 mod llm;
+mod secrets;
 mod store;
