@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::helpers::{KeySpec, TestApp, echo, reasons, spawn_app, spawn_app_with};
+use crate::prom::sample;
 
 fn assert_denial(status: u16, body: &Value, want_status: u16, gate: &str, code: &str) {
     assert_eq!(status, want_status, "{body}");
@@ -420,6 +421,20 @@ async fn an_unreachable_shared_limiter_configured_open_lets_the_request_run_and_
     assert!(
         kinds.contains(&json!("ACTION_EXECUTED")),
         "the execution is audited: {kinds:?}"
+    );
+    let metrics = app.get_text("/metrics").await;
+    assert_eq!(
+        sample(
+            &metrics,
+            "catraca_gate_decisions_total",
+            &[
+                ("gate", "rate_limit"),
+                ("decision", "allow"),
+                ("reason", "none")
+            ]
+        ),
+        Some(1.0),
+        "{metrics}"
     );
 }
 

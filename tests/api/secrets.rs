@@ -216,13 +216,15 @@ async fn serve_and_the_cli_print_a_key_only_once_where_they_announce_it() {
     let dir = tempfile::tempdir().unwrap();
     let cwd = dir.path();
     let db = format!("sqlite://{}", cwd.join("catraca.db").display());
-    let mut env = binary::env_for(&db, cwd, "serve");
-    env.retain(|(k, _)| *k != "CATRACA_LOG");
-    env.push(("CATRACA_LOG", "trace".to_owned()));
-    env.push(("CATRACA_MODE", "dev".to_owned()));
-    let mut cli_env = env.clone();
-    cli_env.retain(|(k, _)| *k != "CATRACA_INSTANCE_ID");
-    cli_env.push(("CATRACA_INSTANCE_ID", "cli".to_owned()));
+    let at_trace_in_dev = |instance: &str| {
+        let mut env = binary::env_for(&db, cwd, instance);
+        env.retain(|(k, _)| *k != "CATRACA_LOG");
+        env.push(("CATRACA_LOG", "trace".to_owned()));
+        env.push(("CATRACA_MODE", "dev".to_owned()));
+        env
+    };
+    let env = at_trace_in_dev("serve");
+    let cli_env = at_trace_in_dev("cli");
     let client = reqwest::Client::new();
     let post = |serve: &Serve, key: &str, trace: &str| {
         client
