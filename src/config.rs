@@ -321,6 +321,25 @@ mod tests {
     }
 
     #[test]
+    fn defaults_are_the_ones_the_readme_lists() {
+        let c = Config::resolve(FileConfig::default(), |_| None).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:8000".parse().unwrap());
+        assert_eq!(c.database_url.expose(), "sqlite://data/catraca.db");
+        assert!(c.redis_url.is_none());
+        assert_eq!(c.policies_dir, Path::new("policies"));
+        assert_eq!(c.executors_dir, Path::new("executors"));
+        assert_eq!(c.audit_dir, Path::new("data/audit"));
+        assert_eq!(c.mode, Mode::Dev);
+        assert_eq!(c.log, "info");
+        assert_eq!(c.body_limit_bytes, 1_048_576);
+        assert_eq!(c.auth_cache_ttl, Duration::from_secs(60));
+        assert_eq!(c.auth_failures_per_minute, 30);
+        assert_eq!(c.audit_queue_capacity, 10_000);
+        assert_eq!(c.audit_batch_max, 1_000);
+        assert!(!c.rate_limit_fail_open);
+    }
+
+    #[test]
     fn dotenv_lines_are_parsed_like_a_shell_would() {
         let vars = parse_dotenv(
             "# secrets\nCATRACA_LLM_API_KEY=\"sk-abc=def\"\nexport MODEL='qwen'\n\nBROKEN\nPLAIN = value \n",
@@ -332,8 +351,21 @@ mod tests {
     }
 
     #[test]
-    fn unknown_file_keys_are_rejected() {
-        assert!(toml::from_str::<FileConfig>("listne = \"x\"").is_err());
+    fn an_unknown_file_key_is_an_error_naming_the_file_and_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, "listne = \"127.0.0.1:9000\"\n").unwrap();
+        let err = format!("{:#}", Config::load(Some(&path)).unwrap_err());
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(err.contains("listne"), "{err}");
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_read_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missing.toml");
+        let err = format!("{:#}", Config::load(Some(&path)).unwrap_err());
+        assert!(err.contains(&path.display().to_string()), "{err}");
     }
 
     #[test]
@@ -342,7 +374,17 @@ mod tests {
             (name == "CATRACA_MODE").then(|| "production".to_owned())
         })
         .unwrap_err();
-        assert!(err.to_string().contains("CATRACA_MODE"));
+        assert!(err.to_string().contains("CATRACA_MODE"), "{err}");
+        let err = Config::resolve(FileConfig::default(), |name| {
+            (name == "CATRACA_LISTEN").then(|| "localhost".to_owned())
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("CATRACA_LISTEN"), "{err}");
+        let err = Config::resolve(FileConfig::default(), |name| {
+            (name == "CATRACA_DATABASE_URL").then(|| "mysql://db/catraca".to_owned())
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("CATRACA_DATABASE_URL"), "{err}");
     }
 
     #[test]

@@ -273,8 +273,19 @@ mod tests {
         );
         assert_eq!(parse_duration("12h").unwrap(), Duration::from_secs(43_200));
         assert_eq!(parse_duration("1s").unwrap(), Duration::from_secs(1));
-        for bad in ["", "d", "10", "10w", "0d", "-1d", "99999999999999999999d"] {
-            assert!(parse_duration(bad).is_err(), "accepted {bad:?}");
+        // Each refusal quotes what was given; a wrong or missing unit names the units it takes.
+        for (bad, needle) in [
+            ("", "d, h, m or s"),
+            ("d", "d, h, m or s"),
+            ("10", "d, h, m or s"),
+            ("10w", "d, h, m or s"),
+            ("-1d", "d, h, m or s"),
+            ("0d", "positive"),
+            ("99999999999999999999d", "d, h, m or s"),
+        ] {
+            let err = parse_duration(bad).expect_err(bad);
+            assert!(err.contains(&format!("{bad:?}")), "{bad:?}: {err}");
+            assert!(err.contains(needle), "{bad:?}: {err}");
         }
     }
 }

@@ -49,7 +49,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn unknown_settings_are_refused() {
+    fn an_unknown_setting_is_refused_naming_it() {
         let mut t = toml::Table::new();
         t.insert("max_dealy_ms".into(), toml::Value::Integer(5));
         let env = super::super::ExecutorEnv::default();
@@ -59,6 +59,9 @@ mod tests {
             env: &env,
             timeout: std::time::Duration::from_secs(1),
         };
-        assert!(build(&spec).is_err());
+        let Err(err) = build(&spec) else {
+            panic!("an unknown setting was accepted");
+        };
+        assert!(err.contains("max_dealy_ms"), "{err}");
     }
 }

@@ -872,11 +872,16 @@ mod tests {
             !llm.headers.contains_key(AUTHORIZATION),
             "no key, no header"
         );
-        assert_eq!(llm.max_retries, DEFAULT_MAX_RETRIES);
-        assert_eq!(
-            llm.request_timeout,
-            Duration::from_millis(DEFAULT_REQUEST_TIMEOUT_MS)
-        );
+    }
+
+    #[test]
+    fn defaults_are_two_retries_half_a_second_of_backoff_and_thirty_seconds_per_attempt() {
+        let dir = template_dir("[system]\ns\n[user]\nu\n");
+        let llm = build_in(dir.path(), &settings(""), &no_env).unwrap();
+        // The README's defaults, written out: max_retries 2, retry_backoff_ms 500, request_timeout_ms 30000.
+        assert_eq!(llm.max_retries, 2);
+        assert_eq!(llm.retry_backoff, Duration::from_millis(500));
+        assert_eq!(llm.request_timeout, Duration::from_millis(30_000));
     }
 
     #[test]
@@ -1008,7 +1013,8 @@ mod tests {
         assert_eq!(llm.wait_before(1, &e), Duration::from_millis(100));
         assert_eq!(llm.wait_before(2, &e), Duration::from_millis(200));
         assert_eq!(llm.wait_before(3, &e), Duration::from_millis(400));
-        assert_eq!(llm.wait_before(40, &e), MAX_RETRY_WAIT);
+        // No wait exceeds the README's 30 s cap, computed or asked for.
+        assert_eq!(llm.wait_before(40, &e), Duration::from_secs(30));
         let limited = AttemptError::Status {
             status: StatusCode::TOO_MANY_REQUESTS,
             detail: String::new(),
@@ -1020,7 +1026,7 @@ mod tests {
             detail: String::new(),
             retry_after: Some(Duration::from_secs(3600)),
         };
-        assert_eq!(llm.wait_before(1, &greedy), MAX_RETRY_WAIT);
+        assert_eq!(llm.wait_before(1, &greedy), Duration::from_secs(30));
     }
 
     #[test]

@@ -301,3 +301,73 @@ impl ExecutorDef {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn folder(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        dir
+    }
+
+    fn load_error(files: &[(&str, &str)]) -> String {
+        let dir = folder(files);
+        match Registry::load(dir.path(), &Kinds::builtin(), &ExecutorEnv::default()) {
+            Ok(_) => panic!("{files:?} loaded"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn an_unknown_setting_fails_naming_the_file_and_the_setting() {
+        for (file, text, setting) in [
+            (
+                "typo.toml",
+                "name = \"typo\"\nkind = \"echo\"\n[settings]\nmax_dealy_ms = 5\n",
+                "max_dealy_ms",
+            ),
+            (
+                "pncp-typo.toml",
+                "name = \"pncp_typo\"\nkind = \"collector\"\n[settings]\nsource = \"pncp\"\nbase_url = \"http://127.0.0.1:9\"\npage_sise = 10\n",
+                "page_sise",
+            ),
+        ] {
+            let err = load_error(&[(file, text)]);
+            assert!(err.contains(file), "{err}");
+            assert!(err.contains(setting), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_kind_this_build_lacks_fails_naming_the_file_and_the_kind() {
+        let err = load_error(&[("mystery.toml", "name = \"mystery\"\nkind = \"quantum\"\n")]);
+        assert!(err.contains("mystery.toml"), "{err}");
+        assert!(err.contains("quantum"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_top_level_key_fails_naming_the_file_and_the_key() {
+        let err = load_error(&[(
+            "late.toml",
+            "name = \"late\"\nkind = \"echo\"\ntimeout = 5\n",
+        )]);
+        assert!(err.contains("late.toml"), "{err}");
+        assert!(err.contains("timeout"), "{err}");
+    }
+
+    #[test]
+    fn timeout_ms_defaults_to_thirty_seconds() {
+        let dir = folder(&[("e.toml", "name = \"e\"\nkind = \"echo\"\n")]);
+        let registry =
+            Registry::load(dir.path(), &Kinds::builtin(), &ExecutorEnv::default()).unwrap();
+        // The README's default: 30 000 ms for the whole call.
+        assert_eq!(
+            registry.get("e").unwrap().timeout,
+            Duration::from_millis(30_000)
+        );
+    }
+}

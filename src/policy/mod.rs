@@ -487,17 +487,20 @@ executor = "echo"
         write(
             dir.path(),
             "a.toml",
-            "[tiers.standard]\nunlimited = true\n[roles.a]\ninherits=[\"b\"]\n[roles.b]\ninherits=[\"a\"]\n",
+            "[tiers.standard]\nunlimited = true\n[roles.clerk]\ninherits=[\"chief\"]\n[roles.chief]\ninherits=[\"clerk\"]\n",
         );
         let e = Policy::load(dir.path(), |_| true).unwrap_err();
-        assert!(e.0.contains("cycle"), "{e}");
+        assert!(
+            e.0.contains("cycle") && e.0.contains("clerk") && e.0.contains("chief"),
+            "{e}"
+        );
         write(
             dir.path(),
             "a.toml",
-            "[tiers.standard]\nunlimited = true\n[roles.a]\ninherits=[\"ghost\"]\n",
+            "[tiers.standard]\nunlimited = true\n[roles.clerk]\ninherits=[\"ghost\"]\n",
         );
         let e = Policy::load(dir.path(), |_| true).unwrap_err();
-        assert!(e.0.contains("unknown role ghost"), "{e}");
+        assert!(e.0.contains("ghost") && e.0.contains("clerk"), "{e}");
     }
 
     #[test]
@@ -520,7 +523,7 @@ executor = "echo"
         write(dir.path(), "a.toml", BASE);
         write(dir.path(), "b.toml", "[contexts.work]\n");
         let e = Policy::load(dir.path(), |_| true).unwrap_err();
-        assert!(e.0.contains("context work is defined twice"), "{e}");
+        assert!(e.0.contains("b.toml") && e.0.contains("work"), "{e}");
     }
 
     #[test]
@@ -558,20 +561,53 @@ executor = "echo"
 
     #[test]
     fn remote_schema_references_are_not_fetched() {
+        // A loopback listener stands in for the remote host: a fetch, even a failing one, would have
+        // to connect to it first.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let reference = format!("http://{}/schema.json", listener.local_addr().unwrap());
         let dir = tempfile::tempdir().unwrap();
         write(
             dir.path(),
-            "s.json",
-            r#"{"$ref":"https://example.invalid/schema.json"}"#,
+            "remote.json",
+            &format!(r#"{{"type":"object","properties":{{"a":{{"$ref":"{reference}"}}}}}}"#),
         );
         write(
             dir.path(),
             "a.toml",
             &BASE.replace(
                 "executor = \"echo\"",
-                "executor = \"echo\"\ninput_schema = \"s.json\"",
+                "executor = \"echo\"\ninput_schema = \"remote.json\"",
             ),
         );
-        assert!(Policy::load(dir.path(), |_| true).is_err());
+
+        let result = Policy::load(dir.path(), |_| true);
+
+        let Err(e) = result else {
+            panic!("a schema with a remote $ref loaded");
+        };
+        assert!(
+            e.0.contains("remote.json") || e.0.contains(&reference),
+            "the refusal names neither the schema file nor the reference: {e}"
+        );
+        match listener.accept() {
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(err) => panic!("the listener failed: {err}"),
+            Ok((_, from)) => panic!("loading the policy connected to {reference} (from {from})"),
+        }
+    }
+
+    #[test]
+    fn an_unknown_key_in_a_policy_file_is_an_error_naming_the_file_and_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.toml", BASE);
+        write(
+            dir.path(),
+            "b.toml",
+            "[contexts.home]\ndescripton = \"typo\"\n",
+        );
+        let e = Policy::load(dir.path(), |_| true).unwrap_err();
+        assert!(e.0.contains("b.toml"), "{e}");
+        assert!(e.0.contains("descripton"), "{e}");
     }
 }

@@ -1,8 +1,11 @@
 //! Every gate's refusals: status, body, reason code and headers; and the executor outcomes after ALLOW.
 
+use std::time::{Duration, Instant};
+
 use serde_json::{Value, json};
 
-use crate::helpers::{KeySpec, echo, reasons, spawn_app};
+use crate::helpers::{KeySpec, TestApp, echo, reasons, spawn_app, spawn_app_with};
+use crate::prom::sample;
 
 fn assert_denial(status: u16, body: &Value, want_status: u16, gate: &str, code: &str) {
     assert_eq!(status, want_status, "{body}");
@@ -71,8 +74,49 @@ async fn malformed_unknown_and_wrong_keys_are_invalid() {
     assert_eq!(resp.status(), 200);
 }
 
+/// The example policy's quota for `tier`: `(per_second, burst)`, read from the shipped policy file.
+fn example_tier(tier: &str) -> (u32, u32) {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/policies/catraca.toml"
+    ))
+    .unwrap();
+    let policy: toml::Table = text.parse().unwrap();
+    let quota = &policy["tiers"][tier];
+    let int = |field: &str| u32::try_from(quota[field].as_integer().unwrap()).unwrap();
+    (int("per_second"), int("burst"))
+}
+
+/// `Retry-After` as whole seconds.
+fn retry_after(resp: &reqwest::Response) -> u64 {
+    resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// The one gate verdict of `gate` in a DECISION event.
+fn verdict<'a>(decision: &'a Value, gate: &str) -> &'a Value {
+    decision["gates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["gate"] == gate)
+        .unwrap_or_else(|| panic!("no {gate} verdict in {decision}"))
+}
+
+async fn decision_of(app: &TestApp, trace: &str) -> Value {
+    app.events(trace)
+        .await
+        .into_iter()
+        .find(|e| e["event_type"] == "DECISION")
+        .unwrap_or_else(|| panic!("no DECISION for trace {trace}"))
+}
+
 #[tokio::test]
-async fn a_burst_meets_429_with_retry_after() {
+async fn a_burst_beyond_the_tier_meets_429_with_retry_after_the_next_slot() {
+    // Arrange: a key of the example policy's standard tier.
     let app = spawn_app().await;
     let key = app
         .key(KeySpec {
@@ -80,25 +124,42 @@ async fn a_burst_meets_429_with_retry_after() {
             ..KeySpec::default()
         })
         .await;
+    let (per_second, burst) = example_tier("standard");
+    // Once the burst is spent, quota for one more request returns every 1/per_second s; Retry-After
+    // is in whole seconds, rounded up so that waiting it is always enough.
+    let next_slot = Duration::from_secs(1) / per_second;
+    let want_retry_after = next_slot.as_secs() + u64::from(next_slot.subsec_nanos() > 0);
+
+    // Act: back-to-back requests until one is limited.
+    let started = Instant::now();
+    let mut allowed = 0u32;
     let mut limited = None;
-    // The standard tier allows a burst of 10; 30 back-to-back requests must cross it.
-    for _ in 0..30 {
+    for _ in 0..burst * 3 {
         let resp = app.process(Some(&key), &echo("x")).await;
         if resp.status() == 429 {
             limited = Some(resp);
             break;
         }
         assert_eq!(resp.status(), 200);
+        allowed += 1;
     }
+    let elapsed = started.elapsed();
+
+    // Assert: the burst passed, no more than the quota refilled meanwhile, then 429 naming the wait.
     let resp = limited.expect("the burst was never limited");
-    let retry: u64 = resp.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(retry >= 1);
+    assert!(allowed >= burst, "only {allowed} of a burst of {burst}");
+    let refilled = (elapsed.as_secs_f64() * f64::from(per_second)).ceil() as u32;
+    assert!(
+        allowed <= burst + refilled,
+        "{allowed} allowed in {elapsed:?} with burst {burst} and {per_second}/s"
+    );
+    assert_eq!(retry_after(&resp), want_retry_after);
     let (status, body) = reasons(resp).await;
     assert_denial(status, &body, 429, "rate_limit", "RATE_LIMITED");
+
+    // Waiting the advertised time is enough.
+    tokio::time::sleep(Duration::from_secs(want_retry_after)).await;
+    assert_eq!(app.process(Some(&key), &echo("x")).await.status(), 200);
 }
 
 #[tokio::test]
@@ -110,13 +171,8 @@ async fn an_unlimited_key_still_passes_the_rate_gate_and_is_audited() {
     }
     let resp = app.process(Some(&key), &echo("x")).await;
     let trace = resp.headers()["x-trace-id"].to_str().unwrap().to_owned();
-    let events = app.events(&trace).await;
-    let decision = events
-        .iter()
-        .find(|e| e["event_type"] == "DECISION")
-        .unwrap();
-    assert_eq!(decision["gates"][1]["gate"], "rate_limit");
-    assert_eq!(decision["gates"][1]["verdict"], "allow");
+    let decision = decision_of(&app, &trace).await;
+    assert_eq!(verdict(&decision, "rate_limit")["verdict"], "allow");
     assert_eq!(decision["principal"]["tier"], "unlimited");
 }
 
@@ -185,7 +241,7 @@ async fn nothing_allowed_means_denied_by_default() {
 #[tokio::test]
 async fn deny_overrides_allow_and_the_decision_names_the_rule() {
     // The summariser echoes here: this test is about the matrix, not the model.
-    let app = crate::helpers::spawn_app_with(|c| {
+    let app = spawn_app_with(|c| {
         std::fs::write(
             c.executors_dir.join("summarizer.toml"),
             "name = \"summarizer\"\nkind = \"echo\"\n",
@@ -287,26 +343,55 @@ async fn an_executor_failure_is_a_502_and_a_timeout_a_504() {
     assert_eq!(end["status"], 504);
 }
 
+/// A shared limiter nobody answers for: nothing listens on port 1 of the loopback.
+fn unreachable_redis(c: &mut catraca::config::Config) {
+    c.redis_url = Some(catraca::config::DatabaseUrl::new("redis://127.0.0.1:1"));
+}
+
+fn counted() -> Value {
+    json!({"action": "test.counted", "context_id": "work", "payload": {}})
+}
+
 #[tokio::test]
-async fn an_unreachable_shared_limiter_fails_closed_unless_configured_open() {
-    // Nothing listens on port 1 of the loopback: the shared limiter is really unreachable.
-    let closed = |c: &mut catraca::config::Config| {
-        c.redis_url = Some(catraca::config::DatabaseUrl::new("redis://127.0.0.1:1"))
-    };
-    let app = crate::helpers::spawn_app_with(closed).await;
+async fn an_unreachable_shared_limiter_fails_closed_and_nothing_runs() {
+    // Arrange
+    let app = spawn_app_with(unreachable_redis).await;
     let key = app
         .key(KeySpec {
             tier: "standard",
             ..KeySpec::default()
         })
         .await;
-    let resp = app.process(Some(&key), &echo("x")).await;
-    assert!(resp.headers().contains_key("retry-after"));
+
+    // Act
+    let resp = app.process(Some(&key), &counted()).await;
+
+    // Assert: 503 with Retry-After, audited as a deny by the rate gate, and the executor never ran.
+    let trace = resp.headers()["x-trace-id"].to_str().unwrap().to_owned();
+    assert!(retry_after(&resp) >= 1);
     let (status, body) = reasons(resp).await;
     assert_denial(status, &body, 503, "rate_limit", "RATE_LIMIT_UNAVAILABLE");
+    assert_eq!(
+        app.calls.count(),
+        0,
+        "the executor ran without a rate decision"
+    );
+    let decision = decision_of(&app, &trace).await;
+    assert_eq!(decision["effect"], "deny", "{decision}");
+    assert_eq!(decision["gate"], "rate_limit", "{decision}");
+    assert_eq!(
+        decision["reason_codes"],
+        json!(["RATE_LIMIT_UNAVAILABLE"]),
+        "{decision}"
+    );
+    assert_eq!(verdict(&decision, "rate_limit")["verdict"], "deny");
+}
 
-    let app = crate::helpers::spawn_app_with(|c| {
-        closed(c);
+#[tokio::test]
+async fn an_unreachable_shared_limiter_configured_open_lets_the_request_run_and_audits_it() {
+    // Arrange
+    let app = spawn_app_with(|c| {
+        unreachable_redis(c);
         c.rate_limit_fail_open = true;
     })
     .await;
@@ -316,54 +401,103 @@ async fn an_unreachable_shared_limiter_fails_closed_unless_configured_open() {
             ..KeySpec::default()
         })
         .await;
-    assert_eq!(app.process(Some(&key), &echo("x")).await.status(), 200);
+
+    // Act
+    let resp = app.process(Some(&key), &counted()).await;
+
+    // Assert: allowed, executed once, and the DECISION says the rate gate let it through.
+    assert_eq!(resp.status(), 200);
+    let trace = resp.headers()["x-trace-id"].to_str().unwrap().to_owned();
+    assert_eq!(app.calls.count(), 1);
+    let decision = decision_of(&app, &trace).await;
+    assert_eq!(decision["effect"], "allow", "{decision}");
+    assert_eq!(verdict(&decision, "rate_limit")["verdict"], "allow");
+    let kinds: Vec<Value> = app
+        .events(&trace)
+        .await
+        .iter()
+        .map(|e| e["event_type"].clone())
+        .collect();
+    assert!(
+        kinds.contains(&json!("ACTION_EXECUTED")),
+        "the execution is audited: {kinds:?}"
+    );
+    let metrics = app.get_text("/metrics").await;
+    assert_eq!(
+        sample(
+            &metrics,
+            "catraca_gate_decisions_total",
+            &[
+                ("gate", "rate_limit"),
+                ("decision", "allow"),
+                ("reason", "none")
+            ]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
 }
+
+/// A tier slow enough that its refill during the test stays well below the number of requests.
+const TRICKLE_TIER: &str = "[tiers.trickle]\nper_second = 1\nburst = 10\n";
 
 #[tokio::test]
 #[ignore = "needs Redis at CATRACA_TEST_REDIS_URL"]
 async fn two_gateways_sharing_redis_share_one_quota() {
+    // Arrange: two gateways on one database and one Redis, and a key of a 1/s tier with a burst of 10.
     let redis = std::env::var("CATRACA_TEST_REDIS_URL")
         .expect("CATRACA_TEST_REDIS_URL must name a Redis server for this test");
     let with_redis = |c: &mut catraca::config::Config| {
-        c.redis_url = Some(catraca::config::DatabaseUrl::new(redis.clone()))
+        c.redis_url = Some(catraca::config::DatabaseUrl::new(redis.clone()));
+        std::fs::write(c.policies_dir.join("zz-trickle.toml"), TRICKLE_TIER).unwrap();
     };
-    let first = crate::helpers::spawn_app_with(with_redis).await;
+    let first = spawn_app_with(with_redis).await;
     let db = first.db_url();
-    let second = crate::helpers::spawn_app_with(|c| {
+    let second = spawn_app_with(|c| {
         with_redis(c);
         c.database_url = catraca::config::DatabaseUrl::new(db.clone());
     })
     .await;
     let key = first
         .key(KeySpec {
-            tier: "standard",
+            tier: "trickle",
             ..KeySpec::default()
         })
         .await;
-    // The standard tier allows a burst of 10. Eight requests to each instance stay under it locally,
-    // so only a shared quota can refuse any of them.
+    let (burst, per_second) = (10, 1.0);
+
+    // Act: twelve requests to each. Each instance alone would allow at least its burst of ten (20 in
+    // all); one shared quota allows the burst plus what refills while the test runs.
+    let started = Instant::now();
     let mut statuses = Vec::new();
-    for _ in 0..8 {
-        statuses.push(
-            first
-                .process(Some(&key), &echo("x"))
-                .await
-                .status()
-                .as_u16(),
-        );
-        statuses.push(
-            second
-                .process(Some(&key), &echo("x"))
-                .await
-                .status()
-                .as_u16(),
-        );
+    let mut retry_afters = Vec::new();
+    for _ in 0..12 {
+        for app in [&first, &second] {
+            let resp = app.process(Some(&key), &echo("x")).await;
+            if resp.status() == 429 {
+                retry_afters.push(retry_after(&resp));
+            }
+            statuses.push(resp.status().as_u16());
+        }
     }
+    let elapsed = started.elapsed();
+
+    // Assert
     let allowed = statuses.iter().filter(|s| **s == 200).count();
     let limited = statuses.iter().filter(|s| **s == 429).count();
-    assert_eq!(allowed + limited, 16, "{statuses:?}");
+    assert_eq!(allowed + limited, 24, "{statuses:?}");
+    let refilled = (elapsed.as_secs_f64() * per_second).ceil() as usize;
     assert!(
-        (10..=11).contains(&allowed),
-        "one quota of burst 10 for both: {statuses:?}"
+        (burst..=burst + refilled).contains(&allowed),
+        "one quota of burst {burst} at 1/s for both over {elapsed:?}: {statuses:?}"
+    );
+    assert!(
+        burst + refilled < 20,
+        "the requests took {elapsed:?}: too slow to tell one shared quota from two"
+    );
+    // At 1/s the next slot is at most one second away.
+    assert!(
+        retry_afters.iter().all(|r| *r == 1),
+        "Retry-After of a 1/s tier: {retry_afters:?}"
     );
 }

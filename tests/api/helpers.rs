@@ -16,7 +16,8 @@ use catraca::keys::{self, NewKey};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-/// Everything the gateway logged during the test run (all tests share one subscriber).
+/// Everything logged during the test run, by every target at every level down to `trace` (all tests
+/// share one subscriber), so a test can show what never reaches any log.
 pub fn captured_logs() -> String {
     String::from_utf8_lossy(&log_buffer().lock().unwrap()).into_owned()
 }
@@ -44,7 +45,7 @@ fn init_logs() {
     INIT.get_or_init(|| {
         let buf = log_buffer().clone();
         let _ = tracing_subscriber::fmt()
-            .with_env_filter("catraca=debug")
+            .with_env_filter("trace")
             .with_ansi(false)
             .with_writer(move || BufWriter(buf.clone()))
             .try_init();

@@ -5,7 +5,9 @@
     reason = "a test that cannot set itself up should fail loudly at that line"
 )]
 
+mod binary;
 mod helpers;
+mod prom;
 
 mod audit_trail;
 mod audit_verify;
@@ -17,5 +19,6 @@ mod gates;
 mod http;
 mod keys;
 mod llm;
+mod secrets;
 mod startup;
 mod store;

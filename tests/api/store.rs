@@ -290,7 +290,7 @@ async fn sqlite() -> (Arc<dyn Store>, tempfile::TempDir) {
 }
 
 /// The URL of a fresh, migrated database on the server named by `CATRACA_TEST_POSTGRES_URL`.
-async fn postgres_url() -> String {
+pub async fn postgres_url() -> String {
     let base = std::env::var("CATRACA_TEST_POSTGRES_URL")
         .expect("CATRACA_TEST_POSTGRES_URL must name a PostgreSQL server for this test");
     let name = format!("catraca_test_{}", uuid::Uuid::now_v7().simple());

@@ -1,0 +1,218 @@
+//! The real `catraca` binary: one-shot commands, and a `serve` process whose stdout and stderr are kept
+//! for the test to read.
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Variables for a command against `database_url`, with the example policies and executors and an
+/// audit folder of its own under `dir`.
+pub fn env_for(database_url: &str, dir: &Path, instance_id: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("CATRACA_DATABASE_URL", database_url.to_owned()),
+        (
+            "CATRACA_POLICIES_DIR",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/policies").into(),
+        ),
+        (
+            "CATRACA_EXECUTORS_DIR",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/executors").into(),
+        ),
+        (
+            "CATRACA_AUDIT_DIR",
+            dir.join(format!("audit-{instance_id}"))
+                .display()
+                .to_string(),
+        ),
+        ("CATRACA_INSTANCE_ID", instance_id.to_owned()),
+        ("CATRACA_LOG", "error".to_owned()),
+    ]
+}
+
+/// `catraca` with exactly these `CATRACA_*` variables (none inherited), run in `cwd` so that no
+/// `catraca.toml` or `.env` of the checkout is read.
+fn command(env: &[(&str, String)], cwd: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_catraca"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("CATRACA_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("NO_COLOR", "1")
+        .current_dir(cwd);
+    cmd
+}
+
+/// Runs one command to completion; fails the test unless it exits 0.
+pub fn run(env: &[(&str, String)], cwd: &Path, args: &[&str]) -> Output {
+    let out = command(env, cwd)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "catraca {args:?} exited {}: {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Drops terminal colour sequences (`ESC [ … letter`), should a build print them anyway.
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.next() == Some('[') {
+                for d in chars.by_ref() {
+                    if ('@'..='~').contains(&d) {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Everything a stream printed so far, whole lines only.
+fn collect(stream: impl std::io::Read + Send + 'static) -> (Arc<Mutex<String>>, JoinHandle<()>) {
+    let text = Arc::new(Mutex::new(String::new()));
+    let sink = text.clone();
+    let handle = std::thread::spawn(move || {
+        let mut reader = std::io::BufReader::new(stream);
+        let mut line = Vec::new();
+        while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+            sink.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&line));
+            line.clear();
+        }
+    });
+    (text, handle)
+}
+
+/// A running `catraca serve` on a free loopback port.
+pub struct Serve {
+    child: Child,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+    readers: Vec<JoinHandle<()>>,
+    pub addr: SocketAddr,
+}
+
+/// How long a start or a stop may take on a loaded machine before the test gives up.
+const PROCESS_DEADLINE: Duration = Duration::from_secs(60);
+
+impl Serve {
+    /// Starts `serve` and waits until it logs the address it listens on (needs `CATRACA_LOG` at
+    /// `info` or finer for the `catraca` target).
+    pub fn start(env: &[(&str, String)], cwd: &Path) -> Self {
+        let mut child = command(env, cwd)
+            .env("CATRACA_LISTEN", "127.0.0.1:0")
+            .arg("serve")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (stdout, out_reader) = collect(child.stdout.take().unwrap());
+        let (stderr, err_reader) = collect(child.stderr.take().unwrap());
+        let mut serve = Self {
+            child,
+            stdout,
+            stderr,
+            readers: vec![out_reader, err_reader],
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        };
+        let deadline = Instant::now() + PROCESS_DEADLINE;
+        loop {
+            let addr = serve.stderr().lines().find_map(|line| {
+                let (_, after) = line.split_once("catraca listening")?;
+                let (_, rest) = after.split_once("addr=")?;
+                rest.split_whitespace().next()?.parse::<SocketAddr>().ok()
+            });
+            if let Some(addr) = addr {
+                serve.addr = addr;
+                return serve;
+            }
+            if let Some(status) = serve.child.try_wait().unwrap() {
+                panic!(
+                    "serve exited {status} before listening:\n{}",
+                    serve.stderr()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "serve did not start:\n{}",
+                serve.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Its stderr so far, without colour sequences.
+    pub fn stderr(&self) -> String {
+        strip_ansi(&self.stderr.lock().unwrap())
+    }
+
+    /// Waits until its stderr satisfies `done`.
+    pub fn wait_for_stderr(&self, what: &str, done: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + PROCESS_DEADLINE;
+        while !done(&self.stderr()) {
+            assert!(
+                Instant::now() < deadline,
+                "serve never printed {what}:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops it as an operator would (SIGTERM: drain, flush the trail) and returns its whole stdout
+    /// and stderr.
+    pub fn stop(mut self) -> (String, String) {
+        let term = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(term.success(), "kill -TERM failed");
+        let deadline = Instant::now() + PROCESS_DEADLINE;
+        while self.child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("serve did not stop on SIGTERM:\n{}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for reader in self.readers.drain(..) {
+            reader.join().unwrap();
+        }
+        let stdout = strip_ansi(&self.stdout.lock().unwrap());
+        (stdout, self.stderr())
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        // A test that failed half-way must not leave a server behind.
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
