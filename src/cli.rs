@@ -10,7 +10,7 @@ use crate::app::{self, Server};
 use crate::audit::{AuditLog, WriterOptions};
 use crate::config::Config;
 use crate::domain::{ContextId, KeyId, RoleName, TierName};
-use crate::executors::Kinds;
+use crate::executors::{ExecutorEnv, Kinds};
 use crate::keys::{self, KeyView, NewKey};
 use crate::metrics::Metrics;
 use crate::policy::testcases;
@@ -129,6 +129,15 @@ enum PolicyCommand {
     Test,
 }
 
+/// What commands that load executor files without serving give them: no database or metrics, the
+/// configuration's overrides (so `policy check` builds executors exactly as `serve` would).
+fn executor_env(config: &Config) -> ExecutorEnv {
+    ExecutorEnv {
+        overrides: config.executor_overrides.clone(),
+        ..ExecutorEnv::default()
+    }
+}
+
 fn init_logging(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -217,7 +226,7 @@ async fn key_context(
     crate::audit::WriterTask,
 )> {
     let store = app::open_store(config).await?;
-    let (_, policy) = app::load_policy(config, &Kinds::builtin(), &Default::default())?;
+    let (_, policy) = app::load_policy(config, &Kinds::builtin(), &executor_env(config))?;
     let (audit, writer) = AuditLog::start(
         store.clone(),
         Metrics::new()?,
@@ -335,7 +344,7 @@ async fn keys_command(config: Config, cmd: KeysCommand) -> anyhow::Result<ExitCo
 }
 
 fn policy_command(config: &Config, cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
-    let (registry, policy) = app::load_policy(config, &Kinds::builtin(), &Default::default())?;
+    let (registry, policy) = app::load_policy(config, &Kinds::builtin(), &executor_env(config))?;
     match cmd {
         PolicyCommand::Check => {
             println!(
