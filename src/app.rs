@@ -80,6 +80,7 @@ pub async fn build(config: Config, kinds: &Kinds) -> anyhow::Result<(Arc<App>, W
         store: Some(store.clone()),
         metrics: Some(metrics.clone()),
         dir: config.executors_dir.clone(),
+        overrides: config.executor_overrides.clone(),
     };
     let (registry, policy) = load_policy(&config, kinds, &env)?;
     let (audit, writer) = AuditLog::start(

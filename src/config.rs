@@ -168,6 +168,30 @@ struct FileConfig {
     rate_limit_fail_open: Option<bool>,
 }
 
+/// Settings of executor files that one variable overrides for every executor of a kind, so the
+/// gateway can point at another model server or data source without editing files. Read from the
+/// environment only (`catraca.toml` has no such keys); a variable that is unset or empty changes nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecutorOverrides {
+    /// `CATRACA_LLM_BASE_URL`: `base_url` of every `llm` executor (blank counts as unset).
+    pub llm_base_url: Option<String>,
+    /// `CATRACA_LLM_MODEL`: `model` of every `llm` executor (blank counts as unset).
+    pub llm_model: Option<String>,
+    /// `CATRACA_PNCP_BASE_URL`: `base_url` of every PNCP collector (it points at `…/api/consulta`).
+    pub pncp_base_url: Option<String>,
+}
+
+impl ExecutorOverrides {
+    fn from_env(env: &impl Fn(&str) -> Option<String>) -> Self {
+        let not_blank = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+        Self {
+            llm_base_url: not_blank("CATRACA_LLM_BASE_URL"),
+            llm_model: not_blank("CATRACA_LLM_MODEL"),
+            pncp_base_url: env("CATRACA_PNCP_BASE_URL").filter(|v| !v.is_empty()),
+        }
+    }
+}
+
 /// The resolved configuration the gateway runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -193,6 +217,8 @@ pub struct Config {
     pub audit_batch_max: usize,
     /// Whether a shared rate limiter that cannot be reached lets requests through (default: deny).
     pub rate_limit_fail_open: bool,
+    /// Executor settings overridden from the environment; executors get them through `ExecutorEnv`.
+    pub executor_overrides: ExecutorOverrides,
 }
 
 /// Default body limit: 1 MiB.
@@ -290,6 +316,7 @@ impl Config {
             audit_queue_capacity: file.audit_queue_capacity.unwrap_or(10_000),
             audit_batch_max: file.audit_batch_max.unwrap_or(1_000),
             rate_limit_fail_open: file.rate_limit_fail_open.unwrap_or(false),
+            executor_overrides: ExecutorOverrides::from_env(&env),
         };
         if !config.database_url.is_sqlite() && !config.database_url.is_postgres() {
             anyhow::bail!(
@@ -337,6 +364,32 @@ mod tests {
         assert_eq!(c.audit_queue_capacity, 10_000);
         assert_eq!(c.audit_batch_max, 1_000);
         assert!(!c.rate_limit_fail_open);
+    }
+
+    #[test]
+    fn executor_overrides_come_from_their_variables_when_not_empty() {
+        let cfg = Config::resolve(FileConfig::default(), |name| match name {
+            "CATRACA_LLM_BASE_URL" => Some("http://10.0.0.5:11434/v1".to_owned()),
+            "CATRACA_LLM_MODEL" => Some("  ".to_owned()),
+            "CATRACA_PNCP_BASE_URL" => Some("http://127.0.0.1:9/api/consulta".to_owned()),
+            _ => None,
+        })
+        .unwrap();
+        let overrides = cfg.executor_overrides;
+        assert_eq!(
+            overrides.llm_base_url.as_deref(),
+            Some("http://10.0.0.5:11434/v1")
+        );
+        assert_eq!(overrides.llm_model, None, "a blank model overrides nothing");
+        assert_eq!(
+            overrides.pncp_base_url.as_deref(),
+            Some("http://127.0.0.1:9/api/consulta")
+        );
+        let none = Config::resolve(FileConfig::default(), |name| {
+            (name == "CATRACA_PNCP_BASE_URL").then(String::new)
+        })
+        .unwrap();
+        assert_eq!(none.executor_overrides, ExecutorOverrides::default());
     }
 
     #[test]

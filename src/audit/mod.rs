@@ -1,6 +1,8 @@
-//! The audit trail: canonical events, the per-writer hash chain and the group-committing writer.
+//! The audit trail: canonical events, the per-writer hash chain, the group-committing writer, and
+//! reading it back (verify, timeline, export).
 
 mod event;
+pub mod export;
 pub mod timeline;
 pub mod verify;
 mod writer;

@@ -127,6 +127,7 @@ fn step_status(e: &StepError) -> &'static str {
 
 #[async_trait]
 impl Executor for Composite {
+    #[tracing::instrument(skip_all, fields(action = %call.action, trace_id = %call.trace_id))]
     async fn execute(&self, call: ExecutorCall) -> Result<Value, ExecutorError> {
         let Some(runner) = call.steps.clone() else {
             return Err(ExecutorError::Failed(

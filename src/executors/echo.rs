@@ -29,6 +29,9 @@ pub(super) fn build(spec: &ExecutorSpec<'_>) -> Result<Arc<dyn Executor>, String
 
 #[async_trait]
 impl Executor for Echo {
+    // Debug level: echo is the benchmark's executor, and a span per call at the default level would be
+    // measured along with the gateway.
+    #[tracing::instrument(level = "debug", skip_all, fields(action = %call.action, trace_id = %call.trace_id))]
     async fn execute(&self, call: ExecutorCall) -> Result<Value, ExecutorError> {
         let requested = call
             .payload

@@ -15,6 +15,7 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::config::ExecutorOverrides;
 use crate::domain::{ActionName, ContextId, TraceId};
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -83,6 +84,9 @@ pub struct ExecutorEnv {
     pub metrics: Option<Metrics>,
     /// The executors folder: relative paths in settings (prompt templates) resolve here.
     pub dir: PathBuf,
+    /// Settings the configuration overrides for every executor of a kind (`CATRACA_LLM_BASE_URL`,
+    /// `CATRACA_LLM_MODEL`, `CATRACA_PNCP_BASE_URL`): executors never read those variables themselves.
+    pub overrides: ExecutorOverrides,
 }
 
 /// One executor file's name and settings, as a kind factory sees them.

@@ -2,6 +2,7 @@
 //! the URL scheme. Storage writes what it is given; ids and timestamps are made in the service layer.
 
 mod postgres;
+mod rows;
 mod sqlite;
 
 use std::collections::BTreeSet;
@@ -185,119 +186,8 @@ fn contexts_to_text(contexts: &Option<BTreeSet<ContextId>>) -> Option<String> {
     })
 }
 
-/// Row fields shared by both backends, in table order.
-type KeyRow = (
-    String,
-    String,
-    String,
-    Option<String>,
-    String,
-    String,
-    String,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-);
-
-fn key_from_row(row: KeyRow) -> Result<KeyRecord, StoreError> {
-    let (
-        key_id,
-        name,
-        role,
-        contexts,
-        tier,
-        secret_hash,
-        created_at,
-        expires_at,
-        revoked_at,
-        rotated_from,
-    ) = row;
-    let bad = |what: &str, e: crate::domain::ParseError| {
-        StoreError::Corrupt(format!("key {key_id}: {what}: {e}"))
-    };
-    let contexts = match contexts {
-        None => None,
-        Some(text) => {
-            let list: Vec<String> = serde_json::from_str(&text)
-                .map_err(|e| StoreError::Corrupt(format!("key {key_id}: contexts: {e}")))?;
-            Some(
-                list.iter()
-                    .map(|c| ContextId::parse(c))
-                    .collect::<Result<BTreeSet<_>, _>>()
-                    .map_err(|e| bad("contexts", e))?,
-            )
-        }
-    };
-    Ok(KeyRecord {
-        key_id: KeyId::parse(&key_id).map_err(|e| bad("key_id", e))?,
-        role: RoleName::parse(&role).map_err(|e| bad("role", e))?,
-        tier: TierName::parse(&tier).map_err(|e| bad("tier", e))?,
-        rotated_from: rotated_from
-            .map(|r| KeyId::parse(&r))
-            .transpose()
-            .map_err(|e| bad("rotated_from", e))?,
-        name,
-        contexts,
-        secret_hash,
-        created_at,
-        expires_at,
-        revoked_at,
-    })
-}
-
 /// Rows per multi-row snapshot INSERT: 4 columns each, far below either backend's parameter limit.
 const SNAPSHOT_CHUNK: usize = 1_000;
-
-/// Row fields of an audit event, in table order.
-type EventRow = (
-    String,
-    i64,
-    String,
-    String,
-    Option<String>,
-    String,
-    String,
-    String,
-    String,
-    String,
-);
-
-fn event_from_row(row: EventRow) -> SealedEvent {
-    let (
-        chain_id,
-        seq,
-        event_id,
-        event_type,
-        trace_id,
-        occurred_at,
-        instance_id,
-        prev_hash,
-        hash,
-        body,
-    ) = row;
-    SealedEvent {
-        chain_id,
-        seq,
-        event_id,
-        event_type,
-        trace_id,
-        occurred_at,
-        instance_id,
-        prev_hash,
-        hash,
-        body,
-    }
-}
-
-fn snapshot_from_row(
-    (record_id, content_hash, field_hashes): (String, String, String),
-) -> SnapshotRow {
-    SnapshotRow {
-        record_id,
-        content_hash,
-        field_hashes,
-    }
-}
 
 /// A row that only exists inside the rolled-back probe transaction.
 fn probe_event() -> SealedEvent {

@@ -7,10 +7,10 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Postgres, QueryBuilder, SqlSafeStr};
 
+use super::rows::{KeyRow, Sightings};
 use super::{
-    ChainInfo, ChainTail, CollectorRun, EventRow, KeyRecord, KeyRow, LockHolder, SNAPSHOT_CHUNK,
-    SnapshotRow, Store, StoreError, contexts_to_text, event_from_row, key_from_row, probe_event,
-    snapshot_from_row,
+    ChainInfo, ChainTail, CollectorRun, KeyRecord, LockHolder, SNAPSHOT_CHUNK, SnapshotRow, Store,
+    StoreError, contexts_to_text, probe_event,
 };
 use crate::audit::SealedEvent;
 use crate::domain::KeyId;
@@ -84,16 +84,19 @@ impl PgStore {
 
 #[async_trait]
 impl Store for PgStore {
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn migrate(&self) -> Result<(), StoreError> {
         migrator().run(&self.pool).await?;
         Ok(())
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(key_id = %k.key_id))]
     async fn insert_key(&self, k: &KeyRecord) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO api_keys (key_id, name, role, contexts, tier, secret_hash, created_at, expires_at, revoked_at, rotated_from) \
@@ -114,6 +117,7 @@ impl Store for PgStore {
         Ok(())
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(key_id = %key_id))]
     async fn get_key(&self, key_id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
         let row: Option<KeyRow> = sqlx::query_as(
             "SELECT key_id, name, role, contexts, tier, secret_hash, created_at, expires_at, revoked_at, rotated_from \
@@ -122,9 +126,10 @@ impl Store for PgStore {
         .bind(key_id.as_str())
         .fetch_optional(&self.pool)
         .await?;
-        row.map(key_from_row).transpose()
+        row.map(KeyRow::into_record).transpose()
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
         let rows: Vec<KeyRow> = sqlx::query_as(
             "SELECT key_id, name, role, contexts, tier, secret_hash, created_at, expires_at, revoked_at, rotated_from \
@@ -132,16 +137,18 @@ impl Store for PgStore {
         )
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter().map(key_from_row).collect()
+        rows.into_iter().map(KeyRow::into_record).collect()
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn count_keys(&self) -> Result<i64, StoreError> {
-        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM api_keys")
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_keys")
             .fetch_one(&self.pool)
             .await?;
         Ok(n)
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(key_id = %key_id))]
     async fn revoke_key(&self, key_id: &KeyId, at: &str) -> Result<bool, StoreError> {
         let done = sqlx::query(
             "UPDATE api_keys SET revoked_at = $1 WHERE key_id = $2 AND revoked_at IS NULL",
@@ -153,6 +160,7 @@ impl Store for PgStore {
         Ok(done.rows_affected() == 1)
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(old = %old, new = %new.key_id))]
     async fn rotate_key(&self, old: &KeyId, new: &KeyRecord, at: &str) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
@@ -186,6 +194,7 @@ impl Store for PgStore {
         Ok(true)
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(events = events.len()))]
     async fn append_events(&self, events: &[SealedEvent]) -> Result<(), StoreError> {
         // One multi-row INSERT is atomic by itself: a batch that fits in one statement needs no
         // BEGIN/COMMIT round trips (the group commit's common case).
@@ -199,6 +208,7 @@ impl Store for PgStore {
         Ok(())
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn probe_append(&self) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         Self::insert_events(&mut tx, &[probe_event()]).await?;
@@ -206,8 +216,9 @@ impl Store for PgStore {
         Ok(())
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(instance_id = instance_id))]
     async fn latest_chain_tail(&self, instance_id: &str) -> Result<Option<ChainTail>, StoreError> {
-        let row: Option<(String, i64, String)> = sqlx::query_as(
+        Ok(sqlx::query_as(
             "SELECT e.chain_id, e.seq, e.hash FROM audit_events e \
              WHERE e.chain_id = (SELECT chain_id FROM audit_events \
                                  WHERE instance_id = $1 AND event_type = 'CHAIN_OPENED' \
@@ -216,49 +227,39 @@ impl Store for PgStore {
         )
         .bind(instance_id)
         .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.map(|(chain_id, seq, hash)| ChainTail {
-            chain_id,
-            seq,
-            hash,
-        }))
+        .await?)
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(trace_id = trace_id))]
     async fn events_for_trace(&self, trace_id: &str) -> Result<Vec<SealedEvent>, StoreError> {
-        let rows: Vec<EventRow> = sqlx::query_as(
+        let events: Vec<SealedEvent> = sqlx::query_as(
             "SELECT chain_id, seq, event_id, event_type, trace_id, occurred_at, instance_id, prev_hash, hash, body \
              FROM audit_events WHERE trace_id = $1 ORDER BY occurred_at, chain_id, seq",
         )
         .bind(trace_id)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.into_iter().map(event_from_row).collect())
+        Ok(events)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn chains(&self) -> Result<Vec<ChainInfo>, StoreError> {
-        let rows: Vec<(String, i64, String)> = sqlx::query_as(
-            "SELECT chain_id, COUNT(*), MIN(occurred_at) FROM audit_events \
+        Ok(sqlx::query_as(
+            "SELECT chain_id, COUNT(*) AS events, MIN(occurred_at) AS first_at FROM audit_events \
              GROUP BY chain_id ORDER BY MIN(occurred_at), chain_id",
         )
         .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(chain_id, events, first_at)| ChainInfo {
-                chain_id,
-                events,
-                first_at,
-            })
-            .collect())
+        .await?)
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(chain_id = chain_id, after_seq = after_seq, limit = limit))]
     async fn chain_events(
         &self,
         chain_id: &str,
         after_seq: i64,
         limit: i64,
     ) -> Result<Vec<SealedEvent>, StoreError> {
-        let rows: Vec<EventRow> = sqlx::query_as(
+        let events: Vec<SealedEvent> = sqlx::query_as(
             "SELECT chain_id, seq, event_id, event_type, trace_id, occurred_at, instance_id, prev_hash, hash, body \
              FROM audit_events WHERE chain_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
         )
@@ -267,9 +268,10 @@ impl Store for PgStore {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.into_iter().map(event_from_row).collect())
+        Ok(events)
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(source = source, query_key = query_key, run_id = run_id))]
     async fn acquire_collector_lock(
         &self,
         source: &str,
@@ -300,7 +302,7 @@ impl Store for PgStore {
         if taken.rows_affected() == 1 {
             return Ok(None);
         }
-        let holder: Option<(String, String)> = sqlx::query_as(
+        let holder: Option<LockHolder> = sqlx::query_as(
             "SELECT run_id, acquired_at FROM collector_locks WHERE source = $1 AND query_key = $2",
         )
         .bind(source)
@@ -308,18 +310,13 @@ impl Store for PgStore {
         .fetch_optional(&self.pool)
         .await?;
         // Released between our insert and this read: report it as busy anyway; the caller retries.
-        Ok(Some(holder.map_or_else(
-            || LockHolder {
-                run_id: "?".into(),
-                acquired_at: now.into(),
-            },
-            |(run_id, acquired_at)| LockHolder {
-                run_id,
-                acquired_at,
-            },
-        )))
+        Ok(Some(holder.unwrap_or_else(|| LockHolder {
+            run_id: "?".into(),
+            acquired_at: now.into(),
+        })))
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(source = source, query_key = query_key, run_id = run_id))]
     async fn release_collector_lock(
         &self,
         source: &str,
@@ -337,12 +334,13 @@ impl Store for PgStore {
         Ok(())
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(source = source, query_key = query_key))]
     async fn collector_baseline(
         &self,
         source: &str,
         query_key: &str,
     ) -> Result<Option<(String, Vec<SnapshotRow>)>, StoreError> {
-        let run: Option<(String,)> = sqlx::query_as(
+        let run_id: Option<String> = sqlx::query_scalar(
             "SELECT run_id FROM collector_runs WHERE source = $1 AND query_key = $2 AND complete = 1 \
              ORDER BY finished_at DESC, run_id DESC LIMIT 1",
         )
@@ -350,21 +348,19 @@ impl Store for PgStore {
         .bind(query_key)
         .fetch_optional(&self.pool)
         .await?;
-        let Some((run_id,)) = run else {
+        let Some(run_id) = run_id else {
             return Ok(None);
         };
-        let rows: Vec<(String, String, String)> = sqlx::query_as(
+        let rows: Vec<SnapshotRow> = sqlx::query_as(
             "SELECT record_id, content_hash, field_hashes FROM collector_snapshots WHERE run_id = $1",
         )
         .bind(&run_id)
         .fetch_all(&self.pool)
         .await?;
-        Ok(Some((
-            run_id,
-            rows.into_iter().map(snapshot_from_row).collect(),
-        )))
+        Ok(Some((run_id, rows)))
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(run_id = %run.run_id, complete = run.complete, items = run.items))]
     async fn save_collector_run(
         &self,
         run: &CollectorRun,
@@ -419,20 +415,23 @@ impl Store for PgStore {
         Ok(())
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(source = source, record_id = record_id))]
     async fn record_sightings(
         &self,
         source: &str,
         record_id: &str,
     ) -> Result<Option<(String, String)>, StoreError> {
-        Ok(sqlx::query_as(
+        let seen: Option<Sightings> = sqlx::query_as(
             "SELECT first_seen, last_seen FROM collector_records WHERE source = $1 AND record_id = $2",
         )
         .bind(source)
         .bind(record_id)
         .fetch_optional(&self.pool)
-        .await?)
+        .await?;
+        Ok(seen.map(|s| (s.first_seen, s.last_seen)))
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(since = since, until = until, limit = limit))]
     async fn events_between(
         &self,
         since: &str,
@@ -441,7 +440,7 @@ impl Store for PgStore {
         limit: i64,
     ) -> Result<Vec<SealedEvent>, StoreError> {
         let (at, chain, seq) = after.unwrap_or(("", "", i64::MIN));
-        let rows: Vec<EventRow> = sqlx::query_as(
+        let events: Vec<SealedEvent> = sqlx::query_as(
             "SELECT chain_id, seq, event_id, event_type, trace_id, occurred_at, instance_id, prev_hash, hash, body \
              FROM audit_events \
              WHERE occurred_at >= $1 AND occurred_at < $2 AND (occurred_at, chain_id, seq) > ($3, $4, $5) \
@@ -455,6 +454,6 @@ impl Store for PgStore {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.into_iter().map(event_from_row).collect())
+        Ok(events)
     }
 }

@@ -7,19 +7,27 @@
 //! A partial run returns what it got with `complete: false` and is never a baseline, so an outage
 //! never reports the whole market as vanished.
 //!
-//! `CATRACA_PNCP_BASE_URL`, when set, overrides the `base_url` of every PNCP collector (it points at
-//! `…/api/consulta`).
+//! `CATRACA_PNCP_BASE_URL`, when set and not empty, overrides the `base_url` of every PNCP collector
+//! (it points at `…/api/consulta`); the configuration reads it and hands it over in
+//! `ExecutorEnv::overrides`.
+//!
+//! Files: `source.rs` (the HTTP source behind the `PageSource` trait, politeness, retries, cache, the page
+//! envelope), `diff.rs` (snapshots and their diff), and this one: settings, the run lock and the run.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+mod diff;
+mod source;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
+use self::diff::{Diff, snapshot_of};
+use self::source::{HttpSource, PagePolicy, Pages};
 use super::{Executor, ExecutorCall, ExecutorError, ExecutorSpec};
 use crate::audit::timestamp;
 use crate::metrics::Metrics;
@@ -103,83 +111,6 @@ fn default_lock_margin() -> u64 {
     60_000
 }
 
-/// Most cached pages kept per collector; the oldest are dropped first.
-const CACHE_CAPACITY: usize = 1_000;
-
-/// The HTTP side of a collector: one GET, answered with status, content type and a bounded body.
-#[async_trait]
-pub trait PageSource: Send + Sync {
-    async fn get(&self, url: &str, query: &[(String, String)]) -> Result<Fetched, FetchError>;
-}
-
-/// A response as the collector needs it.
-#[derive(Debug, Clone)]
-pub struct Fetched {
-    pub status: u16,
-    pub content_type: String,
-    pub body: Vec<u8>,
-}
-
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum FetchError {
-    #[error("no answer within {0} ms")]
-    Timeout(u64),
-    #[error("response larger than {0} bytes refused")]
-    TooLarge(usize),
-    #[error("unreachable: {0}")]
-    Unreachable(String),
-}
-
-/// reqwest with an explicit timeout, no proxies, bounded body reads.
-struct HttpSource {
-    client: reqwest::Client,
-    timeout_ms: u64,
-    max_bytes: usize,
-}
-
-#[async_trait]
-impl PageSource for HttpSource {
-    async fn get(&self, url: &str, query: &[(String, String)]) -> Result<Fetched, FetchError> {
-        let sent = self.client.get(url).query(query).send().await;
-        let mut resp = match sent {
-            Ok(r) => r,
-            Err(e) if e.is_timeout() => return Err(FetchError::Timeout(self.timeout_ms)),
-            Err(e) => return Err(FetchError::Unreachable(e.without_url().to_string())),
-        };
-        if resp
-            .content_length()
-            .is_some_and(|n| n > self.max_bytes as u64)
-        {
-            return Err(FetchError::TooLarge(self.max_bytes));
-        }
-        let status = resp.status().as_u16();
-        let content_type = resp
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
-        let mut body = Vec::new();
-        loop {
-            match resp.chunk().await {
-                Ok(Some(chunk)) => {
-                    if body.len() + chunk.len() > self.max_bytes {
-                        return Err(FetchError::TooLarge(self.max_bytes));
-                    }
-                    body.extend_from_slice(&chunk);
-                }
-                Ok(None) => break,
-                Err(e) if e.is_timeout() => return Err(FetchError::Timeout(self.timeout_ms)),
-                Err(e) => return Err(FetchError::Unreachable(e.without_url().to_string())),
-            }
-        }
-        Ok(Fetched {
-            status,
-            content_type,
-            body,
-        })
-    }
-}
 
 /// The PNCP query a payload asks for.
 #[derive(Debug, Clone, Deserialize)]
@@ -230,16 +161,6 @@ impl PncpQuery {
     }
 }
 
-/// The PNCP pagination envelope.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Envelope {
-    #[serde(default)]
-    data: Vec<Value>,
-    #[serde(default)]
-    total_paginas: Option<u32>,
-}
-
 /// A page the collector could not read, and why.
 #[derive(Debug, Clone)]
 struct PageError {
@@ -247,54 +168,12 @@ struct PageError {
     error: String,
 }
 
-/// A cached page: when it was fetched and its body.
-type CachedPage = (Instant, Arc<Vec<u8>>);
-
-struct Cache {
-    ttl: Duration,
-    pages: Mutex<HashMap<String, CachedPage>>,
-}
-
-impl Cache {
-    fn get(&self, key: &str) -> Option<Arc<Vec<u8>>> {
-        let pages = self.pages.lock().ok()?;
-        pages
-            .get(key)
-            .filter(|(at, _)| at.elapsed() < self.ttl)
-            .map(|(_, body)| body.clone())
-    }
-
-    fn put(&self, key: String, body: Arc<Vec<u8>>) {
-        if self.ttl.is_zero() {
-            return;
-        }
-        if let Ok(mut pages) = self.pages.lock() {
-            if pages.len() >= CACHE_CAPACITY {
-                let ttl = self.ttl;
-                pages.retain(|_, (at, _)| at.elapsed() < ttl);
-                if pages.len() >= CACHE_CAPACITY
-                    && let Some(oldest) = pages
-                        .iter()
-                        .min_by_key(|(_, (at, _))| *at)
-                        .map(|(k, _)| k.clone())
-                {
-                    pages.remove(&oldest);
-                }
-            }
-            pages.insert(key, (Instant::now(), body));
-        }
-    }
-}
-
 struct Collector {
     name: String,
     settings: Settings,
-    source: Arc<dyn PageSource>,
+    pages: Pages,
     store: Option<Arc<dyn Store>>,
     metrics: Option<Metrics>,
-    /// When the last request to the source was sent, to keep `min_interval_ms` between requests.
-    last_request: tokio::sync::Mutex<Option<Instant>>,
-    cache: Cache,
     /// The run lock lasts as long as the executor may run, plus `lock_margin_ms`.
     run_budget: Duration,
 }
@@ -311,79 +190,36 @@ pub(super) fn build(spec: &ExecutorSpec<'_>) -> Result<Arc<dyn Executor>, String
             settings.source
         ));
     }
-    if let Some(url) = crate::config::env_var("CATRACA_PNCP_BASE_URL")
-        && !url.is_empty()
-    {
-        settings.base_url = url;
+    if let Some(url) = &spec.env.overrides.pncp_base_url {
+        settings.base_url.clone_from(url);
     }
     settings.base_url = settings.base_url.trim_end_matches('/').to_owned();
     if !(1..=500).contains(&settings.page_size) || settings.max_pages == 0 {
         return Err("page_size must be 1..=500 and max_pages positive".into());
     }
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_millis(settings.request_timeout_ms))
-        .connect_timeout(Duration::from_millis(
-            settings.request_timeout_ms.min(10_000),
-        ))
-        .no_proxy()
-        .user_agent(concat!("catraca/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| format!("HTTP client: {e}"))?;
-    let source = Arc::new(HttpSource {
-        client,
-        timeout_ms: settings.request_timeout_ms,
-        max_bytes: settings.max_response_bytes,
-    });
+    let source = Arc::new(HttpSource::new(
+        settings.request_timeout_ms,
+        settings.max_response_bytes,
+    )?);
+    let pages = Pages::new(
+        spec.name,
+        source,
+        PagePolicy {
+            min_interval: Duration::from_millis(settings.min_interval_ms),
+            page_size: settings.page_size,
+            max_retries: settings.max_retries,
+            retry_backoff: Duration::from_millis(settings.retry_backoff_ms),
+            cache_ttl: Duration::from_secs(settings.cache_ttl_secs),
+        },
+    );
     Ok(Arc::new(Collector {
         name: spec.name.to_owned(),
-        cache: Cache {
-            ttl: Duration::from_secs(settings.cache_ttl_secs),
-            pages: Mutex::new(HashMap::new()),
-        },
         settings,
-        source,
+        pages,
         store: spec.env.store.clone(),
         metrics: spec.env.metrics.clone(),
-        last_request: tokio::sync::Mutex::new(None),
         run_budget: spec.timeout,
     }))
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
-
-fn canonical(v: &Value) -> Vec<u8> {
-    serde_json_canonicalizer::to_vec(v).unwrap_or_default()
-}
-
-/// Hash of the whole record and of each top-level field, both over canonical JSON (so key order and
-/// whitespace of the source never count as a change).
-fn snapshot_of(id: &str, record: &Value) -> SnapshotRow {
-    let fields: BTreeMap<&str, String> = record
-        .as_object()
-        .map(|o| {
-            o.iter()
-                .map(|(k, v)| (k.as_str(), sha256_hex(&canonical(v))))
-                .collect()
-        })
-        .unwrap_or_default();
-    SnapshotRow {
-        record_id: id.to_owned(),
-        content_hash: sha256_hex(&canonical(record)),
-        field_hashes: serde_json::to_string(&fields).unwrap_or_default(),
-    }
-}
-
-fn changed_fields(before: &str, after: &str) -> Vec<String> {
-    let parse = |s: &str| serde_json::from_str::<BTreeMap<String, String>>(s).unwrap_or_default();
-    let (a, b) = (parse(before), parse(after));
-    let names: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-    names
-        .into_iter()
-        .filter(|k| a.get(*k) != b.get(*k))
-        .cloned()
-        .collect()
 }
 
 impl Collector {
@@ -394,105 +230,11 @@ impl Collector {
                 .inc();
         }
     }
-
-    async fn wait_turn(&self) {
-        let mut last = self.last_request.lock().await;
-        let interval = Duration::from_millis(self.settings.min_interval_ms);
-        if let Some(at) = *last {
-            let since = at.elapsed();
-            if since < interval {
-                tokio::time::sleep(interval - since).await;
-            }
-        }
-        *last = Some(Instant::now());
-    }
-
-    /// One page, with retries; `Ok(None)` is an empty page (204 or empty body).
-    async fn page(
-        &self,
-        url: &str,
-        params: &[(String, String)],
-        page: u32,
-    ) -> Result<Option<Envelope>, String> {
-        let mut query = params.to_vec();
-        query.push(("pagina".to_owned(), page.to_string()));
-        query.push((
-            "tamanhoPagina".to_owned(),
-            self.settings.page_size.to_string(),
-        ));
-        let cache_key = format!(
-            "{url}?{}",
-            serde_json::to_string(&query).unwrap_or_default()
-        );
-        if let Some(body) = self.cache.get(&cache_key) {
-            return parse_page(&body).map_err(|e| format!("cached page: {e}"));
-        }
-        let mut attempt = 0;
-        let mut backoff = Duration::from_millis(self.settings.retry_backoff_ms);
-        loop {
-            self.wait_turn().await;
-            let error = match self.source.get(url, &query).await {
-                Err(FetchError::TooLarge(n)) => {
-                    return Err(format!("response larger than {n} bytes refused"));
-                }
-                Err(e) => e.to_string(),
-                Ok(f) if f.status == 204 => return Ok(None),
-                Ok(f) if f.status == 429 || f.status >= 500 => {
-                    format!("HTTP {}: {}", f.status, snippet(&f.body))
-                }
-                Ok(f) if f.status >= 400 => {
-                    // The source says the query is wrong; asking again will not help.
-                    return Err(format!("HTTP {}: {}", f.status, error_message(&f.body)));
-                }
-                Ok(f) => match parse_page(&f.body) {
-                    Ok(page) => {
-                        self.cache.put(cache_key, Arc::new(f.body));
-                        return Ok(page);
-                    }
-                    // HTML or plain text with a 200: a proxy or a maintenance page; try again.
-                    Err(e) => format!("HTTP {} ({}): {e}", f.status, f.content_type),
-                },
-            };
-            if attempt >= self.settings.max_retries {
-                return Err(format!("{error} (after {} attempts)", attempt + 1));
-            }
-            attempt += 1;
-            tracing::warn!(collector = %self.name, page, attempt, %error, "page failed; retrying");
-            tokio::time::sleep(backoff).await;
-            backoff = backoff.saturating_mul(2);
-        }
-    }
-}
-
-/// A short, single-line excerpt of a body for error messages.
-fn snippet(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    let one_line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    one_line.chars().take(120).collect()
-}
-
-/// The `message` of a Spring Boot error body, else a snippet.
-fn error_message(body: &[u8]) -> String {
-    serde_json::from_slice::<Value>(body)
-        .ok()
-        .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_owned))
-        .unwrap_or_else(|| snippet(body))
-}
-
-fn parse_page(body: &[u8]) -> Result<Option<Envelope>, String> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(None);
-    }
-    if body.trim_ascii_start().first() == Some(&b'<') {
-        return Err("an HTML body instead of JSON".into());
-    }
-    serde_json::from_slice::<Envelope>(body)
-        .map(Some)
-        .map_err(|e| format!("not a PNCP page: {e}"))
 }
 
 #[async_trait]
 impl Executor for Collector {
+    #[tracing::instrument(skip_all, fields(executor = %self.name, trace_id = %call.trace_id))]
     async fn execute(&self, call: ExecutorCall) -> Result<Value, ExecutorError> {
         if !self.settings.enabled {
             self.count_refusal("disabled");
@@ -580,7 +322,7 @@ impl Collector {
                 });
                 break;
             }
-            match self.page(&url, &params, page).await {
+            match self.pages.page(&url, &params, page).await {
                 Ok(None) => {
                     pages_read += 1;
                     break;
@@ -626,37 +368,13 @@ impl Collector {
             .collector_baseline(&self.settings.source, query_key)
             .await
             .map_err(|e| ExecutorError::Failed(format!("database: {e}")))?;
-        let before: HashMap<&str, &SnapshotRow> = baseline
-            .as_ref()
-            .map(|(_, rows)| rows.iter().map(|r| (r.record_id.as_str(), r)).collect())
-            .unwrap_or_default();
-        let mut new = Vec::new();
-        let mut changed = Vec::new();
-        for row in &snapshot {
-            match before.get(row.record_id.as_str()) {
-                None => new.push(Value::String(row.record_id.clone())),
-                Some(old) if old.content_hash != row.content_hash => changed.push(json!({
-                    "id": row.record_id,
-                    "fields": changed_fields(&old.field_hashes, &row.field_hashes),
-                })),
-                Some(_) => {}
-            }
-        }
-        // Only a complete run may say a record is gone; a partial one simply did not reach it.
-        let not_seen: Vec<Value> = if complete {
-            let now: BTreeSet<&str> = snapshot.iter().map(|r| r.record_id.as_str()).collect();
-            let mut gone: Vec<&str> = before
-                .keys()
-                .copied()
-                .filter(|id| !now.contains(id))
-                .collect();
-            gone.sort_unstable();
-            gone.into_iter()
-                .map(|id| Value::String(id.to_owned()))
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let diff = Diff::between(
+            baseline
+                .as_ref()
+                .map_or(&[][..], |(_, rows)| rows.as_slice()),
+            &snapshot,
+            complete,
+        );
         let error_values: Vec<Value> = errors
             .iter()
             .map(|e| json!({"page": e.page, "error": e.error}))
@@ -676,10 +394,11 @@ impl Collector {
             .save_collector_run(&run, &snapshot)
             .await
             .map_err(|e| ExecutorError::Failed(format!("database: {e}")))?;
-        let wanted: BTreeSet<&str> = new
+        let wanted: BTreeSet<&str> = diff
+            .new
             .iter()
             .filter_map(Value::as_str)
-            .chain(changed.iter().filter_map(|c| c["id"].as_str()))
+            .chain(diff.changed.iter().filter_map(|c| c["id"].as_str()))
             .collect();
         let fresh: Vec<&Value> = records
             .iter()
@@ -700,9 +419,9 @@ impl Collector {
             "items": run.items,
             "duplicates": duplicates,
             "baseline_run_id": baseline.map(|(id, _)| id),
-            "new": new,
-            "changed": changed,
-            "not_seen": not_seen,
+            "new": diff.new,
+            "changed": diff.changed,
+            "not_seen": diff.not_seen,
             "errors": error_values,
             "records": records_out,
             "records_truncated": records_truncated,
@@ -725,29 +444,5 @@ mod tests {
             q.key(),
             "publicacao?codigoModalidadeContratacao=8&dataFinal=20260917&dataInicial=20260917&uf=SP"
         );
-    }
-
-    #[test]
-    fn field_hashes_name_what_changed() {
-        let a = snapshot_of("x", &json!({"valor": 1, "objeto": "a", "gone": true}));
-        let b = snapshot_of("x", &json!({"objeto": "a", "valor": 2, "new": 1}));
-        assert_ne!(a.content_hash, b.content_hash);
-        assert_eq!(
-            changed_fields(&a.field_hashes, &b.field_hashes),
-            ["gone", "new", "valor"]
-        );
-        let c = snapshot_of("x", &json!({"objeto": "a", "valor": 1, "gone": true}));
-        assert_eq!(a.content_hash, c.content_hash, "key order is not a change");
-    }
-
-    #[test]
-    fn html_plain_text_and_empty_bodies_are_told_apart() {
-        assert!(parse_page(b"").unwrap().is_none());
-        assert!(parse_page(b"  <html><body>Limite</body></html>").is_err());
-        assert!(parse_page("Erro na comunicação com o banco de dados.".as_bytes()).is_err());
-        let p = parse_page(br#"{"data":[{"numeroControlePNCP":"1"}],"totalPaginas":3}"#)
-            .unwrap()
-            .unwrap();
-        assert_eq!(p.total_paginas, Some(3));
     }
 }

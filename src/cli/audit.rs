@@ -1,0 +1,106 @@
+//! `catraca audit verify | trace | export`: the trail as operators and auditors read it. The work is
+//! in `crate::audit`; this file prints.
+
+use std::io::Write as _;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+
+use super::{AuditCommand, ExportFormat};
+use crate::app;
+use crate::audit::export::{self, Export};
+use crate::audit::{timeline, verify};
+use crate::config::Config;
+
+pub(super) async fn audit_command(config: &Config, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        AuditCommand::Verify { file, quiet } => {
+            let progress = |n: u64| {
+                if !quiet {
+                    eprintln!("audit verify: {n} events checked ...");
+                }
+            };
+            let (what, report) = match &file {
+                Some(path) => (
+                    path.display().to_string(),
+                    verify::verify_file(path, progress)
+                        .with_context(|| format!("reading {}", path.display()))?,
+                ),
+                None => {
+                    let store = app::open_store(config).await?;
+                    (
+                        config.database_url.to_string(),
+                        verify::verify_store(store.as_ref(), progress).await?,
+                    )
+                }
+            };
+            let summary = format!(
+                "{} chains, {} events, {:.2}s ({what})",
+                report.chains,
+                report.events,
+                report.elapsed.as_secs_f64()
+            );
+            match report.finding {
+                None => {
+                    println!("audit verify: intact: {summary}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Some(f) => {
+                    println!(
+                        "audit verify: FAILED ({}) at chain {} seq {}: {}; checked {summary}",
+                        f.problem.as_str(),
+                        f.chain_id,
+                        f.seq,
+                        f.message
+                    );
+                    Ok(ExitCode::from(f.problem.exit_code()))
+                }
+            }
+        }
+        AuditCommand::Trace { trace_id, json } => {
+            let store = app::open_store(config).await?;
+            let events = store.events_for_trace(&trace_id).await?;
+            if json {
+                let list: Vec<_> = events.iter().map(|e| e.to_json()).collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"trace_id": trace_id, "events": list})
+                );
+            } else {
+                print!("{}", timeline::render(&trace_id, &events));
+            }
+            Ok(if events.is_empty() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        AuditCommand::Export {
+            since,
+            until,
+            format,
+        } => {
+            let mut export = Export::new(&since, until.as_deref())?;
+            let store = app::open_store(config).await?;
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            if matches!(format, ExportFormat::Csv) {
+                writeln!(out, "{}", export::CSV_HEADER)?;
+            }
+            loop {
+                let page = export.next_page(store.as_ref()).await?;
+                if page.is_empty() {
+                    break;
+                }
+                for e in &page {
+                    match format {
+                        ExportFormat::Jsonl => out.write_all(e.json_line().as_bytes())?,
+                        ExportFormat::Csv => writeln!(out, "{}", export::csv_line(e))?,
+                    }
+                }
+            }
+            out.flush()?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! The `catraca` command line. Each command builds what it needs from the one typed configuration;
+//! the commands of each group live in a file of their own (`serve`, `keys`, `policy`, `audit`).
+
+mod audit;
+mod keys;
+mod policy;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::app;
+use crate::config::Config;
+use crate::executors::ExecutorEnv;
+
+#[derive(Debug, Parser)]
+#[command(name = "catraca", version, about = "A governed agent gateway")]
+pub struct Cli {
+    /// Configuration file (default: ./catraca.toml when present). CATRACA_* variables override it.
+    #[arg(long, global = true, env = "CATRACA_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Migrate the database, load policies and executors, serve HTTP.
+    Serve,
+    /// Apply database migrations only.
+    Migrate,
+    /// Create, list, revoke and rotate API keys (each change is audited).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Validate policies or run their test cases.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Verify, trace and export the audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Verify every hash chain in the database (or one JSON Lines file). Exit 0 when intact; 3 hash
+    /// mismatch, 4 gap, 5 reordering, 6 truncation, 7 broken link, 1 could not verify.
+    Verify {
+        /// Verify this JSON Lines file instead of the database.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Print only the summary line.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Every event of one request, in chain order.
+    Trace {
+        trace_id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stream events with since <= occurred_at < until, for auditors.
+    Export {
+        /// RFC 3339 time or YYYY-MM-DD (UTC midnight).
+        #[arg(long)]
+        since: String,
+        /// RFC 3339 time or YYYY-MM-DD (default: now).
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
+        format: ExportFormat,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ExportFormat {
+    Jsonl,
+    Csv,
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Create a key and print it once.
+    Create(CreateArgs),
+    /// List keys (never their secrets).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key; it is refused from the next request on.
+    Revoke { key_id: String },
+    /// Replace a key with a new one (same name, role, contexts, tier) and revoke the old one.
+    Rotate {
+        key_id: String,
+        /// Lifetime of the new key, e.g. 90d, 12h.
+        #[arg(long)]
+        expires_in: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct CreateArgs {
+    #[arg(long)]
+    name: String,
+    #[arg(long)]
+    role: String,
+    /// Context the key may act in; repeat for several; none = every context.
+    #[arg(long = "context")]
+    contexts: Vec<String>,
+    /// Rate-limit tier (default: the policy's default tier).
+    #[arg(long)]
+    tier: Option<String>,
+    /// Lifetime, e.g. 90d, 12h, 30m.
+    #[arg(long)]
+    expires_in: Option<String>,
+    /// Print a JSON object (the key in field `key`) instead of the bare key.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Load executors and policies and report problems.
+    Check,
+    /// Run the cases in <policies>/tests/*.toml.
+    Test,
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// What commands that load executor files without serving give them: no database or metrics, the
+/// configuration's overrides (so `policy check` builds executors exactly as `serve` would).
+fn executor_env(config: &Config) -> ExecutorEnv {
+    ExecutorEnv {
+        overrides: config.executor_overrides.clone(),
+        ..ExecutorEnv::default()
+    }
+}
+
+/// Runs the command line; the exit code is the process's.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config = Config::load(cli.config.as_deref())?;
+    init_logging(&config.log);
+    match cli.command {
+        Command::Serve => serve::serve(config).await,
+        Command::Migrate => {
+            app::open_store(&config).await?;
+            eprintln!("migrations applied to {}", config.database_url);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys(cmd) => keys::keys_command(config, cmd).await,
+        Command::Policy(cmd) => policy::policy_command(&config, cmd),
+        Command::Audit(cmd) => audit::audit_command(&config, cmd).await,
+    }
+}
