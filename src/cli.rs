@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
-use crate::app::{self, Server};
+use crate::app;
 use crate::audit::{AuditLog, WriterOptions};
 use crate::config::Config;
 use crate::domain::{ContextId, KeyId, RoleName, TierName};
@@ -14,6 +14,7 @@ use crate::executors::Kinds;
 use crate::keys::{self, KeyView, NewKey};
 use crate::metrics::Metrics;
 use crate::policy::testcases;
+use crate::startup::Server;
 
 #[derive(Debug, Parser)]
 #[command(name = "catraca", version, about = "A governed agent gateway")]

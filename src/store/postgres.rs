@@ -12,8 +12,8 @@ use super::{
     SnapshotRow, Store, StoreError, contexts_to_text, event_from_row, key_from_row, probe_event,
     snapshot_from_row,
 };
-use crate::audit::SealedEvent;
 use crate::domain::KeyId;
+use crate::event::SealedEvent;
 
 /// Rows per multi-row INSERT: 10 columns each stays far below PostgreSQL's 65535 bound parameters.
 const INSERT_CHUNK: usize = 500;

@@ -13,8 +13,8 @@ use super::{
     SnapshotRow, Store, StoreError, contexts_to_text, event_from_row, key_from_row, probe_event,
     snapshot_from_row,
 };
-use crate::audit::SealedEvent;
 use crate::domain::KeyId;
+use crate::event::SealedEvent;
 
 /// How long a connection waits for SQLite's write lock (the CLI may write while the server runs).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
