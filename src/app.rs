@@ -1,8 +1,6 @@
-//! Start-up: the application state built from a configuration, and a server that binds its own
-//! listener (port 0 in tests) and shuts down cleanly, flushing the audit writer.
+//! The application state: everything a request needs, built once from a configuration (store, executors,
+//! policy, gates, audit writer), and the dev-mode policy reload that may swap its policy.
 
-use std::future::Future;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
@@ -216,59 +214,4 @@ pub fn spawn_policy_reload(app: Arc<App>) -> tokio::task::JoinHandle<()> {
             }
         }
     })
-}
-
-/// A built application bound to its listener.
-pub struct Server {
-    pub app: Arc<App>,
-    listener: tokio::net::TcpListener,
-    writer: WriterTask,
-}
-
-impl Server {
-    /// Builds the app and binds `config.listen` (port 0 picks a free port).
-    pub async fn bind(config: Config, kinds: Kinds) -> anyhow::Result<Self> {
-        let listen = config.listen;
-        let (app, writer) = build(config, &kinds).await?;
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("binding {listen}"))?;
-        Ok(Self {
-            app,
-            listener,
-            writer,
-        })
-    }
-
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
-    }
-
-    /// Serves until `shutdown` resolves, then drains connections and flushes the audit writer.
-    pub async fn run(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
-        let Self {
-            app,
-            listener,
-            writer,
-        } = self;
-        let reload = (app.config.mode == Mode::Dev).then(|| spawn_policy_reload(app.clone()));
-        let router = crate::http::router(app.clone());
-        let served = axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown)
-        .await;
-        if let Some(task) = reload {
-            task.abort();
-            let _ = task.await;
-        }
-        // The last handle to the audit log goes with the app; the writer then drains and stops.
-        drop(app);
-        writer.finish().await;
-        served.context("serving HTTP")
-    }
 }

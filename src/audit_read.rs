@@ -7,8 +7,8 @@ use serde_json::{Value, json};
 
 use crate::app::App;
 use crate::domain::TraceId;
-use crate::gates::authorize_permission;
-use crate::http::error::ApiError;
+use crate::error::ApiError;
+use crate::turnstile::authorize_permission;
 
 /// The permission the policy must grant to read the trail.
 pub const AUDIT_READ: &str = "audit.read";

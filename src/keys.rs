@@ -4,15 +4,38 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use serde::Serialize;
 use serde_json::json;
 use time::OffsetDateTime;
 
 use crate::audit::{AuditError, AuditLog, EventType, PendingEvent, timestamp};
 use crate::domain::{ApiKey, ContextId, KeyId, RoleName, TierName};
-use crate::gates::auth::hash_secret;
 use crate::policy::Policy;
 use crate::store::{KeyRecord, Store, StoreError};
+
+/// Hashes a new key's secret as an argon2id PHC string (library defaults: 19 MiB, t=2, p=1, OWASP's
+/// recommended floor).
+pub fn hash_secret(secret: &str) -> Result<String, String> {
+    let mut salt = [0u8; 16];
+    getrandom::fill(&mut salt).map_err(|e| e.to_string())?;
+    let salt = SaltString::encode_b64(&salt).map_err(|e| e.to_string())?;
+    Argon2::default()
+        .hash_password(secret.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// Whether `secret` is the one `phc` (an argon2id PHC string) was made from; a malformed hash never
+/// verifies.
+pub fn verify_secret(secret: &str, phc: &str) -> bool {
+    PasswordHash::new(phc).is_ok_and(|parsed| {
+        Argon2::default()
+            .verify_password(secret.as_bytes(), &parsed)
+            .is_ok()
+    })
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -264,6 +287,15 @@ pub async fn rotate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_verifies_only_against_its_own_hash() {
+        let phc = hash_secret("s3cret").unwrap();
+        assert!(phc.starts_with("$argon2id$"));
+        assert!(verify_secret("s3cret", &phc));
+        assert!(!verify_secret("s3cres", &phc));
+        assert!(!verify_secret("s3cret", "not a phc string"));
+    }
 
     #[test]
     fn durations_take_days_hours_minutes_and_seconds() {

@@ -6,7 +6,7 @@ use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::event::SealedEvent;
+use crate::event::SealedEvent;
 
 fn offset_ms(first: &str, at: &str) -> f64 {
     match (

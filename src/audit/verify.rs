@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::event::{GENESIS_HASH, SealedEvent, chain_hash};
+use crate::event::{GENESIS_HASH, SealedEvent, chain_hash};
 use crate::store::{Store, StoreError};
 
 /// Kinds of damage, each with its own exit code.

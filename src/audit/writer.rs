@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_appender::rolling::{RollingFileAppender, Rotation};
 
-use super::event::{EventType, GENESIS_HASH, PendingEvent, SealedEvent, seal};
+use crate::event::{EventType, GENESIS_HASH, PendingEvent, SealedEvent, seal};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 

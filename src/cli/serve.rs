@@ -2,9 +2,10 @@
 
 use std::process::ExitCode;
 
-use crate::app::{self, Server};
+use crate::app;
 use crate::config::Config;
 use crate::executors::Kinds;
+use crate::startup::Server;
 
 async fn shutdown_signal() {
     let ctrl_c = async {

@@ -18,6 +18,7 @@ use serde_json::Value;
 use crate::config::ExecutorOverrides;
 use crate::domain::{ActionName, ContextId, TraceId};
 use crate::metrics::Metrics;
+use crate::reason::ReasonCode;
 use crate::store::Store;
 
 /// What an executor is asked to do.
@@ -48,10 +49,10 @@ impl std::fmt::Debug for ExecutorCall {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StepError {
     /// The action matrix (or the input gate) refused the step for this principal.
-    #[error("step {action} refused: {}", reason_codes.join(", "))]
+    #[error("step {action} refused: {}", codes_text(reason_codes))]
     Refused {
         action: String,
-        reason_codes: Vec<String>,
+        reason_codes: Vec<ReasonCode>,
     },
     /// The step's executor failed or timed out.
     #[error("step {action} failed: {error}")]
@@ -62,6 +63,14 @@ pub enum StepError {
     /// The step could not be recorded: nothing more may run.
     #[error("step {action} could not be audited")]
     Unaudited { action: String },
+}
+
+fn codes_text(codes: &[ReasonCode]) -> String {
+    codes
+        .iter()
+        .map(ReasonCode::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Runs one step of a composite through the matrix and its executor, recording STEP_EXECUTED.

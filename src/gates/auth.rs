@@ -9,13 +9,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use argon2::Argon2;
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use axum::http::HeaderMap;
 use dashmap::DashMap;
 use sha2::{Digest, Sha256};
 
 use crate::domain::{ApiKey, ContextId, KeyId, RoleName, TierName};
+use crate::keys::verify_secret;
+use crate::reason::ReasonCode;
 use crate::store::{KeyRecord, Store, StoreError};
 
 /// An authenticated caller.
@@ -33,7 +33,7 @@ pub struct AuthenticatedKey {
 pub enum AuthRefusal {
     /// A reason code of the auth gate; `presented` is the key id when the key was well-formed.
     Denied {
-        reason: &'static str,
+        reason: ReasonCode,
         message: &'static str,
         presented: Option<KeyId>,
     },
@@ -42,26 +42,6 @@ pub enum AuthRefusal {
         retry_after: Duration,
     },
     Store(StoreError),
-}
-
-/// Hashes a new key's secret as an argon2id PHC string (library defaults: 19 MiB, t=2, p=1, OWASP's
-/// recommended floor).
-pub fn hash_secret(secret: &str) -> Result<String, String> {
-    let mut salt = [0u8; 16];
-    getrandom::fill(&mut salt).map_err(|e| e.to_string())?;
-    let salt = SaltString::encode_b64(&salt).map_err(|e| e.to_string())?;
-    Argon2::default()
-        .hash_password(secret.as_bytes(), &salt)
-        .map(|h| h.to_string())
-        .map_err(|e| e.to_string())
-}
-
-fn verify_secret(secret: &str, phc: &str) -> bool {
-    PasswordHash::new(phc).is_ok_and(|parsed| {
-        Argon2::default()
-            .verify_password(secret.as_bytes(), &parsed)
-            .is_ok()
-    })
 }
 
 /// The presented key from `X-API-Key` or `Authorization: Bearer`.
@@ -153,11 +133,6 @@ impl AuthGate {
         self.argon2_runs.load(Ordering::Relaxed)
     }
 
-    /// Drops every cached verification of `key_id` at once (local revoke or rotate).
-    pub fn forget(&self, key_id: &KeyId) {
-        self.cache.retain(|_, v| v.key_id != *key_id);
-    }
-
     fn cached(&self, digest: &[u8; 32], record: &KeyRecord) -> bool {
         self.cache.get(digest).is_some_and(|v| {
             v.key_id == record.key_id
@@ -174,13 +149,13 @@ impl AuthGate {
     ) -> Result<AuthenticatedKey, AuthRefusal> {
         let Some(text) = presented_key(headers).filter(|t| !t.is_empty()) else {
             return Err(AuthRefusal::Denied {
-                reason: "AUTH_MISSING_KEY",
+                reason: ReasonCode::AuthMissingKey,
                 message: "send the API key in X-API-Key or Authorization: Bearer",
                 presented: None,
             });
         };
         let invalid = |presented: Option<KeyId>| AuthRefusal::Denied {
-            reason: "AUTH_INVALID_KEY",
+            reason: ReasonCode::AuthInvalidKey,
             message: "the API key is not valid",
             presented,
         };
@@ -233,14 +208,14 @@ impl AuthGate {
         // The row is read on every request, so a revoke by any process counts from the next request.
         if record.revoked_at.is_some() {
             return Err(AuthRefusal::Denied {
-                reason: "AUTH_KEY_REVOKED",
+                reason: ReasonCode::AuthKeyRevoked,
                 message: "the API key was revoked",
                 presented: Some(record.key_id),
             });
         }
         if record.expires_at.as_deref().is_some_and(|exp| exp <= now) {
             return Err(AuthRefusal::Denied {
-                reason: "AUTH_KEY_EXPIRED",
+                reason: ReasonCode::AuthKeyExpired,
                 message: "the API key has expired",
                 presented: Some(record.key_id),
             });
@@ -258,15 +233,6 @@ impl AuthGate {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_secret_verifies_only_against_its_own_hash() {
-        let phc = hash_secret("s3cret").unwrap();
-        assert!(phc.starts_with("$argon2id$"));
-        assert!(verify_secret("s3cret", &phc));
-        assert!(!verify_secret("s3cres", &phc));
-        assert!(!verify_secret("s3cret", "not a phc string"));
-    }
 
     #[test]
     fn keys_are_read_from_either_header() {

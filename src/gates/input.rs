@@ -1,5 +1,7 @@
-//! G3: input. Body size limit, well-formed JSON, the `{action, context_id, payload}` envelope, a known
-//! action and context, and the payload valid against the action's JSON Schema (compiled at load).
+//! G3: input. Body size limit, well-formed JSON and the `{action, context_id, payload}` envelope
+//! ([`read_body`], [`parse_envelope`]); then the policy's half ([`admit`]), which composite steps pass
+//! too: a known action with an executor, a known context, and the payload valid against the action's
+//! JSON Schema (compiled at load).
 
 use std::sync::Arc;
 
@@ -7,9 +9,17 @@ use axum::body::{Body, Bytes};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::Value;
 
-use crate::audit::digest_of;
+use crate::audit::canonical_digest;
 use crate::domain::ContextId;
 use crate::policy::{Action, Policy, Violation};
+use crate::reason::ReasonCode;
+
+/// What a well-formed body asks for, before the policy has looked at it.
+pub struct Envelope {
+    pub action: String,
+    pub context: String,
+    pub payload: Value,
+}
 
 /// A request that passed G3.
 pub struct ValidInput {
@@ -22,7 +32,7 @@ pub struct ValidInput {
 
 /// Why G3 refused; `action` is the requested action when the policy knows it (for metrics).
 pub struct InputRefusal {
-    pub reason: &'static str,
+    pub reason: ReasonCode,
     pub message: String,
     pub violations: Vec<Violation>,
     pub action: Option<Arc<Action>>,
@@ -31,7 +41,7 @@ pub struct InputRefusal {
 }
 
 impl InputRefusal {
-    fn new(reason: &'static str, message: impl Into<String>) -> Self {
+    fn new(reason: ReasonCode, message: impl Into<String>) -> Self {
         Self {
             reason,
             message: message.into(),
@@ -50,7 +60,7 @@ pub async fn read_body(
 ) -> Result<Bytes, InputRefusal> {
     let too_large = || {
         InputRefusal::new(
-            "INPUT_TOO_LARGE",
+            ReasonCode::InputTooLarge,
             format!("the request body is larger than {limit} bytes"),
         )
     };
@@ -61,7 +71,7 @@ pub async fn read_body(
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<LengthLimitError>() => Err(too_large()),
         Err(e) => Err(InputRefusal::new(
-            "INPUT_MALFORMED_JSON",
+            ReasonCode::InputMalformedJson,
             format!("the request body could not be read: {e}"),
         )),
     }
@@ -74,11 +84,11 @@ fn violation(pointer: &str, message: &str) -> Violation {
     }
 }
 
-/// Parses and validates the body against `policy`.
-pub fn validate(policy: &Policy, bytes: &[u8]) -> Result<ValidInput, InputRefusal> {
+/// Parses the body as the `{action, context_id, payload}` envelope; a missing payload is `{}`.
+pub fn parse_envelope(bytes: &[u8]) -> Result<Envelope, InputRefusal> {
     let mut value: Value = serde_json::from_slice(bytes).map_err(|e| {
         InputRefusal::new(
-            "INPUT_MALFORMED_JSON",
+            ReasonCode::InputMalformedJson,
             format!("the request body is not valid JSON: {e}"),
         )
     })?;
@@ -86,7 +96,7 @@ pub fn validate(policy: &Policy, bytes: &[u8]) -> Result<ValidInput, InputRefusa
         return Err(InputRefusal {
             violations: vec![violation("", "the body must be a JSON object")],
             ..InputRefusal::new(
-                "INPUT_SCHEMA_INVALID",
+                ReasonCode::InputSchemaInvalid,
                 "the request body must be a JSON object",
             )
         });
@@ -136,22 +146,40 @@ pub fn validate(policy: &Policy, bytes: &[u8]) -> Result<ValidInput, InputRefusa
         return Err(InputRefusal {
             violations,
             ..InputRefusal::new(
-                "INPUT_SCHEMA_INVALID",
+                ReasonCode::InputSchemaInvalid,
                 "the request body does not match {action, context_id, payload}",
             )
         });
     };
-    let Some(action) = policy.action(&action).cloned() else {
+    Ok(Envelope {
+        action,
+        context,
+        payload,
+    })
+}
+
+/// The policy's half of G3: the action exists and has an executor, the context exists, the payload
+/// matches the action's schema. Its canonical digest is what the audit keeps.
+pub fn admit(
+    policy: &Policy,
+    action: &str,
+    context: &str,
+    payload: Value,
+) -> Result<ValidInput, InputRefusal> {
+    let Some(action) = policy.action(action).cloned() else {
         return Err(InputRefusal {
-            requested_action: Some(action),
-            ..InputRefusal::new("ACTION_UNKNOWN", "the action is not defined in the policy")
+            requested_action: Some(action.to_owned()),
+            ..InputRefusal::new(
+                ReasonCode::ActionUnknown,
+                "the action is not defined in the policy",
+            )
         });
     };
     if action.executor.is_none() {
         return Err(InputRefusal {
             requested_action: Some(action.name.to_string()),
             ..InputRefusal::new(
-                "ACTION_UNKNOWN",
+                ReasonCode::ActionUnknown,
                 format!(
                     "{} is a permission for another route, not an action /process runs",
                     action.name
@@ -159,13 +187,13 @@ pub fn validate(policy: &Policy, bytes: &[u8]) -> Result<ValidInput, InputRefusa
             )
         });
     }
-    let context = match ContextId::parse(&context) {
+    let context = match ContextId::parse(context) {
         Ok(c) if policy.has_context(c.as_str()) => c,
         _ => {
             return Err(InputRefusal {
                 action: Some(action),
                 ..InputRefusal::new(
-                    "CONTEXT_UNKNOWN",
+                    ReasonCode::ContextUnknown,
                     "the context is not defined in the policy",
                 )
             });
@@ -184,13 +212,21 @@ pub fn validate(policy: &Policy, bytes: &[u8]) -> Result<ValidInput, InputRefusa
             ),
             violations,
             action: Some(action),
-            reason: "INPUT_SCHEMA_INVALID",
+            reason: ReasonCode::InputSchemaInvalid,
             requested_action: None,
         });
     }
-    let canonical = serde_json_canonicalizer::to_vec(&payload).unwrap_or_default();
+    let payload_digest = match canonical_digest(&payload) {
+        Ok(digest) => digest,
+        Err(e) => {
+            return Err(InputRefusal {
+                action: Some(action),
+                ..InputRefusal::new(ReasonCode::InputMalformedJson, e.to_string())
+            });
+        }
+    };
     Ok(ValidInput {
-        payload_digest: digest_of(&canonical),
+        payload_digest,
         action,
         context,
         payload,

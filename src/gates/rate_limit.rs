@@ -1,7 +1,6 @@
 //! G2: per-key rate limit with the quota of the key's tier. In-process `governor` (GCRA) by default;
 //! the trait lets a shared limiter take its place for several instances.
 
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +10,7 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter as Gcra};
 
 use crate::domain::{KeyId, TierName};
-use crate::policy::TierDef;
+use crate::policy::Tier;
 
 /// The limiter's answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,20 +30,14 @@ pub trait RateLimiter: Send + Sync + 'static {
         &self,
         key: &KeyId,
         tier_name: &TierName,
-        tier: &TierDef,
+        tier: &Tier,
     ) -> Result<RateDecision, RateLimitUnavailable>;
 }
 
 /// One GCRA limiter per tier, keyed by key id; rebuilt when a reload changes the tier's quota.
 #[derive(Default)]
 pub struct InProcessLimiter {
-    tiers: DashMap<TierName, (TierDef, Arc<DefaultKeyedRateLimiter<KeyId>>)>,
-}
-
-fn quota(tier: &TierDef) -> Option<Quota> {
-    let rate = NonZeroU32::new(tier.per_second)?;
-    let burst = NonZeroU32::new(tier.burst)?;
-    Some(Quota::per_second(rate).allow_burst(burst))
+    tiers: DashMap<TierName, (Tier, Arc<DefaultKeyedRateLimiter<KeyId>>)>,
 }
 
 #[async_trait]
@@ -53,23 +46,19 @@ impl RateLimiter for InProcessLimiter {
         &self,
         key: &KeyId,
         tier_name: &TierName,
-        tier: &TierDef,
+        tier: &Tier,
     ) -> Result<RateDecision, RateLimitUnavailable> {
-        if tier.unlimited {
+        let Tier::Limited { per_second, burst } = *tier else {
             return Ok(RateDecision::Allowed);
-        }
-        let Some(quota) = quota(tier) else {
-            return Err(RateLimitUnavailable(format!(
-                "tier {tier_name} has no usable quota"
-            )));
         };
+        let quota = Quota::per_second(per_second).allow_burst(burst);
         let limiter = {
             let mut entry = self
                 .tiers
                 .entry(tier_name.clone())
-                .or_insert_with(|| (tier.clone(), Arc::new(Gcra::keyed(quota))));
+                .or_insert_with(|| (*tier, Arc::new(Gcra::keyed(quota))));
             if entry.0 != *tier {
-                *entry = (tier.clone(), Arc::new(Gcra::keyed(quota)));
+                *entry = (*tier, Arc::new(Gcra::keyed(quota)));
             }
             entry.1.clone()
         };
@@ -84,15 +73,16 @@ impl RateLimiter for InProcessLimiter {
 
 #[cfg(test)]
 mod tests {
+    use std::num::NonZeroU32;
+
     use super::*;
 
     #[tokio::test]
     async fn a_burst_is_allowed_then_limited_per_key() {
         let limiter = InProcessLimiter::default();
-        let tier = TierDef {
-            per_second: 1,
-            burst: 3,
-            unlimited: false,
+        let tier = Tier::Limited {
+            per_second: NonZeroU32::new(1).unwrap(),
+            burst: NonZeroU32::new(3).unwrap(),
         };
         let name = TierName::parse("standard").unwrap();
         let a = KeyId::parse("00000000000000aa").unwrap();
@@ -116,11 +106,7 @@ mod tests {
     #[tokio::test]
     async fn unlimited_tiers_always_pass() {
         let limiter = InProcessLimiter::default();
-        let tier = TierDef {
-            per_second: 0,
-            burst: 0,
-            unlimited: true,
-        };
+        let tier = Tier::Unlimited;
         let name = TierName::parse("unlimited").unwrap();
         let k = KeyId::parse("00000000000000aa").unwrap();
         for _ in 0..1000 {

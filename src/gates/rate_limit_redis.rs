@@ -10,7 +10,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::rate_limit::{RateDecision, RateLimitUnavailable, RateLimiter};
 use crate::domain::{KeyId, TierName};
-use crate::policy::TierDef;
+use crate::policy::Tier;
 
 /// GCRA: `tat` (theoretical arrival time, µs) per key; a request is allowed when `tat + interval -
 /// burst * interval <= now`. Returns {allowed, wait_us}.
@@ -75,23 +75,18 @@ impl RateLimiter for RedisLimiter {
         &self,
         key: &KeyId,
         tier_name: &TierName,
-        tier: &TierDef,
+        tier: &Tier,
     ) -> Result<RateDecision, RateLimitUnavailable> {
-        if tier.unlimited {
+        let Tier::Limited { per_second, burst } = *tier else {
             return Ok(RateDecision::Allowed);
-        }
-        if tier.per_second == 0 || tier.burst == 0 {
-            return Err(RateLimitUnavailable(format!(
-                "tier {tier_name} has no usable quota"
-            )));
-        }
-        let interval_us = 1_000_000 / u64::from(tier.per_second).max(1);
+        };
+        let interval_us = 1_000_000 / u64::from(per_second.get());
         let decision = async {
             let mut conn = self.connection().await?;
             self.script
                 .key(format!("catraca:rl:{tier_name}:{key}"))
                 .arg(interval_us)
-                .arg(tier.burst)
+                .arg(burst.get())
                 .invoke_async::<(i64, i64)>(&mut conn)
                 .await
                 .map_err(|e| RateLimitUnavailable(format!("redis: {e}")))

@@ -1,7 +1,5 @@
 //! HTTP routes. Handlers are thin: extract, call one service function, map the result.
 
-pub mod error;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,8 +19,9 @@ use utoipa::{OpenApi, ToSchema};
 use crate::app::App;
 use crate::audit::timestamp;
 use crate::domain::TraceId;
-use crate::gates::{self, ActionResult, Incoming, trace};
-use error::{ApiError, ErrorBody};
+use crate::error::{ApiError, ErrorBody};
+use crate::gates::trace;
+use crate::turnstile::{self, ActionResult, Incoming};
 
 /// The body of `POST /process` (parsed by the input gate, described here for OpenAPI).
 #[derive(Debug, Serialize, ToSchema)]
@@ -174,7 +173,7 @@ async fn process_action(
         client: peer.ip(),
         body,
     };
-    gates::process(&app, incoming).await.map(Json)
+    turnstile::process(&app, incoming).await.map(Json)
 }
 
 /// Liveness.

@@ -6,8 +6,9 @@ use std::collections::BTreeSet;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{DEFAULT_DENY_REASON, Effect, Policy, PolicyError, RuleFile};
+use super::{Effect, Policy, PolicyError, RuleFile};
 use crate::domain::{ActionName, ContextId, RoleName};
+use crate::reason::ReasonCode;
 
 /// Who is asking: what the key grants, as the matrix sees it.
 #[derive(Debug, Clone)]
@@ -21,7 +22,7 @@ pub struct Principal {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MatrixDecision {
     pub allowed: bool,
-    pub reason_codes: Vec<String>,
+    pub reason_codes: Vec<ReasonCode>,
     /// Ids of the rules that decided: the matching deny rules, else the matching allow rules.
     pub determining_rules: Vec<String>,
 }
@@ -196,7 +197,8 @@ pub(super) struct Rule {
     roles: Vec<Pattern>,
     contexts: Vec<Pattern>,
     actions: Vec<Pattern>,
-    reason_code: Option<String>,
+    /// What a matching deny rule refuses with (`ACTION_FORBIDDEN` unless the rule names its own).
+    reason_code: ReasonCode,
     when: Vec<Condition>,
 }
 
@@ -249,7 +251,10 @@ impl Rule {
             roles,
             contexts,
             actions,
-            reason_code: raw.reason_code,
+            reason_code: raw
+                .reason_code
+                .as_deref()
+                .map_or(ReasonCode::ActionForbidden, ReasonCode::for_rule),
             when: raw.when,
         })
     }
@@ -284,10 +289,10 @@ impl Rule {
     }
 }
 
-fn deny(reason: &str, rules: Vec<String>) -> MatrixDecision {
+fn deny(reason: ReasonCode, rules: Vec<String>) -> MatrixDecision {
     MatrixDecision {
         allowed: false,
-        reason_codes: vec![reason.to_owned()],
+        reason_codes: vec![reason],
         determining_rules: rules,
     }
 }
@@ -301,12 +306,15 @@ pub(super) fn evaluate(
 ) -> MatrixDecision {
     let Some(roles) = policy.effective_roles.get(&principal.role) else {
         // The key's role was removed from the policy after the key was made: cannot evaluate, deny.
-        return deny("POLICY_EVAL_ERROR", vec![]);
+        return deny(ReasonCode::PolicyEvalError, vec![]);
     };
     if let Some(allowed) = &principal.contexts
         && !allowed.contains(context)
     {
-        return deny("CONTEXT_FORBIDDEN", vec![KEY_CONTEXTS_RULE.to_owned()]);
+        return deny(
+            ReasonCode::ContextForbidden,
+            vec![KEY_CONTEXTS_RULE.to_owned()],
+        );
     }
     let mut denies: Vec<&Rule> = Vec::new();
     let mut allows: Vec<&Rule> = Vec::new();
@@ -317,16 +325,15 @@ pub(super) fn evaluate(
             Ok(false) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "policy evaluation error");
-                return deny("POLICY_EVAL_ERROR", vec![e.rule]);
+                return deny(ReasonCode::PolicyEvalError, vec![e.rule]);
             }
         }
     }
     if !denies.is_empty() {
-        let mut codes: Vec<String> = Vec::new();
+        let mut codes: Vec<ReasonCode> = Vec::new();
         for rule in &denies {
-            let code = rule.reason_code.as_deref().unwrap_or(DEFAULT_DENY_REASON);
-            if !codes.iter().any(|c| c == code) {
-                codes.push(code.to_owned());
+            if !codes.contains(&rule.reason_code) {
+                codes.push(rule.reason_code.clone());
             }
         }
         return MatrixDecision {
@@ -342,7 +349,7 @@ pub(super) fn evaluate(
             determining_rules: allows.iter().map(|r| r.id.clone()).collect(),
         };
     }
-    deny("NO_MATCHING_RULE", vec![])
+    deny(ReasonCode::NoMatchingRule, vec![])
 }
 
 #[cfg(test)]
@@ -420,7 +427,7 @@ reason_code = "CONTEXT_FORBIDDEN"
     fn nothing_matching_is_denied_by_default() {
         let p = policy(RULES);
         let d = eval(&p, "analyst", "work", "lic.collect", json!({}));
-        assert_eq!(d, deny("NO_MATCHING_RULE", vec![]));
+        assert_eq!(d, deny(ReasonCode::NoMatchingRule, vec![]));
     }
 
     #[test]
@@ -436,7 +443,7 @@ reason_code = "CONTEXT_FORBIDDEN"
         let p = policy(RULES);
         let d = eval(&p, "admin", "partner", "lic.summarize", json!({}));
         assert!(!d.allowed);
-        assert_eq!(d.reason_codes, vec!["CONTEXT_FORBIDDEN"]);
+        assert_eq!(d.reason_codes, vec![ReasonCode::ContextForbidden]);
         assert_eq!(d.determining_rules, vec!["partner-echo-only"]);
         assert!(eval(&p, "admin", "partner", "echo", json!({})).allowed);
     }
@@ -454,7 +461,7 @@ reason_code = "CONTEXT_FORBIDDEN"
             &ActionName::parse("echo").unwrap(),
             &json!({}),
         );
-        assert_eq!(d.reason_codes, vec!["CONTEXT_FORBIDDEN"]);
+        assert_eq!(d.reason_codes, vec![ReasonCode::ContextForbidden]);
         assert_eq!(d.determining_rules, vec![KEY_CONTEXTS_RULE]);
     }
 
@@ -470,7 +477,7 @@ reason_code = "CONTEXT_FORBIDDEN"
             "lic.summarize",
             json!({"text": "abcdef"}),
         );
-        assert_eq!(d.reason_codes, vec!["TEXT_TOO_LONG"]);
+        assert_eq!(d.reason_codes, vec![ReasonCode::for_rule("TEXT_TOO_LONG")]);
         let d = eval(
             &p,
             "analyst",
@@ -480,13 +487,16 @@ reason_code = "CONTEXT_FORBIDDEN"
         );
         assert!(d.allowed);
         let d = eval(&p, "analyst", "work", "lic.summarize", json!({"text": 7}));
-        assert_eq!(d, deny("POLICY_EVAL_ERROR", vec!["long-text".to_owned()]));
+        assert_eq!(
+            d,
+            deny(ReasonCode::PolicyEvalError, vec!["long-text".to_owned()])
+        );
     }
 
     #[test]
     fn an_unknown_role_cannot_be_evaluated_and_is_denied() {
         let p = policy(RULES);
         let d = eval(&p, "ghost", "work", "echo", json!({}));
-        assert_eq!(d.reason_codes, vec!["POLICY_EVAL_ERROR"]);
+        assert_eq!(d.reason_codes, vec![ReasonCode::PolicyEvalError]);
     }
 }

@@ -5,6 +5,7 @@ mod matrix;
 pub mod testcases;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -14,9 +15,6 @@ use sha2::{Digest, Sha256};
 pub use matrix::{EvalError, MatrixDecision, Principal};
 
 use crate::domain::{ActionName, ContextId, RoleName, TierName};
-
-/// Reason code of a deny rule that names none of its own.
-pub const DEFAULT_DENY_REASON: &str = "ACTION_FORBIDDEN";
 
 /// Why a policy could not be loaded; the message names the file and the offending item.
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +34,7 @@ struct PolicyFile {
     #[serde(default)]
     contexts: BTreeMap<ContextId, ContextDef>,
     #[serde(default)]
-    tiers: BTreeMap<TierName, TierDef>,
+    tiers: BTreeMap<TierName, TierFile>,
     #[serde(default)]
     actions: BTreeMap<ActionName, ActionFile>,
     #[serde(default)]
@@ -67,16 +65,44 @@ struct ContextDef {
     description: String,
 }
 
-/// A rate-limit tier: a sustained rate with a burst, or `unlimited` (the gate still runs and is audited).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+/// A rate-limit tier as written in a policy file; checked into a [`Tier`] at load.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TierDef {
+struct TierFile {
     #[serde(default)]
-    pub per_second: u32,
+    per_second: u32,
     #[serde(default)]
-    pub burst: u32,
+    burst: u32,
     #[serde(default)]
-    pub unlimited: bool,
+    unlimited: bool,
+}
+
+/// A rate-limit tier: a sustained rate with a burst, or unlimited (the gate still runs and is audited).
+/// Made only by the policy load, so a limiter never meets a tier without a usable quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    Unlimited,
+    Limited {
+        per_second: NonZeroU32,
+        burst: NonZeroU32,
+    },
+}
+
+impl Tier {
+    fn parse(name: &TierName, file: &TierFile) -> Result<Self, PolicyError> {
+        if file.unlimited {
+            return Ok(Self::Unlimited);
+        }
+        match (
+            NonZeroU32::new(file.per_second),
+            NonZeroU32::new(file.burst),
+        ) {
+            (Some(per_second), Some(burst)) => Ok(Self::Limited { per_second, burst }),
+            _ => err(format!(
+                "tier {name}: set per_second and burst (both > 0), or unlimited = true"
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -167,7 +193,7 @@ pub struct Policy {
     /// Each role with every role it inherits from, itself included.
     effective_roles: HashMap<RoleName, BTreeSet<RoleName>>,
     contexts: BTreeMap<ContextId, ContextDef>,
-    tiers: BTreeMap<TierName, TierDef>,
+    tiers: BTreeMap<TierName, Tier>,
     default_tier: TierName,
     actions: BTreeMap<ActionName, Arc<Action>>,
     rules: Vec<matrix::Rule>,
@@ -217,17 +243,15 @@ impl Policy {
         executor_exists: impl Fn(&str) -> bool,
     ) -> Result<Self, PolicyError> {
         let effective_roles = resolve_roles(&file.roles)?;
-        for (name, tier) in &file.tiers {
-            if !tier.unlimited && (tier.per_second == 0 || tier.burst == 0) {
-                return err(format!(
-                    "tier {name}: set per_second and burst (both > 0), or unlimited = true"
-                ));
-            }
-        }
+        let tiers = file
+            .tiers
+            .iter()
+            .map(|(name, raw)| Ok((name.clone(), Tier::parse(name, raw)?)))
+            .collect::<Result<BTreeMap<_, _>, PolicyError>>()?;
         let default_tier = file
             .default_tier
             .unwrap_or_else(|| TierName::parse("standard").unwrap_or_else(|_| unreachable!()));
-        if !file.tiers.contains_key(&default_tier) {
+        if !tiers.contains_key(&default_tier) {
             return err(format!("default_tier {default_tier} is not a defined tier"));
         }
         let mut actions = BTreeMap::new();
@@ -300,7 +324,7 @@ impl Policy {
             roles: file.roles,
             effective_roles,
             contexts: file.contexts,
-            tiers: file.tiers,
+            tiers,
             default_tier,
             actions,
             rules,
@@ -331,7 +355,7 @@ impl Policy {
 
     /// The tier's definition; a key whose tier was removed from the policy falls back to the default
     /// tier rather than to no limit at all.
-    pub fn tier(&self, name: &TierName) -> (&TierName, &TierDef) {
+    pub fn tier(&self, name: &TierName) -> (&TierName, &Tier) {
         match self.tiers.get_key_value(name) {
             Some(found) => found,
             None => self
@@ -341,7 +365,7 @@ impl Policy {
         }
     }
 
-    pub fn tiers(&self) -> impl Iterator<Item = (&TierName, &TierDef)> {
+    pub fn tiers(&self) -> impl Iterator<Item = (&TierName, &Tier)> {
         self.tiers.iter()
     }
 

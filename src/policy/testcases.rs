@@ -89,7 +89,7 @@ fn decide(policy: &Policy, case: &Case) -> Outcome {
         } else {
             Effect::Deny
         },
-        reason_codes: d.reason_codes,
+        reason_codes: d.reason_codes.iter().map(ToString::to_string).collect(),
         rules: d.determining_rules,
     }
 }

@@ -13,9 +13,9 @@ use async_trait::async_trait;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
-use crate::audit::SealedEvent;
 use crate::config::DatabaseUrl;
 use crate::domain::{ContextId, KeyId, RoleName, TierName};
+use crate::event::SealedEvent;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -197,7 +197,7 @@ fn probe_event() -> SealedEvent {
         event_id: format!("probe-{}", uuid::Uuid::now_v7()),
         event_type: "PROBE".into(),
         trace_id: None,
-        occurred_at: crate::audit::timestamp(time::OffsetDateTime::now_utc()),
+        occurred_at: crate::event::timestamp(time::OffsetDateTime::now_utc()),
         instance_id: "probe".into(),
         prev_hash: String::new(),
         hash: String::new(),

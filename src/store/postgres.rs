@@ -12,8 +12,8 @@ use super::{
     ChainInfo, ChainTail, CollectorRun, KeyRecord, LockHolder, SNAPSHOT_CHUNK, SnapshotRow, Store,
     StoreError, contexts_to_text, probe_event,
 };
-use crate::audit::SealedEvent;
 use crate::domain::KeyId;
+use crate::event::SealedEvent;
 
 /// Rows per multi-row INSERT: 10 columns each stays far below PostgreSQL's 65535 bound parameters.
 const INSERT_CHUNK: usize = 500;

@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 use sqlx::{ColumnIndex, Decode, FromRow, Row, Type};
 
 use super::{ChainInfo, ChainTail, KeyRecord, LockHolder, SnapshotRow, StoreError};
-use crate::audit::SealedEvent;
 use crate::domain::{ContextId, KeyId, RoleName, TierName};
+use crate::event::SealedEvent;
 
 /// The text columns of an `api_keys` row, before their values are parsed into a [`KeyRecord`].
 pub(super) struct KeyRow {

@@ -13,8 +13,8 @@ use super::{
     ChainInfo, ChainTail, CollectorRun, KeyRecord, LockHolder, SNAPSHOT_CHUNK, SnapshotRow, Store,
     StoreError, contexts_to_text, probe_event,
 };
-use crate::audit::SealedEvent;
 use crate::domain::KeyId;
+use crate::event::SealedEvent;
 
 /// How long a connection waits for SQLite's write lock (the CLI may write while the server runs).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);

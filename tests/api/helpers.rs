@@ -8,11 +8,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use catraca::app::{App, Server};
+use catraca::app::App;
 use catraca::config::{Config, DatabaseUrl, Mode};
 use catraca::domain::{ContextId, RoleName, TierName};
 use catraca::executors::{Executor, ExecutorCall, ExecutorError, Kinds};
 use catraca::keys::{self, NewKey};
+use catraca::startup::Server;
 use serde_json::Value;
 use tokio::sync::oneshot;
 

@@ -29,7 +29,7 @@ use time::OffsetDateTime;
 use self::diff::{Diff, snapshot_of};
 use self::source::{HttpSource, PagePolicy, Pages};
 use super::{Executor, ExecutorCall, ExecutorError, ExecutorSpec};
-use crate::audit::timestamp;
+use crate::event::timestamp;
 use crate::metrics::Metrics;
 use crate::store::{CollectorRun, SnapshotRow, Store};
 
@@ -110,7 +110,6 @@ fn default_cache_ttl() -> u64 {
 fn default_lock_margin() -> u64 {
     60_000
 }
-
 
 /// The PNCP query a payload asks for.
 #[derive(Debug, Clone, Deserialize)]

@@ -1,4 +1,5 @@
-//! Audit events: what the service layer builds (`PendingEvent`) and what the chain seals (`SealedEvent`).
+//! Audit events: what the service layer builds (`PendingEvent`), what the chain seals (`SealedEvent`),
+//! and the hashes that link them. Plain data below the store and the audit writer, which both use it.
 
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -208,12 +209,20 @@ impl SealedEvent {
     }
 }
 
-/// Size and SHA-256 of a byte string: what the trail keeps of payloads and results instead of their text.
-pub fn digest_of(bytes: &[u8]) -> Value {
-    serde_json::json!({
+/// A JSON value that has no RFC 8785 canonical form, so no digest can stand for it.
+#[derive(Debug, thiserror::Error)]
+#[error("the value cannot be put in canonical JSON: {0}")]
+pub struct CanonicalError(String);
+
+/// Size and SHA-256 of a value's canonical JSON: what the trail keeps of payloads and results instead of
+/// their text. A value without a canonical form is an error, never the digest of something else.
+pub fn canonical_digest(value: &Value) -> Result<Value, CanonicalError> {
+    let bytes =
+        serde_json_canonicalizer::to_vec(value).map_err(|e| CanonicalError(e.to_string()))?;
+    Ok(serde_json::json!({
         "size_bytes": bytes.len(),
-        "sha256": hex::encode(Sha256::digest(bytes)),
-    })
+        "sha256": hex::encode(Sha256::digest(&bytes)),
+    }))
 }
 
 #[cfg(test)]

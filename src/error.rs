@@ -1,28 +1,51 @@
-//! The one error type of the HTTP edge: every refusal and failure becomes the documented JSON body with
+//! The one error type of the service: every refusal and failure becomes the documented JSON body with
 //! its status and headers. Unexpected errors become a generic 500 whose detail goes to the log only.
+//! It sits below the turnstile and the HTTP routes, which both speak it.
 
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
+use uuid::Uuid;
 
 use crate::domain::TraceId;
-use crate::gates::Denial;
+use crate::executors::ExecutorError;
 use crate::policy::Violation;
+use crate::reason::{Gate, ReasonCode};
+
+/// A gate's refusal: everything the denial body and the DECISION event need.
+#[derive(Debug)]
+pub struct Denial {
+    pub gate: Gate,
+    /// Never empty: the first code decides the status.
+    pub reason_codes: Vec<ReasonCode>,
+    pub message: String,
+    pub trace_id: TraceId,
+    pub decision_id: Uuid,
+    pub retry_after_secs: Option<u64>,
+    pub violations: Vec<Violation>,
+}
+
+impl Denial {
+    pub fn status(&self) -> StatusCode {
+        self.reason_codes
+            .first()
+            .map_or(StatusCode::FORBIDDEN, ReasonCode::status)
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// A gate refused the request.
-    #[error("denied by {}: {}", .0.gate.as_str(), .0.reason_codes.join(","))]
+    #[error("denied by {}: {:?}", .0.gate.as_str(), .0.reason_codes)]
     Denied(Box<Denial>),
     /// The executor failed or timed out after ALLOW.
-    #[error("execution failed: {reason}")]
+    #[error("execution failed: {error}")]
     ExecutionFailed {
-        reason: &'static str,
-        message: String,
+        error: ExecutorError,
         trace_id: TraceId,
-        decision_id: uuid::Uuid,
+        decision_id: Uuid,
         action: String,
         executor_id: String,
     },
@@ -30,7 +53,7 @@ pub enum ApiError {
     #[error("audit unavailable")]
     AuditUnavailable {
         trace_id: TraceId,
-        decision_id: Option<uuid::Uuid>,
+        decision_id: Option<Uuid>,
     },
     #[error("not found: {message}")]
     NotFound {
@@ -56,14 +79,19 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Denied(d) => d.status(),
-            Self::ExecutionFailed { reason, .. } if *reason == "EXECUTOR_TIMEOUT" => {
-                StatusCode::GATEWAY_TIMEOUT
-            }
-            Self::ExecutionFailed { .. } => StatusCode::BAD_GATEWAY,
-            Self::AuditUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Self::NotFound { .. } => StatusCode::NOT_FOUND,
-            Self::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::ExecutionFailed { error, .. } => execution_reason(error).status(),
+            Self::AuditUnavailable { .. } => ReasonCode::AuditUnavailable.status(),
+            Self::NotFound { .. } => ReasonCode::NotFound.status(),
+            Self::Internal { .. } => ReasonCode::InternalError.status(),
         }
+    }
+}
+
+/// The reason code of an executor failure after ALLOW.
+fn execution_reason(error: &ExecutorError) -> ReasonCode {
+    match error {
+        ExecutorError::Failed(_) => ReasonCode::ExecutorFailed,
+        ExecutorError::Timeout(_) => ReasonCode::ExecutorTimeout,
     }
 }
 
@@ -75,7 +103,8 @@ pub struct ErrorBody {
     /// The refusing gate (`auth`, `rate_limit`, `input`, `action_matrix`), or `audit`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gate: Option<&'static str>,
-    pub reason_codes: Vec<String>,
+    #[schema(value_type = Vec<String>)]
+    pub reason_codes: Vec<ReasonCode>,
     pub message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
@@ -112,8 +141,7 @@ impl IntoResponse for ApiError {
                 }
             }
             Self::ExecutionFailed {
-                reason,
-                message,
+                error,
                 trace_id,
                 decision_id,
                 action,
@@ -121,8 +149,8 @@ impl IntoResponse for ApiError {
             } => ErrorBody {
                 error: "EXECUTION_FAILED",
                 gate: None,
-                reason_codes: vec![reason.to_owned()],
-                message,
+                reason_codes: vec![execution_reason(&error)],
+                message: format!("executor {executor_id} failed: {error}"),
                 trace_id: Some(trace_id.to_string()),
                 decision_id: Some(decision_id.to_string()),
                 violations: vec![],
@@ -138,7 +166,7 @@ impl IntoResponse for ApiError {
                 ErrorBody {
                     error: "SERVICE_UNAVAILABLE",
                     gate: Some("audit"),
-                    reason_codes: vec!["AUDIT_UNAVAILABLE".to_owned()],
+                    reason_codes: vec![ReasonCode::AuditUnavailable],
                     message:
                         "the audit trail cannot record this request right now; nothing was executed"
                             .to_owned(),
@@ -152,7 +180,7 @@ impl IntoResponse for ApiError {
             Self::NotFound { message, trace_id } => ErrorBody {
                 error: "NOT_FOUND",
                 gate: None,
-                reason_codes: vec!["NOT_FOUND".to_owned()],
+                reason_codes: vec![ReasonCode::NotFound],
                 message,
                 trace_id: trace_id.map(|t| t.to_string()),
                 decision_id: None,
@@ -165,7 +193,7 @@ impl IntoResponse for ApiError {
                 ErrorBody {
                     error: "INTERNAL_ERROR",
                     gate: None,
-                    reason_codes: vec!["INTERNAL_ERROR".to_owned()],
+                    reason_codes: vec![ReasonCode::InternalError],
                     message: "internal error; the operator can find details by trace id".to_owned(),
                     trace_id: trace_id.map(|t| t.to_string()),
                     decision_id: None,

@@ -1,0 +1,522 @@
+//! The turnstile: G0 trace → G1 auth → G2 rate limit → G3 input → G4 action matrix → durable DECISION →
+//! executor → durable ACTION_EXECUTED + REQUEST_END → response. Every request, allowed or refused,
+//! leaves its events in the audit chain before the client hears back.
+//!
+//! [`process`] runs `/process`; [`authorize_permission`] lets other routes (the trail) ask for a
+//! permission-only action; composite steps run through [`steps`]. All three authorize through
+//! [`authorize::authorize`] and make their events durable through [`commit`].
+
+mod authorize;
+mod decision;
+mod steps;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{HeaderMap, StatusCode};
+use serde::Serialize;
+use serde_json::{Value, json};
+use utoipa::ToSchema;
+
+use crate::app::App;
+use crate::audit::{EventType, PendingEvent, canonical_digest, timestamp};
+use crate::domain::TraceId;
+use crate::error::{ApiError, Denial};
+use crate::executors::{ExecutorCall, ExecutorDef, ExecutorError};
+use crate::gates::auth::{AuthRefusal, AuthenticatedKey};
+use crate::gates::input;
+use crate::gates::rate_limit::RateDecision;
+use crate::policy::Principal;
+use crate::reason::{Gate, ReasonCode};
+use authorize::{Ask, Granted, Refusal, Stop, authorize, input_refused};
+use decision::{Decision, micros};
+use steps::StepContext;
+
+/// How long a client is asked to wait when the shared rate limiter cannot be reached.
+const LIMITER_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// The answer to an allowed, executed request.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ActionResult {
+    pub trace_id: String,
+    pub decision_id: String,
+    /// Always `SUCCESS`; failures use the error body.
+    pub status: &'static str,
+    pub action: String,
+    pub executor_id: String,
+    /// What the executor returned.
+    #[schema(value_type = Object)]
+    pub result: Value,
+    pub execution_time_ms: f64,
+    /// SHA-256 of the policy files that decided.
+    pub policy_revision: String,
+}
+
+/// What the HTTP layer hands to the turnstile.
+pub struct Incoming {
+    pub trace_id: TraceId,
+    pub headers: HeaderMap,
+    pub client: IpAddr,
+    pub body: Body,
+}
+
+/// Runs one `/process` request through the turnstile.
+#[tracing::instrument(skip_all, fields(trace_id = %req.trace_id))]
+pub async fn process(app: &Arc<App>, req: Incoming) -> Result<ActionResult, ApiError> {
+    let Incoming {
+        trace_id,
+        headers,
+        client,
+        body,
+    } = req;
+    let content_length = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let start = PendingEvent::new(
+        EventType::RequestStart,
+        Some(&trace_id),
+        json!({
+            "method": "POST",
+            "route": "/process",
+            "client_addr": client.to_string(),
+            "content_length": content_length,
+        }),
+    );
+    let mut d = Decision::new(trace_id, start, app.policy());
+
+    let (key, granted) = match pass_gates(app, &mut d, &headers, client, body, content_length).await
+    {
+        Ok(passed) => passed,
+        Err(Stop::Refused(refusal)) => return Err(refuse(app, d, refusal).await),
+        Err(Stop::Failed(e)) => return Err(e),
+    };
+    let executor = executor_for(app, &d, &granted)?;
+    commit_allow(app, &d, &granted, executor).await?;
+    let started = Instant::now();
+    let outcome = executor
+        .run(call_for(app, &d, &key, &granted, 1))
+        .await
+        .and_then(with_digest);
+    let elapsed = started.elapsed();
+    let status = count_execution(app, &executor.name, &outcome, elapsed);
+    commit_outcome(app, &d, &granted, executor, &outcome, status, elapsed).await?;
+    count_result(app, d.action_label(), status);
+    answer(d, &granted, executor, outcome, elapsed)
+}
+
+/// G1 to G4 for a `/process` request: who asks, within its quota, for what, and whether the matrix
+/// allows it.
+#[tracing::instrument(skip_all)]
+async fn pass_gates(
+    app: &App,
+    d: &mut Decision,
+    headers: &HeaderMap,
+    client: IpAddr,
+    body: Body,
+    content_length: Option<u64>,
+) -> Result<(AuthenticatedKey, Granted), Stop> {
+    let key = identify(app, d, headers, client).await?;
+    let started = Instant::now();
+    let envelope = match input::read_body(body, content_length, app.config.body_limit_bytes).await {
+        Ok(bytes) => input::parse_envelope(&bytes),
+        Err(refusal) => Err(refusal),
+    };
+    let envelope = envelope.map_err(|refusal| {
+        input_refused(
+            &app.metrics,
+            &mut d.verdicts,
+            &mut d.facts,
+            started,
+            refusal,
+        )
+    })?;
+    let policy = d.policy.clone();
+    let ask = Ask::Run {
+        action: &envelope.action,
+        context: &envelope.context,
+        payload: envelope.payload,
+    };
+    let granted = authorize(
+        &app.metrics,
+        &policy,
+        &principal_of(&key),
+        ask,
+        started,
+        &mut d.verdicts,
+        &mut d.facts,
+    )?;
+    Ok((key, granted))
+}
+
+/// G1 and G2, recorded in `d`: the caller's key, within its tier's quota.
+#[tracing::instrument(skip_all)]
+async fn identify(
+    app: &App,
+    d: &mut Decision,
+    headers: &HeaderMap,
+    client: IpAddr,
+) -> Result<AuthenticatedKey, Stop> {
+    let started = Instant::now();
+    let now = timestamp(time::OffsetDateTime::now_utc());
+    let refusal = match app.auth.authenticate(headers, client, &now).await {
+        Ok(key) => {
+            d.verdicts.record(&app.metrics, Gate::Auth, started, None);
+            d.principal = Some(key.clone());
+            return limit(app, d, key).await;
+        }
+        Err(AuthRefusal::Store(e)) => {
+            return Err(Stop::Failed(ApiError::internal(e, Some(&d.trace_id))));
+        }
+        Err(AuthRefusal::Throttled { retry_after }) => Refusal::new(
+            Gate::Auth,
+            ReasonCode::RateLimited,
+            "too many failed key attempts from this address; retry later",
+            Some(retry_after),
+        ),
+        Err(AuthRefusal::Denied {
+            reason,
+            message,
+            presented,
+        }) => {
+            d.presented_key_id = presented.map(|k| k.to_string());
+            Refusal::new(Gate::Auth, reason, message, None)
+        }
+    };
+    d.verdicts
+        .record(&app.metrics, Gate::Auth, started, Some(&refusal.codes));
+    Err(refusal.into())
+}
+
+/// G2: the key's tier quota, from the in-process or the shared limiter.
+async fn limit(
+    app: &App,
+    d: &mut Decision,
+    key: AuthenticatedKey,
+) -> Result<AuthenticatedKey, Stop> {
+    let started = Instant::now();
+    let policy = d.policy.clone();
+    let (tier_name, tier) = policy.tier(&key.tier);
+    let refusal = match app.limiter.check(&key.key_id, tier_name, tier).await {
+        Ok(RateDecision::Allowed) => None,
+        Ok(RateDecision::Limited { retry_after }) => Some(Refusal::new(
+            Gate::RateLimit,
+            ReasonCode::RateLimited,
+            format!("rate limit of tier {tier_name} exceeded"),
+            Some(retry_after),
+        )),
+        Err(e) if app.config.rate_limit_fail_open => {
+            tracing::warn!(error = %e, "rate limiter unavailable; failing open as configured");
+            None
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "rate limiter unavailable; failing closed");
+            Some(Refusal::new(
+                Gate::RateLimit,
+                ReasonCode::RateLimitUnavailable,
+                "the rate limiter is unavailable",
+                Some(LIMITER_RETRY_AFTER),
+            ))
+        }
+    };
+    d.verdicts.record(
+        &app.metrics,
+        Gate::RateLimit,
+        started,
+        refusal.as_ref().map(|r| r.codes.as_slice()),
+    );
+    match refusal {
+        Some(r) => Err(r.into()),
+        None => Ok(key),
+    }
+}
+
+fn principal_of(key: &AuthenticatedKey) -> Principal {
+    Principal {
+        role: key.role.clone(),
+        contexts: key.contexts.clone(),
+    }
+}
+
+/// The loaded executor of an authorized action. G3 admits only actions with an executor, and the policy
+/// load checked it exists, so a miss is an internal error.
+fn executor_for<'a>(
+    app: &'a App,
+    d: &Decision,
+    granted: &Granted,
+) -> Result<&'a ExecutorDef, ApiError> {
+    granted
+        .action
+        .executor
+        .as_deref()
+        .and_then(|name| app.executors.get(name))
+        .ok_or_else(|| {
+            ApiError::internal(
+                format!("action {} has no loaded executor", granted.action.name),
+                Some(&d.trace_id),
+            )
+        })
+}
+
+/// What the executor is asked, with a step runner for composites at `depth`.
+fn call_for(
+    app: &Arc<App>,
+    d: &Decision,
+    key: &AuthenticatedKey,
+    granted: &Granted,
+    depth: usize,
+) -> ExecutorCall {
+    ExecutorCall {
+        trace_id: d.trace_id.clone(),
+        decision_id: d.id,
+        action: granted.action.name.clone(),
+        context: granted.context.clone(),
+        payload: granted.payload.clone(),
+        steps: Some(Arc::new(StepContext {
+            app: app.clone(),
+            policy: d.policy.clone(),
+            trace_id: d.trace_id.clone(),
+            decision_id: d.id,
+            principal: principal_of(key),
+            context: granted.context.clone(),
+            depth,
+        })),
+    }
+}
+
+/// REQUEST_START, DECISION (allow) and EXECUTOR_SELECTED, durable before the executor starts.
+#[tracing::instrument(skip_all)]
+async fn commit_allow(
+    app: &App,
+    d: &Decision,
+    granted: &Granted,
+    executor: &ExecutorDef,
+) -> Result<(), ApiError> {
+    // Made in story order: an event's id and time are taken when it is made.
+    let allow = d.event("allow", Gate::ActionMatrix, &[]);
+    let selected = PendingEvent::new(
+        EventType::ExecutorSelected,
+        Some(&d.trace_id),
+        json!({
+            "decision_id": d.id.to_string(),
+            "action": granted.action.name,
+            "executor_id": executor.name,
+            "executor_kind": executor.kind,
+            "timeout_ms": u64::try_from(executor.timeout.as_millis()).unwrap_or(u64::MAX),
+            "executor_facts": executor.audit_facts(),
+        }),
+    );
+    commit(app, d, vec![d.start_event(), allow, selected], "ALLOW").await
+}
+
+/// ACTION_EXECUTED and REQUEST_END, durable before the response.
+#[tracing::instrument(skip_all)]
+async fn commit_outcome(
+    app: &App,
+    d: &Decision,
+    granted: &Granted,
+    executor: &ExecutorDef,
+    outcome: &Result<(Value, Value), ExecutorError>,
+    status: &str,
+    elapsed: Duration,
+) -> Result<(), ApiError> {
+    let executed = PendingEvent::new(
+        EventType::ActionExecuted,
+        Some(&d.trace_id),
+        json!({
+            "decision_id": d.id.to_string(),
+            "action": granted.action.name,
+            "executor_id": executor.name,
+            "status": status,
+            "duration_us": micros(elapsed),
+            "result": outcome.as_ref().ok().map(|(_, digest)| digest),
+            "error": outcome.as_ref().err().map(ToString::to_string),
+            "executor_facts": executor.audit_facts(),
+        }),
+    );
+    let (http_status, end) = match outcome {
+        Ok(_) => (StatusCode::OK, "SUCCESS"),
+        Err(e) => (execution_status(e), "EXECUTION_FAILED"),
+    };
+    let events = vec![executed, d.end_event(http_status, end)];
+    commit(app, d, events, "execution outcome").await
+}
+
+/// A result with the digest the trail keeps of it. A result without a canonical form cannot be recorded
+/// faithfully, so it counts as the executor's failure.
+pub(super) fn with_digest(result: Value) -> Result<(Value, Value), ExecutorError> {
+    match canonical_digest(&result) {
+        Ok(digest) => Ok((result, digest)),
+        Err(e) => Err(ExecutorError::Failed(e.to_string())),
+    }
+}
+
+fn execution_status(error: &ExecutorError) -> StatusCode {
+    match error {
+        ExecutorError::Failed(_) => ReasonCode::ExecutorFailed.status(),
+        ExecutorError::Timeout(_) => ReasonCode::ExecutorTimeout.status(),
+    }
+}
+
+/// The ActionResult, or the executor's failure.
+fn answer(
+    d: Decision,
+    granted: &Granted,
+    executor: &ExecutorDef,
+    outcome: Result<(Value, Value), ExecutorError>,
+    elapsed: Duration,
+) -> Result<ActionResult, ApiError> {
+    match outcome {
+        Ok((result, _)) => Ok(ActionResult {
+            trace_id: d.trace_id.to_string(),
+            decision_id: d.id.to_string(),
+            status: "SUCCESS",
+            action: granted.action.name.to_string(),
+            executor_id: executor.name.clone(),
+            result,
+            execution_time_ms: (elapsed.as_secs_f64() * 1e6).round() / 1e3,
+            policy_revision: d.policy.revision.clone(),
+        }),
+        Err(error) => Err(ApiError::ExecutionFailed {
+            error,
+            trace_id: d.trace_id,
+            decision_id: d.id,
+            action: granted.action.name.to_string(),
+            executor_id: executor.name.clone(),
+        }),
+    }
+}
+
+/// Appends `events` durably, or answers 503: nothing is acknowledged that the trail does not hold.
+async fn commit(
+    app: &App,
+    d: &Decision,
+    events: Vec<PendingEvent>,
+    what: &'static str,
+) -> Result<(), ApiError> {
+    app.audit.append(events).await.map_err(|e| {
+        tracing::error!(error = %e, what, "events not durable; answering 503");
+        count_result(app, d.action_label(), "unavailable");
+        ApiError::AuditUnavailable {
+            trace_id: d.trace_id.clone(),
+            decision_id: Some(d.id),
+        }
+    })
+}
+
+/// Records REQUEST_START, DECISION (deny) and REQUEST_END durably; returns the refusal to answer.
+#[tracing::instrument(skip_all)]
+async fn refuse(app: &App, d: Decision, refusal: Refusal) -> ApiError {
+    let Refusal {
+        gate,
+        codes,
+        message,
+        retry_after,
+        violations,
+    } = refusal;
+    let denial = Denial {
+        gate,
+        reason_codes: codes,
+        message,
+        trace_id: d.trace_id.clone(),
+        decision_id: d.id,
+        // Round up: a client that waits the advertised seconds must not be refused again.
+        retry_after_secs: retry_after.map(|r| r.as_secs() + u64::from(r.subsec_nanos() > 0)),
+        violations,
+    };
+    let events = vec![
+        d.start_event(),
+        d.event("deny", gate, &denial.reason_codes),
+        d.end_event(denial.status(), "DENIED"),
+    ];
+    if let Err(e) = commit(app, &d, events, "denial").await {
+        return e;
+    }
+    count_result(app, d.action_label(), "denied");
+    ApiError::Denied(Box::new(denial))
+}
+
+/// Authorizes a request for a permission-only action (e.g. `audit.read`) on another route: G1, G2 and
+/// G4 (allowed in at least one context the key may use). Audited like `/process`: REQUEST_START,
+/// DECISION and REQUEST_END are durable before the caller sees any data.
+#[tracing::instrument(skip_all, fields(trace_id = %trace_id, route))]
+pub async fn authorize_permission(
+    app: &App,
+    trace_id: &TraceId,
+    headers: &HeaderMap,
+    client: IpAddr,
+    route: &'static str,
+    action_name: &str,
+) -> Result<AuthenticatedKey, ApiError> {
+    let start = PendingEvent::new(
+        EventType::RequestStart,
+        Some(trace_id),
+        json!({ "method": "GET", "route": route, "client_addr": client.to_string() }),
+    );
+    let policy = app.policy();
+    let Some(action) = policy.action(action_name).cloned() else {
+        return Err(ApiError::internal(
+            format!("the policy defines no {action_name} action"),
+            Some(trace_id),
+        ));
+    };
+    let mut d = Decision::new(trace_id.clone(), start, policy.clone());
+    d.facts.action = Some(action.name.to_string());
+    let gates = async {
+        let key = identify(app, &mut d, headers, client).await?;
+        let ask = Ask::Permission { action };
+        let principal = principal_of(&key);
+        authorize(
+            &app.metrics,
+            &policy,
+            &principal,
+            ask,
+            Instant::now(),
+            &mut d.verdicts,
+            &mut d.facts,
+        )?;
+        Ok::<_, Stop>(key)
+    };
+    let key = match gates.await {
+        Ok(key) => key,
+        Err(Stop::Refused(refusal)) => return Err(refuse(app, d, refusal).await),
+        Err(Stop::Failed(e)) => return Err(e),
+    };
+    let events = vec![
+        d.start_event(),
+        d.event("allow", Gate::ActionMatrix, &[]),
+        d.end_event(StatusCode::OK, "SUCCESS"),
+    ];
+    commit(app, &d, events, "audit read").await?;
+    Ok(key)
+}
+
+/// Counts one executor call in the metrics; returns its status (`success`, `failed`, `timeout`).
+fn count_execution<T>(
+    app: &App,
+    executor: &str,
+    outcome: &Result<T, ExecutorError>,
+    elapsed: Duration,
+) -> &'static str {
+    let status = outcome
+        .as_ref()
+        .map_or_else(ExecutorError::status, |_| "success");
+    app.metrics
+        .executor_calls
+        .with_label_values(&[executor, status])
+        .inc();
+    app.metrics
+        .executor_duration
+        .with_label_values(&[executor])
+        .observe(elapsed.as_secs_f64());
+    status
+}
+
+fn count_result(app: &App, action: &str, status: &str) {
+    app.metrics
+        .action_results
+        .with_label_values(&[action, status])
+        .inc();
+}
