@@ -31,8 +31,9 @@ WORK=$(mktemp -d)
 SERVER_PID=""
 LOAD_PID=""
 cleanup() {
-  [ -n "$SERVER_PID" ] && kill -9 "$SERVER_PID" 2>/dev/null
-  [ -n "$LOAD_PID" ] && kill "$LOAD_PID" 2>/dev/null
+  # `|| true`: a process that is already gone must not stop the clean-up (set -e).
+  if [ -n "$SERVER_PID" ]; then kill -9 "$SERVER_PID" 2>/dev/null || true; fi
+  if [ -n "$LOAD_PID" ]; then kill "$LOAD_PID" 2>/dev/null || true; fi
   if [ "${KEEP:-0}" = 1 ]; then echo "crash test: evidence kept in $WORK" >&2; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
