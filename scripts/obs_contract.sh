@@ -5,9 +5,11 @@
 #
 # Starts, on loopback ports picked at random: a webhook receiver, Alertmanager, the gateway (SQLite in a
 # temp dir), Prometheus (rendered from observability/prometheus/prometheus.yml); drives traffic through
-# every gate; then asserts through the Prometheus HTTP API that the metric catalogue (names AND label
-# sets) is exported, every dashboard panel query returns data, every alert rule is loaded and healthy,
-# and that killing the gateway makes CatracaDown fire and reach the webhook.
+# every gate (the LLM and PNCP upstreams are stood in for by the webhook receiver, on loopback); then
+# asserts through the Prometheus HTTP API that the metric catalogue (names AND label sets) is exported
+# and nothing outside it, every dashboard panel query returns data (a non-empty vector or matrix: a scalar
+# or an empty result is not data), every alert rule is loaded and healthy, and that killing the gateway
+# makes CatracaDown fire and reach the webhook.
 # Any failed check stops the run: `OBS CONTRACT FAILED: <first failed check>` and a non-zero exit, after
 # printing the tails of the evidence (logs, query responses, webhook payloads).
 # Success prints `OBS CONTRACT PASSED (<n> checks)`.
@@ -15,7 +17,8 @@
 # Prerequisites (Debian 12; promtool comes with prometheus, amtool with prometheus-alertmanager):
 #   apt-get update && apt-get install -y --no-install-recommends \
 #     prometheus prometheus-alertmanager jq curl docker-compose
-# plus python3 (stdlib only) and cargo. Without docker-compose the compose validation is skipped.
+# plus python3 (stdlib only) and cargo. Every one is required: a missing tool (docker-compose included)
+# or a missing observability/prometheus/alerts_test.yml fails the contract, naming what is missing.
 #
 # Environment:
 #   CATRACA_BIN          gateway binary to test (default: cargo build --release --bin catraca)
@@ -44,6 +47,8 @@ catraca_executor_duration_seconds_bucket{executor,le}
 catraca_executor_duration_seconds_sum{executor}
 catraca_executor_duration_seconds_count{executor}
 catraca_action_results_total{action,status}
+catraca_llm_tokens_total{executor,kind}
+catraca_collector_refusals_total{executor,reason}
 catraca_audit_events_total{event_type}
 catraca_audit_write_failures_total{}
 catraca_audit_flush_duration_seconds_bucket{le}
@@ -194,10 +199,11 @@ pq() {
   curl -sS --max-time 10 --get --data-urlencode "query=$1" "$PROM/api/v1/query" >>"$out" 2>>"$EV/curl.log" || true
   sed 1d "$out"
 }
-# True when the query returns a non-empty vector (or a scalar).
+# True when the query returns data: a non-empty vector or matrix. A scalar (`scalar(...)`, a number
+# literal) or an empty result is not data.
 pq_nonempty() {
-  pq "$1" | jq -e '.status == "success" and (
-      (.data.resultType == "vector" and (.data.result | length) > 0) or (.data.resultType == "scalar"))' >/dev/null 2>&1
+  pq "$1" | jq -e '.status == "success" and (.data.resultType == "vector" or .data.resultType == "matrix")
+      and (.data.result | length) > 0' >/dev/null 2>&1
 }
 
 sed_repl() { printf '%s' "$1" | sed -e 's/[\\&#]/\\&/g'; }
@@ -208,13 +214,13 @@ AM_BIN=""
 for c in prometheus-alertmanager alertmanager; do
   if command -v "$c" >/dev/null 2>&1; then AM_BIN=$(command -v "$c"); break; fi
 done
-for t in prometheus promtool amtool jq curl python3 awk; do
+for t in prometheus promtool amtool docker-compose jq curl python3 awk; do
   command -v "$t" >/dev/null 2>&1 || fail "tool installed: $t" \
-    "'$t' not found in PATH: apt-get install -y --no-install-recommends prometheus prometheus-alertmanager jq curl python3"
+    "'$t' not found in PATH: apt-get install -y --no-install-recommends prometheus prometheus-alertmanager docker-compose jq curl python3"
 done
 [[ -n "$AM_BIN" ]] || fail "tool installed: alertmanager" \
   "neither 'prometheus-alertmanager' (Debian) nor 'alertmanager' found: apt-get install -y prometheus-alertmanager"
-ok "tools present (prometheus, promtool, $(basename "$AM_BIN"), amtool, jq, curl, python3)"
+ok "tools present (prometheus, promtool, $(basename "$AM_BIN"), amtool, docker-compose, jq, curl, python3)"
 
 # ---- 2. static checks -----------------------------------------------------------------------------------
 promtool check config "$PROM_CONFIG" >"$EV/promtool-config.log" 2>&1 ||
@@ -227,14 +233,14 @@ promtool check rules "$RULES_ABS" >"$EV/promtool-rules.log" 2>&1 ||
   fail "promtool check rules ${RULES_ABS#"$ROOT"/}" "$(cat "$EV/promtool-rules.log")"
 ok "promtool check rules ${RULES_ABS#"$ROOT"/}"
 
-if [[ -f "$RULES_TEST" ]]; then
-  sed -E "s#^([[:space:]]*-[[:space:]]*)['\"]?alerts\.yml['\"]?[[:space:]]*\$#\1$(sed_repl "$RULES_ABS")#" \
-    "$RULES_TEST" >"$EV/alerts_test.yml"
-  promtool test rules "$EV/alerts_test.yml" >"$EV/promtool-test.log" 2>&1 ||
-    fail "promtool test rules (observability/prometheus/alerts_test.yml against ${RULES_ABS#"$ROOT"/})" \
-      "$(tail -n 30 "$EV/promtool-test.log")"
-  ok "promtool test rules (every alert fires on a bad series, stays quiet on a healthy one)"
-fi
+[[ -f "$RULES_TEST" ]] || fail "alert rule unit tests present: ${RULES_TEST#"$ROOT"/}" \
+  "no such file: the rule unit tests are part of the contract, they are never skipped"
+sed -E "s#^([[:space:]]*-[[:space:]]*)['\"]?alerts\.yml['\"]?[[:space:]]*\$#\1$(sed_repl "$RULES_ABS")#" \
+  "$RULES_TEST" >"$EV/alerts_test.yml"
+promtool test rules "$EV/alerts_test.yml" >"$EV/promtool-test.log" 2>&1 ||
+  fail "promtool test rules (${RULES_TEST#"$ROOT"/} against ${RULES_ABS#"$ROOT"/})" \
+    "$(tail -n 30 "$EV/promtool-test.log")"
+ok "promtool test rules (every alert fires on a bad series, stays quiet on a healthy one)"
 
 ALERT_NAMES=$(sed -nE "s/^[[:space:]]*-?[[:space:]]*alert:[[:space:]]*['\"]?([A-Za-z_:][A-Za-z0-9_:]*).*/\1/p" "$RULES_ABS")
 for a in CatracaDown HighLatencyP95 HighErrorRate HighDenyRate AuditWriteFailures AuditQueueSaturated; do
@@ -281,18 +287,14 @@ bad=$(jq -r --arg u "$DS_UID" '[.. | objects | select(has("datasource")) | .data
   fail "dashboard datasource uid matches provisioning ('$DS_UID')" "other uids in the dashboard: $bad"
 ok "dashboard datasource uid matches the provisioned datasource ($DS_UID)"
 
-if command -v docker-compose >/dev/null 2>&1; then
-  for set in "docker-compose.yml" "docker-compose.yml docker-compose.metrics.yml" \
-             "docker-compose.yml docker-compose.metrics.yml docker-compose.grafana.yml"; do
-    args=(); for f in $set; do args+=(-f "$ROOT/$f"); done
-    (cd "$ROOT" && POSTGRES_PASSWORD=contract CATRACA_ALERT_WEBHOOK_URL=http://127.0.0.1:9/x \
-      GRAFANA_ADMIN_PASSWORD=contract docker-compose "${args[@]}" config -q) >"$EV/compose.log" 2>&1 ||
-      fail "docker-compose config: $set" "$(cat "$EV/compose.log")"
-  done
-  ok "compose files validate (base, +metrics, +grafana)"
-else
-  log "docker-compose not installed: compose validation skipped"
-fi
+for set in "docker-compose.yml" "docker-compose.yml docker-compose.metrics.yml" \
+           "docker-compose.yml docker-compose.metrics.yml docker-compose.grafana.yml"; do
+  args=(); for f in $set; do args+=(-f "$ROOT/$f"); done
+  (cd "$ROOT" && POSTGRES_PASSWORD=contract CATRACA_ALERT_WEBHOOK_URL=http://127.0.0.1:9/x \
+    GRAFANA_ADMIN_PASSWORD=contract docker-compose "${args[@]}" config -q) >"$EV/compose.log" 2>&1 ||
+    fail "docker-compose config: $set" "$(cat "$EV/compose.log")"
+done
+ok "compose files validate (base, +metrics, +grafana)"
 
 # ---- 3. the gateway binary ------------------------------------------------------------------------------
 if [[ -n "${CATRACA_BIN:-}" ]]; then
@@ -344,6 +346,8 @@ GW_ENV=(
   CATRACA_POLICIES_DIR="$ROOT/policies"
   CATRACA_EXECUTORS_DIR="$ROOT/executors"
   CATRACA_INSTANCE_ID=obs-contract
+  CATRACA_LLM_BASE_URL="$HOOK/v1"
+  CATRACA_PNCP_BASE_URL="$HOOK/pncp"
   CATRACA_LOG="${CATRACA_LOG:-info}"
 )
 # Run from the evidence folder so that no stray catraca.toml or .env of the work tree is picked up.
@@ -403,6 +407,38 @@ expect() {
 J=(-H 'Content-Type: application/json')
 ECHO='{"action":"echo","context_id":"work","payload":{"message":"hi"}}'
 COLLECT='{"action":"licitacoes.collect","context_id":"work","payload":{"source":"pncp","endpoint":"publicacao","data_inicial":"2026-01-01","data_final":"2026-01-02","modalidade":6}}'
+SUMMARIZE='{"action":"licitacoes.summarize","context_id":"work","payload":{"text":"Aquisição de papel A4 para a secretaria."}}'
+
+pncp_hits() { curl -fsS --max-time 2 "$HOOK/hits" 2>/dev/null | jq -r '.pncp' 2>/dev/null; }
+pncp_hits_above() { local n; n=$(pncp_hits) && [[ "$n" =~ ^[0-9]+$ ]] && ((n > $1)); }
+
+# A collector run whose PNCP page the stand-in holds keeps the run's lock; a second run of the same
+# query meanwhile is refused (502, naming the run in progress, counted as reason="busy"); released, the
+# first run ends as an empty complete run (200).
+collector_busy() {
+  local r=$1 query hits0 held code
+  # A query of its own per round: the collector caches pages, and a cached page never reaches the stand-in.
+  query=$(jq -c --arg d "2026-02-0$r" '.payload.data_inicial = $d | .payload.data_final = $d' <<<"$COLLECT")
+  hits0=$(pncp_hits) || fail "the PNCP stand-in answers GET $HOOK/hits"
+  HN=$((HN + 1))
+  held="$EV/http/$(printf '%03d' "$HN")-r$r-collector_held_run"
+  curl -sS -o "$held" -w '%{http_code}' --max-time 60 -X POST "${J[@]}" -H "X-API-Key: $ADMIN_KEY" \
+    --data-binary "$query" "$GW/process" >"$held.code" 2>>"$EV/curl.log" &
+  PIDS[held-collect]=$!
+  wait_for 30 held-collect pncp_hits_above "$hits0" ||
+    fail "collector: a licitacoes.collect run reaches the PNCP stand-in (CATRACA_PNCP_BASE_URL=$HOOK/pncp)" \
+      "$(head -c 600 "$held" 2>/dev/null)"
+  expect "$r" "collector busy: the same query while a run holds it" 502 POST /process "${J[@]}" \
+    -H "X-API-Key: $ADMIN_KEY" --data-binary "$query"
+  grep -q 'in progress' "$body_last" || fail "collector busy: the refusal names the run in progress" "$(head -c 600 "$body_last")"
+  curl -fsS --max-time 5 -X POST "$HOOK/pncp/release" >/dev/null 2>>"$EV/curl.log" ||
+    fail "the PNCP stand-in releases the held page (POST $HOOK/pncp/release)"
+  wait "${PIDS[held-collect]}" || true
+  unset 'PIDS[held-collect]'
+  code=$(cat "$held.code" 2>/dev/null || true)
+  printf 'round %s  %-48s %s %s -> %s\n' "$r" "collector: the held run, released" POST /process "$code" >>"$EV/http.log"
+  [[ "$code" == 200 ]] || fail "collector: the held run ends 200 once released, got '$code'" "$(head -c 600 "$held")"
+}
 
 drive_traffic() {
   local r=$1 n got codes
@@ -410,6 +446,9 @@ drive_traffic() {
   jq -e '.status == "SUCCESS" and .action == "echo" and (.trace_id | type == "string")' "$body_last" >/dev/null 2>&1 ||
     fail "HTTP allowed: admin echo returns an ActionResult (status SUCCESS, action, trace_id)" "$(head -c 600 "$body_last")"
   grep -qi '^x-trace-id:' "$body_last.headers" || fail "HTTP allowed: admin echo has an X-Trace-Id header"
+  expect "$r" "allowed: admin summarize (LLM stand-in)" 200 POST /process "${J[@]}" -H "X-API-Key: $ADMIN_KEY" \
+    --data-binary "$SUMMARIZE"
+  collector_busy "$r"
   expect "$r" "auth: no key" 401 POST /process "${J[@]}" --data-binary "$ECHO"
   expect "$r" "auth: wrong key" 401 POST /process "${J[@]}" -H 'X-API-Key: ck_nosuchkey_xxxxxxxxxxxxxxxx' --data-binary "$ECHO"
   expect "$r" "input: malformed JSON" 400 POST /process "${J[@]}" -H "X-API-Key: $ADMIN_KEY" --data-binary '{not json'
@@ -442,7 +481,7 @@ drive_traffic() {
 
 log "traffic round 1"
 drive_traffic 1
-ok "round 1: every gate answered with its contract status (200, 401, 400, 422, 403, 429, 504)"
+ok "round 1: every gate answered with its contract status (200, 401, 400, 422, 403, 429, 502, 504)"
 
 if grep -Eq '^up([{ ])' "$EV/metrics-round1.txt"; then fail "the gateway exports no 'up' metric (Prometheus owns it)"; fi
 grep -q '^catraca_build_info' "$EV/metrics-round1.txt" || fail "GET /metrics exposes catraca_build_info"
@@ -496,18 +535,26 @@ ok "metric catalogue: all $n_metrics names present with exactly their label sets
 
 extra=$(pq 'count by (__name__) ({__name__=~"catraca_.+", job="catraca"})' | { jq -r '.data.result[]?.metric.__name__' 2>/dev/null || true; } | sort)
 extra=$(comm -23 <(printf '%s\n' "$extra") <(sed -nE 's/^[[:space:]]*([a-zA-Z_:][a-zA-Z0-9_:]*)\{.*/\1/p' <<<"$CAT_TEXT" | sort))
-[[ -z "$extra" ]] || log "note: metrics exported but not in the catalogue (not an error): ${extra//$'\n'/ }"
+[[ -z "$extra" ]] || fail "every exported catraca_* metric is in the catalogue" \
+  "exported but not catalogued: ${extra//$'\n'/ } (add each with its label set to CATALOGUE in this script)"
+ok "no catraca_* metric exported outside the catalogue"
 
 for m in "${GATE_DECISIONS[@]}"; do
   pq_nonempty "sum(catraca_gate_decisions_total{$m}) > 0" ||
     fail "gate decisions seen: catraca_gate_decisions_total{$m} > 0"
 done
 ok "gate decisions seen: auth/rate_limit/input/action_matrix deny, and allow"
-for s in 200 401 400 422 403 429 504; do
+for s in 200 401 400 422 403 429 502 504; do
   pq_nonempty "sum(catraca_requests_total{status=\"$s\"}) > 0" ||
     fail "catraca_requests_total{status=\"$s\"} counted"
 done
-ok "catraca_requests_total counted every status driven (200 401 400 422 403 429 504)"
+ok "catraca_requests_total counted every status driven (200 401 400 422 403 429 502 504)"
+pq 'sum by (kind) (catraca_llm_tokens_total{executor="summarizer"}) > 0' |
+  jq -e '.data.resultType == "vector" and ([.data.result[].metric.kind] | sort) == ["completion", "prompt"]' >/dev/null 2>&1 ||
+  fail 'catraca_llm_tokens_total{executor="summarizer"} counted prompt and completion tokens'
+pq_nonempty 'catraca_collector_refusals_total{executor="pncp",reason="busy"} > 0' ||
+  fail 'catraca_collector_refusals_total{executor="pncp",reason="busy"} counted the refused second run'
+ok "summarizer tokens (prompt, completion) and the collector's busy refusal counted"
 
 # Every dashboard panel query returns data (Grafana interval macros → 1m).
 jq -c '[.[] | .title as $t | .exprs[] | {title: $t, expr: .}]' "$EV/panels.json" >"$EV/panel-queries.json"
@@ -517,13 +564,17 @@ panel_all_nonempty() {
   for ((i = 0; i < nq; i++)); do
     # shellcheck disable=SC2016  # literal Grafana macros
     expr=$(jq -r ".[$i].expr" "$EV/panel-queries.json" | sed -e 's/\$__rate_interval/1m/g' -e 's/\$__interval/1m/g' -e 's/\$__range/5m/g')
-    pq_nonempty "$expr" || { FIRST_EMPTY=$i; return 1; }
+    pq_nonempty "$expr" || { FIRST_EMPTY=$i; FIRST_EMPTY_EXPR=$expr; return 1; }
   done
 }
 FIRST_EMPTY=-1
+FIRST_EMPTY_EXPR=""
 if ! wait_for 60 prometheus panel_all_nonempty; then
+  got=$(pq "$FIRST_EMPTY_EXPR" | jq -r '.data as $d | "resultType \($d.resultType // "none"): "
+      + (if $d.resultType == "vector" or $d.resultType == "matrix" then "\($d.result | length) series"
+         else "\($d.result | tojson)" end)' 2>/dev/null || echo "no answer")
   fail "dashboard panel '$(jq -r ".[$FIRST_EMPTY].title" "$EV/panel-queries.json")' returns data: $(jq -r ".[$FIRST_EMPTY].expr" "$EV/panel-queries.json")" \
-    "the query returned no series (see the last query response in the evidence)"
+    "the query returned $got; only a non-empty vector or matrix is data (see the last query response in the evidence)"
 fi
 ok "dashboard: all $nq panel queries return data"
 
