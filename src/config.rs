@@ -275,7 +275,7 @@ impl Config {
             .unwrap_or(Mode::Dev);
         let instance_id = text("CATRACA_INSTANCE_ID")
             .or(file.instance_id)
-            .or_else(|| env_var("HOSTNAME").filter(|h| !h.is_empty()))
+            .or_else(|| env("HOSTNAME").filter(|h| !h.is_empty()))
             .unwrap_or_else(|| "catraca".to_owned());
         if instance_id.len() > 64 || instance_id.contains(char::is_whitespace) {
             anyhow::bail!(

@@ -49,11 +49,13 @@ pub enum ApiError {
         action: String,
         executor_id: String,
     },
-    /// The audit store cannot write: nothing runs unaudited.
+    /// The audit store cannot write: nothing runs unaudited. `executed` when the action had already
+    /// run (its ALLOW was recorded) and only its outcome could not be.
     #[error("audit unavailable")]
     AuditUnavailable {
         trace_id: TraceId,
         decision_id: Option<Uuid>,
+        executed: bool,
     },
     #[error("not found: {message}")]
     NotFound {
@@ -160,6 +162,7 @@ impl IntoResponse for ApiError {
             Self::AuditUnavailable {
                 trace_id,
                 decision_id,
+                executed,
             } => {
                 // Clients should retry later; the audit store usually recovers within seconds.
                 retry_after = Some(5);
@@ -167,9 +170,15 @@ impl IntoResponse for ApiError {
                     error: "SERVICE_UNAVAILABLE",
                     gate: Some("audit"),
                     reason_codes: vec![ReasonCode::AuditUnavailable],
-                    message:
+                    message: if executed {
+                        // Not "nothing ran": a client must not retry an action that did run as if
+                        // it had not.
+                        "the action ran, but the audit trail cannot record its outcome right now; \
+                         its ALLOW is recorded under this trace id"
+                    } else {
                         "the audit trail cannot record this request right now; nothing was executed"
-                            .to_owned(),
+                    }
+                    .to_owned(),
                     trace_id: Some(trace_id.to_string()),
                     decision_id: decision_id.map(|d| d.to_string()),
                     violations: vec![],

@@ -214,11 +214,16 @@ impl SealedEvent {
 #[error("the value cannot be put in canonical JSON: {0}")]
 pub struct CanonicalError(String);
 
+/// A value's RFC 8785 canonical JSON: the one form in which values are hashed, so key order and
+/// whitespace never change a hash.
+pub fn canonical_json(value: &Value) -> Result<Vec<u8>, CanonicalError> {
+    serde_json_canonicalizer::to_vec(value).map_err(|e| CanonicalError(e.to_string()))
+}
+
 /// Size and SHA-256 of a value's canonical JSON: what the trail keeps of payloads and results instead of
 /// their text. A value without a canonical form is an error, never the digest of something else.
 pub fn canonical_digest(value: &Value) -> Result<Value, CanonicalError> {
-    let bytes =
-        serde_json_canonicalizer::to_vec(value).map_err(|e| CanonicalError(e.to_string()))?;
+    let bytes = canonical_json(value)?;
     Ok(serde_json::json!({
         "size_bytes": bytes.len(),
         "sha256": hex::encode(Sha256::digest(&bytes)),

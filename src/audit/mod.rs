@@ -8,6 +8,6 @@ mod writer;
 
 pub use crate::event::{
     CanonicalError, EventType, GENESIS_HASH, PendingEvent, SealedEvent, canonical_digest,
-    chain_hash, seal, timestamp,
+    canonical_json, chain_hash, seal, timestamp,
 };
 pub use writer::{AuditError, AuditLog, WriterOptions, WriterTask};

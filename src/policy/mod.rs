@@ -3,9 +3,9 @@
 
 mod matrix;
 pub mod testcases;
+mod tier;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -13,6 +13,8 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 pub use matrix::{EvalError, MatrixDecision, Principal};
+pub use tier::Tier;
+use tier::TierFile;
 
 use crate::domain::{ActionName, ContextId, RoleName, TierName};
 
@@ -63,46 +65,6 @@ struct ContextDef {
         reason = "documentation for policy readers; parsed so unknown keys stay errors"
     )]
     description: String,
-}
-
-/// A rate-limit tier as written in a policy file; checked into a [`Tier`] at load.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TierFile {
-    #[serde(default)]
-    per_second: u32,
-    #[serde(default)]
-    burst: u32,
-    #[serde(default)]
-    unlimited: bool,
-}
-
-/// A rate-limit tier: a sustained rate with a burst, or unlimited (the gate still runs and is audited).
-/// Made only by the policy load, so a limiter never meets a tier without a usable quota.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tier {
-    Unlimited,
-    Limited {
-        per_second: NonZeroU32,
-        burst: NonZeroU32,
-    },
-}
-
-impl Tier {
-    fn parse(name: &TierName, file: &TierFile) -> Result<Self, PolicyError> {
-        if file.unlimited {
-            return Ok(Self::Unlimited);
-        }
-        match (
-            NonZeroU32::new(file.per_second),
-            NonZeroU32::new(file.burst),
-        ) {
-            (Some(per_second), Some(burst)) => Ok(Self::Limited { per_second, burst }),
-            _ => err(format!(
-                "tier {name}: set per_second and burst (both > 0), or unlimited = true"
-            )),
-        }
-    }
 }
 
 #[derive(Debug, Deserialize)]

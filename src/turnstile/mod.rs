@@ -308,7 +308,13 @@ async fn commit_allow(
             "executor_facts": executor.audit_facts(),
         }),
     );
-    commit(app, d, vec![d.start_event(), allow, selected], "ALLOW").await
+    commit(
+        app,
+        d,
+        vec![d.start_event(), allow, selected],
+        Moment::Allow,
+    )
+    .await
 }
 
 /// ACTION_EXECUTED and REQUEST_END, durable before the response.
@@ -341,7 +347,7 @@ async fn commit_outcome(
         Err(e) => (execution_status(e), "EXECUTION_FAILED"),
     };
     let events = vec![executed, d.end_event(http_status, end)];
-    commit(app, d, events, "execution outcome").await
+    commit(app, d, events, Moment::Outcome).await
 }
 
 /// A result with the digest the trail keeps of it. A result without a canonical form cannot be recorded
@@ -389,19 +395,33 @@ fn answer(
     }
 }
 
+/// Which part of a request's story a commit makes durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Moment {
+    /// START, DECISION (allow) and EXECUTOR_SELECTED, before the executor.
+    Allow,
+    /// ACTION_EXECUTED and REQUEST_END, after the executor ran.
+    Outcome,
+    /// START, DECISION (deny) and END of a refusal.
+    Denial,
+    /// START, DECISION (allow) and END of a permission route's read.
+    Read,
+}
+
 /// Appends `events` durably, or answers 503: nothing is acknowledged that the trail does not hold.
 async fn commit(
     app: &App,
     d: &Decision,
     events: Vec<PendingEvent>,
-    what: &'static str,
+    moment: Moment,
 ) -> Result<(), ApiError> {
     app.audit.append(events).await.map_err(|e| {
-        tracing::error!(error = %e, what, "events not durable; answering 503");
+        tracing::error!(error = %e, ?moment, "events not durable; answering 503");
         count_result(app, d.action_label(), "unavailable");
         ApiError::AuditUnavailable {
             trace_id: d.trace_id.clone(),
             decision_id: Some(d.id),
+            executed: moment == Moment::Outcome,
         }
     })
 }
@@ -431,7 +451,7 @@ async fn refuse(app: &App, d: Decision, refusal: Refusal) -> ApiError {
         d.event("deny", gate, &denial.reason_codes),
         d.end_event(denial.status(), "DENIED"),
     ];
-    if let Err(e) = commit(app, &d, events, "denial").await {
+    if let Err(e) = commit(app, &d, events, Moment::Denial).await {
         return e;
     }
     count_result(app, d.action_label(), "denied");
@@ -489,7 +509,7 @@ pub async fn authorize_permission(
         d.event("allow", Gate::ActionMatrix, &[]),
         d.end_event(StatusCode::OK, "SUCCESS"),
     ];
-    commit(app, &d, events, "audit read").await?;
+    commit(app, &d, events, Moment::Read).await?;
     Ok(key)
 }
 

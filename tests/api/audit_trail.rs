@@ -501,6 +501,11 @@ async fn when_the_outcome_cannot_be_recorded_after_the_executor_ran_the_client_g
     assert_retry_after(retry_after.as_ref());
     assert!(body.get("result").is_none(), "no result leaves: {body}");
     assert_eq!(app.calls.count(), 1, "the executor did run");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        !message.contains("nothing was executed") && message.contains("ran"),
+        "a client must not be told an action that ran did not: {message}"
+    );
     let events = app.events("outcome-lost-0001").await;
     assert_eq!(
         types(&events)[..3],
@@ -522,13 +527,14 @@ async fn when_the_outcome_cannot_be_recorded_after_the_executor_ran_the_client_g
     assert_chain_intact(&app).await;
 }
 
-/// `Retry-After` as HTTP defines it for a delay: a whole number of seconds, here at least one.
+/// `Retry-After` as the README gives it for a 503 from the audit: 5 seconds.
 fn assert_retry_after(value: Option<&reqwest::header::HeaderValue>) {
     let value = value.expect("a 503 from the audit carries Retry-After");
-    let secs: u64 = value.to_str().unwrap().parse().unwrap_or_else(|_| {
-        panic!("Retry-After {value:?} is not a number of seconds");
-    });
-    assert!(secs >= 1, "Retry-After {secs}");
+    assert_eq!(
+        value.to_str().unwrap(),
+        "5",
+        "Retry-After of AUDIT_UNAVAILABLE"
+    );
 }
 
 /// One answer to a request sent while the audit writer was blocked.

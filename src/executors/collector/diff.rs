@@ -6,32 +6,29 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use crate::event::{CanonicalError, canonical_json};
 use crate::store::SnapshotRow;
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
-
-fn canonical(v: &Value) -> Vec<u8> {
-    serde_json_canonicalizer::to_vec(v).unwrap_or_default()
+fn canonical_hash(v: &Value) -> Result<String, CanonicalError> {
+    Ok(hex::encode(Sha256::digest(canonical_json(v)?)))
 }
 
 /// Hash of the whole record and of each top-level field, both over canonical JSON (so key order and
-/// whitespace of the source never count as a change).
-pub(super) fn snapshot_of(id: &str, record: &Value) -> SnapshotRow {
-    let fields: BTreeMap<&str, String> = record
-        .as_object()
-        .map(|o| {
-            o.iter()
-                .map(|(k, v)| (k.as_str(), sha256_hex(&canonical(v))))
-                .collect()
-        })
-        .unwrap_or_default();
-    SnapshotRow {
+/// whitespace of the source never count as a change). A record without a canonical form cannot be
+/// compared faithfully, so it is an error rather than a hash of something else.
+pub(super) fn snapshot_of(id: &str, record: &Value) -> Result<SnapshotRow, CanonicalError> {
+    let fields: BTreeMap<&str, String> = match record.as_object() {
+        Some(o) => o
+            .iter()
+            .map(|(k, v)| Ok((k.as_str(), canonical_hash(v)?)))
+            .collect::<Result<_, CanonicalError>>()?,
+        None => BTreeMap::new(),
+    };
+    Ok(SnapshotRow {
         record_id: id.to_owned(),
-        content_hash: sha256_hex(&canonical(record)),
+        content_hash: canonical_hash(record)?,
         field_hashes: serde_json::to_string(&fields).unwrap_or_default(),
-    }
+    })
 }
 
 fn changed_fields(before: &str, after: &str) -> Vec<String> {
@@ -106,14 +103,14 @@ mod tests {
 
     #[test]
     fn field_hashes_name_what_changed() {
-        let a = snapshot_of("x", &json!({"valor": 1, "objeto": "a", "gone": true}));
-        let b = snapshot_of("x", &json!({"objeto": "a", "valor": 2, "new": 1}));
+        let a = snapshot_of("x", &json!({"valor": 1, "objeto": "a", "gone": true})).unwrap();
+        let b = snapshot_of("x", &json!({"objeto": "a", "valor": 2, "new": 1})).unwrap();
         assert_ne!(a.content_hash, b.content_hash);
         assert_eq!(
             changed_fields(&a.field_hashes, &b.field_hashes),
             ["gone", "new", "valor"]
         );
-        let c = snapshot_of("x", &json!({"objeto": "a", "valor": 1, "gone": true}));
+        let c = snapshot_of("x", &json!({"objeto": "a", "valor": 1, "gone": true})).unwrap();
         assert_eq!(a.content_hash, c.content_hash, "key order is not a change");
     }
 }

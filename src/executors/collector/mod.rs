@@ -362,7 +362,11 @@ impl Collector {
             .iter()
             .any(|e| !e.error.starts_with("a record without"))
             && pages_read >= total_pages.min(1);
-        let snapshot: Vec<SnapshotRow> = records.iter().map(|(id, r)| snapshot_of(id, r)).collect();
+        let snapshot: Vec<SnapshotRow> = records
+            .iter()
+            .map(|(id, r)| snapshot_of(id, r))
+            .collect::<Result<_, _>>()
+            .map_err(|e| ExecutorError::Failed(format!("record {e}")))?;
         let baseline = store
             .collector_baseline(&self.settings.source, query_key)
             .await
