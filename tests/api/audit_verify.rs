@@ -10,7 +10,7 @@ use catraca::store::{SqliteStore, Store};
 use serde_json::{Value, json};
 use sqlx::{Connection, Row, SqliteConnection};
 
-use crate::cli::{Cli, printed};
+use crate::binary::{Cli, printed};
 use crate::helpers::{echo, spawn_app, spawn_app_with};
 
 /// Two gateway runs on one database (two linked chains), some allowed and some refused requests.

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::binary;
+use crate::binary::Cli;
 use crate::helpers::{KeySpec, TestApp, echo, reasons, spawn_app, spawn_app_with};
 
 /// The DECISION event of the request `trace`.
@@ -106,8 +106,7 @@ async fn a_key_revoked_by_another_process_is_refused_on_the_next_request_and_aud
     assert_eq!(app.process(Some(&key), &echo("x")).await.status(), 200);
 
     // Act: the operator revokes it with the CLI, a process of its own.
-    let env = binary::env_for(&app.db_url(), app.dir.path(), "cli");
-    binary::run(&env, app.dir.path(), &["keys", "revoke", &id.to_string()]);
+    Cli::on(&app.db_url(), app.dir.path(), "cli").run(&["keys", "revoke", &id.to_string()]);
 
     // Assert
     let resp = app.process(Some(&key), &echo("x")).await;
@@ -142,25 +141,21 @@ async fn an_expired_key_is_refused() {
 async fn a_key_created_to_expire_in_90_days_expires_90_days_from_now() {
     // Arrange
     let app = spawn_app().await;
-    let env = binary::env_for(&app.db_url(), app.dir.path(), "cli");
+    let cli = Cli::on(&app.db_url(), app.dir.path(), "cli");
     let before = OffsetDateTime::now_utc();
 
     // Act
-    let out = binary::run(
-        &env,
-        app.dir.path(),
-        &[
-            "keys",
-            "create",
-            "--name",
-            "ana",
-            "--role",
-            "analyst",
-            "--expires-in",
-            "90d",
-            "--json",
-        ],
-    );
+    let out = cli.run(&[
+        "keys",
+        "create",
+        "--name",
+        "ana",
+        "--role",
+        "analyst",
+        "--expires-in",
+        "90d",
+        "--json",
+    ]);
     let after = OffsetDateTime::now_utc();
 
     // Assert: ninety days from the moment of creation, by the clock (timestamps keep microseconds).
@@ -339,8 +334,7 @@ async fn a_key_revoked_from_another_process_is_refused_by_every_gateway_on_postg
     }
 
     // Act: the CLI, a third process, revokes it.
-    let env = binary::env_for(&url, first.dir.path(), "cli");
-    binary::run(&env, first.dir.path(), &["keys", "revoke", &id.to_string()]);
+    Cli::on(&url, first.dir.path(), "cli").run(&["keys", "revoke", &id.to_string()]);
 
     // Assert: each gateway refuses it on its next request and records the refusal.
     for app in [&second, &first] {

@@ -1,68 +1,165 @@
 //! The real `catraca` binary: one-shot commands, and a `serve` process whose stdout and stderr are kept
 //! for the test to read.
 
-use std::io::BufRead;
+use std::io::{BufRead, Read as _};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Variables for a command against `database_url`, with the example policies and executors and an
-/// audit folder of its own under `dir`.
-pub fn env_for(database_url: &str, dir: &Path, instance_id: &str) -> Vec<(&'static str, String)> {
-    vec![
-        ("CATRACA_DATABASE_URL", database_url.to_owned()),
-        (
-            "CATRACA_POLICIES_DIR",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/policies").into(),
-        ),
-        (
-            "CATRACA_EXECUTORS_DIR",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/executors").into(),
-        ),
-        (
-            "CATRACA_AUDIT_DIR",
-            dir.join(format!("audit-{instance_id}"))
-                .display()
-                .to_string(),
-        ),
-        ("CATRACA_INSTANCE_ID", instance_id.to_owned()),
-        ("CATRACA_LOG", "error".to_owned()),
-    ]
+use crate::helpers::TestApp;
+
+/// Longest a command may run before the test gives up on it (generous: CI machines are loaded).
+const CLI_DEADLINE: Duration = Duration::from_secs(120);
+
+/// The `catraca` binary with a chosen environment and working folder. Variables named `CATRACA_*` that
+/// the test process happens to have are not passed on, so each run sees only what the test sets.
+#[derive(Clone)]
+pub struct Cli {
+    env: Vec<(String, String)>,
+    cwd: Option<PathBuf>,
 }
 
-/// `catraca` with exactly these `CATRACA_*` variables (none inherited), run in `cwd` so that no
-/// `catraca.toml` or `.env` of the checkout is read.
-fn command(env: &[(&str, String)], cwd: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_catraca"));
-    for (name, _) in std::env::vars() {
-        if name.starts_with("CATRACA_") {
-            cmd.env_remove(name);
+pub fn repo(path: &str) -> String {
+    format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))
+}
+
+impl Cli {
+    pub fn new() -> Self {
+        Self {
+            env: vec![("CATRACA_LOG".into(), "error".into())],
+            cwd: None,
         }
     }
-    cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .env("NO_COLOR", "1")
-        .current_dir(cwd);
-    cmd
+
+    /// The CLI on a test gateway's database, with the example policy and executors (the test app adds
+    /// executor kinds only the harness knows).
+    pub fn for_app(app: &TestApp) -> Self {
+        Self::new()
+            .env("CATRACA_DATABASE_URL", app.db_url())
+            .env("CATRACA_POLICIES_DIR", repo("policies"))
+            .env("CATRACA_EXECUTORS_DIR", repo("executors"))
+            .env(
+                "CATRACA_AUDIT_DIR",
+                app.dir.path().join("cli-audit").display().to_string(),
+            )
+            .env("CATRACA_INSTANCE_ID", "cli-test")
+    }
+
+    /// The CLI on `database_url` with the example policy and executors, an audit folder of its own
+    /// under `dir` (also its working folder, so no `catraca.toml` or `.env` of the checkout is read),
+    /// and its own instance id.
+    pub fn on(database_url: &str, dir: &Path, instance_id: &str) -> Self {
+        Self::new()
+            .env("CATRACA_DATABASE_URL", database_url)
+            .env("CATRACA_POLICIES_DIR", repo("policies"))
+            .env("CATRACA_EXECUTORS_DIR", repo("executors"))
+            .env(
+                "CATRACA_AUDIT_DIR",
+                dir.join(format!("audit-{instance_id}"))
+                    .display()
+                    .to_string(),
+            )
+            .env("CATRACA_INSTANCE_ID", instance_id)
+            .cwd(dir)
+    }
+
+    pub fn env(mut self, name: &str, value: impl Into<String>) -> Self {
+        self.env.retain(|(k, _)| k != name);
+        self.env.push((name.to_owned(), value.into()));
+        self
+    }
+
+    pub fn without(mut self, name: &str) -> Self {
+        self.env.retain(|(k, _)| k != name);
+        self
+    }
+
+    pub fn cwd(mut self, dir: &Path) -> Self {
+        self.cwd = Some(dir.to_path_buf());
+        self
+    }
+
+    /// `catraca` with exactly this environment (no inherited `CATRACA_*`) and working folder.
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_catraca"));
+        for (name, _) in std::env::vars() {
+            if name.starts_with("CATRACA_") {
+                cmd.env_remove(name);
+            }
+        }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env("NO_COLOR", "1");
+        if let Some(dir) = &self.cwd {
+            cmd.current_dir(dir);
+        }
+        cmd
+    }
+
+    /// Runs `catraca args` to its end (bounded by [`CLI_DEADLINE`]), whatever its exit code.
+    pub fn output(&self, args: &[&str]) -> Output {
+        let mut child = self
+            .command()
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let drain = |mut pipe: Box<dyn std::io::Read + Send>| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                pipe.read_to_end(&mut buf).unwrap();
+                buf
+            })
+        };
+        let stdout = drain(Box::new(child.stdout.take().unwrap()));
+        let stderr = drain(Box::new(child.stderr.take().unwrap()));
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if started.elapsed() > CLI_DEADLINE {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                panic!("catraca {args:?} still running after {CLI_DEADLINE:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Output {
+            status,
+            stdout: stdout.join().unwrap(),
+            stderr: stderr.join().unwrap(),
+        }
+    }
+
+    /// Runs `catraca args` and insists that it succeeds.
+    pub fn run(&self, args: &[&str]) -> Output {
+        let out = self.output(args);
+        assert!(
+            out.status.success(),
+            "catraca {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    pub fn stdout(&self, args: &[&str]) -> String {
+        String::from_utf8(self.run(args).stdout).unwrap()
+    }
 }
 
-/// Runs one command to completion; fails the test unless it exits 0.
-pub fn run(env: &[(&str, String)], cwd: &Path, args: &[&str]) -> Output {
-    let out = command(env, cwd)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "catraca {args:?} exited {}: {}{}",
-        out.status,
+/// Everything a command printed, for assertion messages and searches.
+pub fn printed(out: &Output) -> String {
+    format!(
+        "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    )
 }
 
 /// Drops terminal colour sequences (`ESC [ … letter`), should a build print them anyway.
@@ -117,8 +214,9 @@ const PROCESS_DEADLINE: Duration = Duration::from_secs(60);
 impl Serve {
     /// Starts `serve` and waits until it logs the address it listens on (needs `CATRACA_LOG` at
     /// `info` or finer for the `catraca` target).
-    pub fn start(env: &[(&str, String)], cwd: &Path) -> Self {
-        let mut child = command(env, cwd)
+    pub fn start(cli: &Cli) -> Self {
+        let mut child = cli
+            .command()
             .env("CATRACA_LISTEN", "127.0.0.1:0")
             .arg("serve")
             .stdin(Stdio::null())

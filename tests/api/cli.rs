@@ -1,9 +1,6 @@
 //! The `catraca` binary as operators use it: keys (audited), policy, trace, export.
 
-use std::io::Read as _;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
 
 use catraca::audit::{EventType, GENESIS_HASH, PendingEvent, SealedEvent, seal};
 use catraca::domain::TraceId;
@@ -12,131 +9,8 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::macros::datetime;
 
-use crate::helpers::{TestApp, echo, spawn_app};
-
-/// Longest a command may run before the test gives up on it (generous: CI machines are loaded).
-const CLI_DEADLINE: Duration = Duration::from_secs(120);
-
-/// The `catraca` binary with a chosen environment and working folder. Variables named `CATRACA_*` that
-/// the test process happens to have are not passed on, so each run sees only what the test sets.
-#[derive(Clone)]
-pub struct Cli {
-    env: Vec<(String, String)>,
-    cwd: Option<PathBuf>,
-}
-
-pub fn repo(path: &str) -> String {
-    format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))
-}
-
-impl Cli {
-    pub fn new() -> Self {
-        Self {
-            env: vec![("CATRACA_LOG".into(), "error".into())],
-            cwd: None,
-        }
-    }
-
-    /// The CLI on a test gateway's database, with the example policy and executors (the test app adds
-    /// executor kinds only the harness knows).
-    pub fn for_app(app: &TestApp) -> Self {
-        Self::new()
-            .env("CATRACA_DATABASE_URL", app.db_url())
-            .env("CATRACA_POLICIES_DIR", repo("policies"))
-            .env("CATRACA_EXECUTORS_DIR", repo("executors"))
-            .env(
-                "CATRACA_AUDIT_DIR",
-                app.dir.path().join("cli-audit").display().to_string(),
-            )
-            .env("CATRACA_INSTANCE_ID", "cli-test")
-    }
-
-    pub fn env(mut self, name: &str, value: impl Into<String>) -> Self {
-        self.env.retain(|(k, _)| k != name);
-        self.env.push((name.to_owned(), value.into()));
-        self
-    }
-
-    pub fn without(mut self, name: &str) -> Self {
-        self.env.retain(|(k, _)| k != name);
-        self
-    }
-
-    pub fn cwd(mut self, dir: &Path) -> Self {
-        self.cwd = Some(dir.to_path_buf());
-        self
-    }
-
-    /// Runs `catraca args` to its end (bounded by [`CLI_DEADLINE`]), whatever its exit code.
-    pub fn output(&self, args: &[&str]) -> Output {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_catraca"));
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (name, _) in std::env::vars() {
-            if name.starts_with("CATRACA_") {
-                cmd.env_remove(name);
-            }
-        }
-        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
-        if let Some(dir) = &self.cwd {
-            cmd.current_dir(dir);
-        }
-        let mut child = cmd.spawn().unwrap();
-        let drain = |mut pipe: Box<dyn std::io::Read + Send>| {
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                pipe.read_to_end(&mut buf).unwrap();
-                buf
-            })
-        };
-        let stdout = drain(Box::new(child.stdout.take().unwrap()));
-        let stderr = drain(Box::new(child.stderr.take().unwrap()));
-        let started = Instant::now();
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if started.elapsed() > CLI_DEADLINE {
-                child.kill().unwrap();
-                child.wait().unwrap();
-                panic!("catraca {args:?} still running after {CLI_DEADLINE:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        Output {
-            status,
-            stdout: stdout.join().unwrap(),
-            stderr: stderr.join().unwrap(),
-        }
-    }
-
-    /// Runs `catraca args` and insists that it succeeds.
-    pub fn run(&self, args: &[&str]) -> Output {
-        let out = self.output(args);
-        assert!(
-            out.status.success(),
-            "catraca {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
-    }
-
-    pub fn stdout(&self, args: &[&str]) -> String {
-        String::from_utf8(self.run(args).stdout).unwrap()
-    }
-}
-
-/// Everything a command printed, for assertion messages and searches.
-pub fn printed(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+use crate::binary::{Cli, printed, repo};
+use crate::helpers::{echo, spawn_app};
 
 #[tokio::test]
 async fn keys_are_audited_and_requests_can_be_traced_and_exported() {

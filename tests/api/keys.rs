@@ -6,7 +6,7 @@ use catraca::keys::{self, KeyError};
 use serde_json::{Value, json};
 use sqlx::Connection;
 
-use crate::cli::Cli;
+use crate::binary::Cli;
 use crate::helpers::{KeySpec, reasons, spawn_app};
 
 fn key_id_of(key: &str) -> KeyId {

@@ -2,13 +2,12 @@
 //! harness and in the real binary (`serve` in dev mode and the CLI). The one deliberate exception is a
 //! new key, printed once where the command announces it.
 
-use std::path::Path;
 
 use catraca::domain::{ApiKey, KeyId};
 use catraca::keys;
 use serde_json::Value;
 
-use crate::binary::{self, Serve};
+use crate::binary::{self, Cli, Serve};
 use crate::helpers::{captured_logs, echo, spawn_app};
 
 /// The secret half of a full key (`ck_<key_id>_<secret>`).
@@ -168,13 +167,8 @@ fn plain_text(out: &[u8]) -> String {
 }
 
 /// Runs a CLI command; checks that neither of its streams shows any of `secrets`; returns them.
-fn cli(
-    env: &[(&str, String)],
-    cwd: &Path,
-    args: &[&str],
-    secrets: &[(&str, String)],
-) -> (String, String) {
-    let out = binary::run(env, cwd, args);
+fn cli(cli: &Cli, args: &[&str], secrets: &[(&str, String)]) -> (String, String) {
+    let out = cli.run(args);
     let (stdout, stderr) = (plain_text(&out.stdout), plain_text(&out.stderr));
     let command = args.join(" ");
     assert_none_in(
@@ -217,11 +211,9 @@ async fn serve_and_the_cli_print_a_key_only_once_where_they_announce_it() {
     let cwd = dir.path();
     let db = format!("sqlite://{}", cwd.join("catraca.db").display());
     let at_trace_in_dev = |instance: &str| {
-        let mut env = binary::env_for(&db, cwd, instance);
-        env.retain(|(k, _)| *k != "CATRACA_LOG");
-        env.push(("CATRACA_LOG", "trace".to_owned()));
-        env.push(("CATRACA_MODE", "dev".to_owned()));
-        env
+        Cli::on(&db, cwd, instance)
+            .env("CATRACA_LOG", "trace")
+            .env("CATRACA_MODE", "dev")
     };
     let env = at_trace_in_dev("serve");
     let cli_env = at_trace_in_dev("cli");
@@ -236,7 +228,7 @@ async fn serve_and_the_cli_print_a_key_only_once_where_they_announce_it() {
     };
 
     // Act, 1: the first start creates and announces the admin key.
-    let serve = Serve::start(&env, cwd);
+    let serve = Serve::start(&env);
     serve.wait_for_stderr("the dev-mode key", |e| announced_key(e).is_some());
     let admin = announced_key(&serve.stderr()).unwrap();
     let wrong = wrong_secret_for(&admin);
@@ -256,7 +248,6 @@ async fn serve_and_the_cli_print_a_key_only_once_where_they_announce_it() {
     // Act, 2: the key lifecycle through the CLI, each new key used on the running server.
     let created = cli(
         &cli_env,
-        cwd,
         &[
             "keys", "create", "--name", "ana", "--role", "analyst", "--json",
         ],
@@ -267,7 +258,6 @@ async fn serve_and_the_cli_print_a_key_only_once_where_they_announce_it() {
     secrets.push(("created", secret(&second)));
     let plain = cli(
         &cli_env,
-        cwd,
         &["keys", "create", "--name", "bia", "--role", "auditor"],
         &secrets,
     );
@@ -282,7 +272,6 @@ async fn serve_and_the_cli_print_a_key_only_once_where_they_announce_it() {
 
     let rotation = cli(
         &cli_env,
-        cwd,
         &["keys", "rotate", &key_id(&second).to_string(), "--json"],
         &secrets,
     );
@@ -296,7 +285,6 @@ async fn serve_and_the_cli_print_a_key_only_once_where_they_announce_it() {
     }
     cli(
         &cli_env,
-        cwd,
         &["keys", "revoke", &key_id(&rotated).to_string()],
         &secrets,
     );
@@ -329,12 +317,12 @@ async fn serve_and_the_cli_print_a_key_only_once_where_they_announce_it() {
         ],
         &["audit", "verify"],
     ] {
-        cli(&cli_env, cwd, args, &secrets);
+        cli(&cli_env, args, &secrets);
     }
     let (stdout, stderr) = serve.stop();
 
     // Act, 3: a second start finds a key and announces nothing.
-    let again = Serve::start(&env, cwd);
+    let again = Serve::start(&env);
     let resp = post(&again, &admin, "secrets-binary-trace-05")
         .await
         .unwrap();

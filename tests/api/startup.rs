@@ -3,7 +3,8 @@
 
 use std::path::Path;
 
-use crate::cli::{Cli, copy_dir, printed, repo};
+use crate::binary::{Cli, printed, repo};
+use crate::cli::copy_dir;
 
 /// `catraca` for a fresh folder: its own database, audit folder and copies of the example policy and
 /// executors (so a test may break them), on a free port, without dev conveniences.
