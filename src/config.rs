@@ -225,11 +225,15 @@ pub struct Config {
 const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
 
 impl Config {
-    /// Reads `path` (or `catraca.toml` if it exists when `path` is `None`), then applies `CATRACA_*`.
+    /// Reads `path` (else `CATRACA_CONFIG`, else `catraca.toml` if it exists), then applies `CATRACA_*`.
     pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
+        // Like every other setting, CATRACA_CONFIG may come from the environment or from `.env`.
         let file = match path {
             Some(p) => Some(p.to_path_buf()),
-            None => Some(PathBuf::from("catraca.toml")).filter(|p| p.exists()),
+            None => env_var("CATRACA_CONFIG")
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from)
+                .or_else(|| Some(PathBuf::from("catraca.toml")).filter(|p| p.exists())),
         };
         let parsed = match &file {
             Some(p) => {

@@ -27,6 +27,14 @@ pub struct Denial {
     pub violations: Vec<Violation>,
 }
 
+fn codes_text(codes: &[ReasonCode]) -> String {
+    codes
+        .iter()
+        .map(ReasonCode::as_str)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 impl Denial {
     pub fn status(&self) -> StatusCode {
         self.reason_codes
@@ -38,7 +46,7 @@ impl Denial {
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// A gate refused the request.
-    #[error("denied by {}: {:?}", .0.gate.as_str(), .0.reason_codes)]
+    #[error("denied by {}: {}", .0.gate.as_str(), codes_text(&.0.reason_codes))]
     Denied(Box<Denial>),
     /// The executor failed or timed out after ALLOW.
     #[error("execution failed: {error}")]

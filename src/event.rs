@@ -151,7 +151,7 @@ pub fn seal(
     instance_id: &str,
     seq: i64,
     prev_hash: &str,
-) -> Result<SealedEvent, serde_json::Error> {
+) -> Result<SealedEvent, CanonicalError> {
     let mut obj = pending.fields;
     for name in ENVELOPE {
         if obj.remove(name).is_some() {
@@ -175,7 +175,7 @@ pub fn seal(
     );
     obj.insert("occurred_at".into(), Value::String(occurred_at.clone()));
     obj.insert("instance_id".into(), Value::String(instance_id.to_owned()));
-    let body = serde_json_canonicalizer::to_string(&Value::Object(obj))?;
+    let body = canonical_text(&Value::Object(obj))?;
     let hash = chain_hash(prev_hash, &body);
     Ok(SealedEvent {
         chain_id: chain_id.to_owned(),
@@ -218,6 +218,11 @@ pub struct CanonicalError(String);
 /// whitespace never change a hash.
 pub fn canonical_json(value: &Value) -> Result<Vec<u8>, CanonicalError> {
     serde_json_canonicalizer::to_vec(value).map_err(|e| CanonicalError(e.to_string()))
+}
+
+/// [`canonical_json`] as text (canonical JSON is UTF-8): the exact bytes an event's hash covers.
+pub fn canonical_text(value: &Value) -> Result<String, CanonicalError> {
+    String::from_utf8(canonical_json(value)?).map_err(|e| CanonicalError(e.to_string()))
 }
 
 /// Size and SHA-256 of a value's canonical JSON: what the trail keeps of payloads and results instead of

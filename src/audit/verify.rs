@@ -370,7 +370,7 @@ pub fn event_from_line(line: &str) -> Result<SealedEvent, String> {
         instance_id: text("instance_id").unwrap_or_default(),
         prev_hash: text("prev_hash").unwrap_or_default(),
         hash,
-        body: serde_json_canonicalizer::to_string(&value).map_err(|e| e.to_string())?,
+        body: crate::event::canonical_text(&value).map_err(|e| e.to_string())?,
     };
     Ok(event)
 }

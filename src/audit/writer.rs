@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_appender::rolling::{RollingFileAppender, Rotation};
 
-use crate::event::{EventType, GENESIS_HASH, PendingEvent, SealedEvent, seal};
+use crate::event::{CanonicalError, EventType, GENESIS_HASH, PendingEvent, SealedEvent, seal};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 
@@ -89,7 +89,7 @@ struct ChainState {
 
 impl ChainState {
     /// Seals `events` after the current tail without moving it; the tail moves only after the commit.
-    fn seal_all(&self, events: Vec<PendingEvent>) -> Result<Vec<SealedEvent>, serde_json::Error> {
+    fn seal_all(&self, events: Vec<PendingEvent>) -> Result<Vec<SealedEvent>, CanonicalError> {
         let mut prev = self.prev_hash.clone();
         let mut out = Vec::with_capacity(events.len());
         for (seq, e) in (self.next_seq..).zip(events) {

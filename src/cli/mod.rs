@@ -18,8 +18,9 @@ use crate::executors::ExecutorEnv;
 #[derive(Debug, Parser)]
 #[command(name = "catraca", version, about = "A governed agent gateway")]
 pub struct Cli {
-    /// Configuration file (default: ./catraca.toml when present). CATRACA_* variables override it.
-    #[arg(long, global = true, env = "CATRACA_CONFIG")]
+    /// Configuration file (default: CATRACA_CONFIG, else ./catraca.toml when present). CATRACA_*
+    /// variables override it.
+    #[arg(long, global = true)]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,

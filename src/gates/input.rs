@@ -9,7 +9,6 @@ use axum::body::{Body, Bytes};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::Value;
 
-use crate::audit::canonical_digest;
 use crate::domain::ContextId;
 use crate::policy::{Action, Policy, Violation};
 use crate::reason::ReasonCode;
@@ -26,8 +25,6 @@ pub struct ValidInput {
     pub action: Arc<Action>,
     pub context: ContextId,
     pub payload: Value,
-    /// Size and SHA-256 of the payload's canonical JSON: what the audit keeps instead of its text.
-    pub payload_digest: Value,
 }
 
 /// Why G3 refused; `action` is the requested action when the policy knows it (for metrics).
@@ -159,7 +156,7 @@ pub fn parse_envelope(bytes: &[u8]) -> Result<Envelope, InputRefusal> {
 }
 
 /// The policy's half of G3: the action exists and has an executor, the context exists, the payload
-/// matches the action's schema. Its canonical digest is what the audit keeps.
+/// matches the action's schema.
 pub fn admit(
     policy: &Policy,
     action: &str,
@@ -216,17 +213,7 @@ pub fn admit(
             requested_action: None,
         });
     }
-    let payload_digest = match canonical_digest(&payload) {
-        Ok(digest) => digest,
-        Err(e) => {
-            return Err(InputRefusal {
-                action: Some(action),
-                ..InputRefusal::new(ReasonCode::InputMalformedJson, e.to_string())
-            });
-        }
-    };
     Ok(ValidInput {
-        payload_digest,
         action,
         context,
         payload,

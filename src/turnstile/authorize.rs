@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::decision::{Facts, Verdicts, truncated};
-use crate::domain::ContextId;
+use crate::audit::canonical_digest;
+use crate::domain::{ContextId, TraceId};
 use crate::error::ApiError;
 use crate::gates::input::{self, InputRefusal};
 use crate::gates::matrix;
@@ -19,10 +20,12 @@ use crate::reason::{Gate, ReasonCode};
 /// What a principal asks for once G1 and G2 let it in.
 pub(super) enum Ask<'a> {
     /// An action with an executor, in one context, with a payload: `/process` and composite steps.
+    /// G3 is timed from `started` (for `/process`, when its body began to be read).
     Run {
         action: &'a str,
         context: &'a str,
         payload: Value,
+        started: Instant,
     },
     /// A permission-only action (such as `audit.read`) in any context the key may use: other routes.
     Permission { action: Arc<Action> },
@@ -96,14 +99,14 @@ pub(super) fn input_refused(
     })
 }
 
-/// G3's policy half (for [`Ask::Run`], timed from `input_started`) and G4 for `principal`, each verdict
-/// recorded in `verdicts` and what was learned in `facts`.
+/// G3's policy half (for [`Ask::Run`]) and G4 for `principal`, each verdict recorded in `verdicts` and
+/// what was learned in `facts`.
 pub(super) fn authorize(
     metrics: &Metrics,
     policy: &Policy,
+    trace_id: &TraceId,
     principal: &Principal,
     ask: Ask<'_>,
-    input_started: Instant,
     verdicts: &mut Verdicts,
     facts: &mut Facts,
 ) -> Result<Granted, Stop> {
@@ -112,13 +115,18 @@ pub(super) fn authorize(
             action,
             context,
             payload,
+            started,
         } => {
             let valid = input::admit(policy, action, context, payload)
-                .map_err(|r| input_refused(metrics, verdicts, facts, input_started, r))?;
-            verdicts.record(metrics, Gate::Input, input_started, None);
+                .map_err(|r| input_refused(metrics, verdicts, facts, started, r))?;
+            // What the trail keeps of the payload; a payload without a canonical form is our fault,
+            // not the client's, and nothing runs that the trail cannot describe.
+            let digest = canonical_digest(&valid.payload)
+                .map_err(|e| Stop::Failed(ApiError::internal(e, Some(trace_id))))?;
+            verdicts.record(metrics, Gate::Input, started, None);
             facts.action = Some(valid.action.name.to_string());
             facts.context = Some(valid.context.to_string());
-            facts.payload_digest = Some(valid.payload_digest);
+            facts.payload_digest = Some(digest);
             let started = Instant::now();
             let verdict = matrix::decide(
                 policy,

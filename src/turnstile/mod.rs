@@ -8,6 +8,7 @@
 
 mod authorize;
 mod decision;
+mod execution;
 mod steps;
 
 use std::net::IpAddr;
@@ -21,10 +22,10 @@ use serde_json::{Value, json};
 use utoipa::ToSchema;
 
 use crate::app::App;
-use crate::audit::{EventType, PendingEvent, canonical_digest, timestamp};
+use crate::audit::{EventType, PendingEvent, timestamp};
 use crate::domain::TraceId;
 use crate::error::{ApiError, Denial};
-use crate::executors::{ExecutorCall, ExecutorDef, ExecutorError};
+use crate::executors::{ExecutorDef, ExecutorError};
 use crate::gates::auth::{AuthRefusal, AuthenticatedKey};
 use crate::gates::input;
 use crate::gates::rate_limit::RateDecision;
@@ -32,6 +33,7 @@ use crate::policy::Principal;
 use crate::reason::{Gate, ReasonCode};
 use authorize::{Ask, Granted, Refusal, Stop, authorize, input_refused};
 use decision::{Decision, micros};
+use execution::{count_execution, executor_of, with_digest};
 use steps::StepContext;
 
 /// How long a client is asked to wait when the shared rate limiter cannot be reached.
@@ -96,10 +98,9 @@ pub async fn process(app: &Arc<App>, req: Incoming) -> Result<ActionResult, ApiE
     let executor = executor_for(app, &d, &granted)?;
     commit_allow(app, &d, &granted, executor).await?;
     let started = Instant::now();
-    let outcome = executor
-        .run(call_for(app, &d, &key, &granted, 1))
-        .await
-        .and_then(with_digest);
+    let call = StepContext::root(app, &d, principal_of(&key), &granted.context)
+        .call(&granted.action.name, granted.payload.clone());
+    let outcome = executor.run(call).await.and_then(with_digest);
     let elapsed = started.elapsed();
     let status = count_execution(app, &executor.name, &outcome, elapsed);
     commit_outcome(app, &d, &granted, executor, &outcome, status, elapsed).await?;
@@ -109,7 +110,7 @@ pub async fn process(app: &Arc<App>, req: Incoming) -> Result<ActionResult, ApiE
 
 /// G1 to G4 for a `/process` request: who asks, within its quota, for what, and whether the matrix
 /// allows it.
-#[tracing::instrument(skip_all)]
+#[tracing::instrument(level = "debug", skip_all)]
 async fn pass_gates(
     app: &App,
     d: &mut Decision,
@@ -138,13 +139,14 @@ async fn pass_gates(
         action: &envelope.action,
         context: &envelope.context,
         payload: envelope.payload,
+        started,
     };
     let granted = authorize(
         &app.metrics,
         &policy,
+        &d.trace_id.clone(),
         &principal_of(&key),
         ask,
-        started,
         &mut d.verdicts,
         &mut d.facts,
     )?;
@@ -152,7 +154,7 @@ async fn pass_gates(
 }
 
 /// G1 and G2, recorded in `d`: the caller's key, within its tier's quota.
-#[tracing::instrument(skip_all)]
+#[tracing::instrument(level = "debug", skip_all)]
 async fn identify(
     app: &App,
     d: &mut Decision,
@@ -247,47 +249,16 @@ fn executor_for<'a>(
     d: &Decision,
     granted: &Granted,
 ) -> Result<&'a ExecutorDef, ApiError> {
-    granted
-        .action
-        .executor
-        .as_deref()
-        .and_then(|name| app.executors.get(name))
-        .ok_or_else(|| {
-            ApiError::internal(
-                format!("action {} has no loaded executor", granted.action.name),
-                Some(&d.trace_id),
-            )
-        })
-}
-
-/// What the executor is asked, with a step runner for composites at `depth`.
-fn call_for(
-    app: &Arc<App>,
-    d: &Decision,
-    key: &AuthenticatedKey,
-    granted: &Granted,
-    depth: usize,
-) -> ExecutorCall {
-    ExecutorCall {
-        trace_id: d.trace_id.clone(),
-        decision_id: d.id,
-        action: granted.action.name.clone(),
-        context: granted.context.clone(),
-        payload: granted.payload.clone(),
-        steps: Some(Arc::new(StepContext {
-            app: app.clone(),
-            policy: d.policy.clone(),
-            trace_id: d.trace_id.clone(),
-            decision_id: d.id,
-            principal: principal_of(key),
-            context: granted.context.clone(),
-            depth,
-        })),
-    }
+    executor_of(app, &granted.action).ok_or_else(|| {
+        ApiError::internal(
+            format!("action {} has no loaded executor", granted.action.name),
+            Some(&d.trace_id),
+        )
+    })
 }
 
 /// REQUEST_START, DECISION (allow) and EXECUTOR_SELECTED, durable before the executor starts.
-#[tracing::instrument(skip_all)]
+#[tracing::instrument(level = "debug", skip_all)]
 async fn commit_allow(
     app: &App,
     d: &Decision,
@@ -318,7 +289,7 @@ async fn commit_allow(
 }
 
 /// ACTION_EXECUTED and REQUEST_END, durable before the response.
-#[tracing::instrument(skip_all)]
+#[tracing::instrument(level = "debug", skip_all)]
 async fn commit_outcome(
     app: &App,
     d: &Decision,
@@ -348,15 +319,6 @@ async fn commit_outcome(
     };
     let events = vec![executed, d.end_event(http_status, end)];
     commit(app, d, events, Moment::Outcome).await
-}
-
-/// A result with the digest the trail keeps of it. A result without a canonical form cannot be recorded
-/// faithfully, so it counts as the executor's failure.
-pub(super) fn with_digest(result: Value) -> Result<(Value, Value), ExecutorError> {
-    match canonical_digest(&result) {
-        Ok(digest) => Ok((result, digest)),
-        Err(e) => Err(ExecutorError::Failed(e.to_string())),
-    }
 }
 
 fn execution_status(error: &ExecutorError) -> StatusCode {
@@ -427,7 +389,7 @@ async fn commit(
 }
 
 /// Records REQUEST_START, DECISION (deny) and REQUEST_END durably; returns the refusal to answer.
-#[tracing::instrument(skip_all)]
+#[tracing::instrument(level = "debug", skip_all)]
 async fn refuse(app: &App, d: Decision, refusal: Refusal) -> ApiError {
     let Refusal {
         gate,
@@ -491,9 +453,9 @@ pub async fn authorize_permission(
         authorize(
             &app.metrics,
             &policy,
+            trace_id,
             &principal,
             ask,
-            Instant::now(),
             &mut d.verdicts,
             &mut d.facts,
         )?;
@@ -511,27 +473,6 @@ pub async fn authorize_permission(
     ];
     commit(app, &d, events, Moment::Read).await?;
     Ok(key)
-}
-
-/// Counts one executor call in the metrics; returns its status (`success`, `failed`, `timeout`).
-fn count_execution<T>(
-    app: &App,
-    executor: &str,
-    outcome: &Result<T, ExecutorError>,
-    elapsed: Duration,
-) -> &'static str {
-    let status = outcome
-        .as_ref()
-        .map_or_else(ExecutorError::status, |_| "success");
-    app.metrics
-        .executor_calls
-        .with_label_values(&[executor, status])
-        .inc();
-    app.metrics
-        .executor_duration
-        .with_label_values(&[executor])
-        .observe(elapsed.as_secs_f64());
-    status
 }
 
 fn count_result(app: &App, action: &str, status: &str) {

@@ -8,11 +8,11 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::authorize::{Ask, Stop, authorize};
-use super::decision::{Facts, Verdicts, micros, truncated};
-use super::{count_execution, with_digest};
+use super::decision::{Decision, Facts, Verdicts, micros, truncated};
+use super::execution::{count_execution, executor_of, with_digest};
 use crate::app::App;
 use crate::audit::{EventType, PendingEvent, canonical_digest};
-use crate::domain::{ContextId, TraceId};
+use crate::domain::{ActionName, ContextId, TraceId};
 use crate::executors::{ExecutorCall, StepError, StepRunner};
 use crate::policy::{Policy, Principal};
 use crate::reason::ReasonCode;
@@ -22,14 +22,16 @@ use crate::reason::ReasonCode;
 const MAX_STEP_DEPTH: usize = 4;
 
 /// Runs the steps of a composite for one allowed request: same principal, context and policy.
+#[derive(Clone)]
 pub(super) struct StepContext {
-    pub app: Arc<App>,
-    pub policy: Arc<Policy>,
-    pub trace_id: TraceId,
-    pub decision_id: Uuid,
-    pub principal: Principal,
-    pub context: ContextId,
-    pub depth: usize,
+    app: Arc<App>,
+    policy: Arc<Policy>,
+    trace_id: TraceId,
+    decision_id: Uuid,
+    principal: Principal,
+    context: ContextId,
+    /// How deeply nested the executor that runs these steps is (0: the request's own executor).
+    depth: usize,
 }
 
 /// What one step learned on its way, for its STEP_EXECUTED event.
@@ -40,6 +42,39 @@ struct StepFacts {
 }
 
 impl StepContext {
+    /// The request's own level: the executor its ALLOW selected.
+    pub(super) fn root(
+        app: &Arc<App>,
+        d: &Decision,
+        principal: Principal,
+        context: &ContextId,
+    ) -> Self {
+        Self {
+            app: app.clone(),
+            policy: d.policy.clone(),
+            trace_id: d.trace_id.clone(),
+            decision_id: d.id,
+            principal,
+            context: context.clone(),
+            depth: 0,
+        }
+    }
+
+    /// What an executor at this level is asked, with a runner one level deeper for its own steps.
+    pub(super) fn call(&self, action: &ActionName, payload: Value) -> ExecutorCall {
+        ExecutorCall {
+            trace_id: self.trace_id.clone(),
+            decision_id: self.decision_id,
+            action: action.clone(),
+            context: self.context.clone(),
+            payload,
+            steps: Some(Arc::new(Self {
+                depth: self.depth + 1,
+                ..self.clone()
+            })),
+        }
+    }
+
     /// Authorizes and runs one step.
     async fn run(
         &self,
@@ -51,8 +86,11 @@ impl StepContext {
             action: action.to_owned(),
             reason_codes,
         };
-        let digest = canonical_digest(&payload)
-            .map_err(|_| refused(vec![ReasonCode::InputMalformedJson]))?;
+        // Recorded even when the step is refused; authorize() records the same digest when it admits.
+        let digest = canonical_digest(&payload).map_err(|e| {
+            tracing::error!(error = %e, "step payload without a canonical form");
+            refused(vec![ReasonCode::InternalError])
+        })?;
         seen.facts.payload_digest = Some(digest);
         if self.depth >= MAX_STEP_DEPTH {
             return Err(refused(vec![ReasonCode::StepDepthExceeded]));
@@ -61,13 +99,14 @@ impl StepContext {
             action,
             context: self.context.as_str(),
             payload,
+            started: Instant::now(),
         };
         let granted = match authorize(
             &self.app.metrics,
             &self.policy,
+            &self.trace_id,
             &self.principal,
             ask,
-            Instant::now(),
             &mut Verdicts::default(),
             &mut seen.facts,
         ) {
@@ -78,34 +117,14 @@ impl StepContext {
                 return Err(refused(vec![ReasonCode::InternalError]));
             }
         };
-        let Some(executor) = granted
-            .action
-            .executor
-            .as_deref()
-            .and_then(|n| self.app.executors.get(n))
-        else {
+        let Some(executor) = executor_of(&self.app, &granted.action) else {
             return Err(refused(vec![ReasonCode::ActionUnknown]));
         };
         seen.executor_id = Some(executor.name.clone());
         seen.executor_facts = executor.audit_facts();
         let started = Instant::now();
         let result = executor
-            .run(ExecutorCall {
-                trace_id: self.trace_id.clone(),
-                decision_id: self.decision_id,
-                action: granted.action.name.clone(),
-                context: self.context.clone(),
-                payload: granted.payload,
-                steps: Some(Arc::new(Self {
-                    app: self.app.clone(),
-                    policy: self.policy.clone(),
-                    trace_id: self.trace_id.clone(),
-                    decision_id: self.decision_id,
-                    principal: self.principal.clone(),
-                    context: self.context.clone(),
-                    depth: self.depth + 1,
-                })),
-            })
+            .run(self.call(&granted.action.name, granted.payload))
             .await;
         let result = result.and_then(with_digest);
         count_execution(&self.app, &executor.name, &result, started.elapsed());
@@ -118,7 +137,11 @@ impl StepContext {
 
 #[async_trait::async_trait]
 impl StepRunner for StepContext {
-    #[tracing::instrument(skip_all, fields(trace_id = %self.trace_id, step = index, depth = self.depth))]
+    #[tracing::instrument(
+        level = "debug",
+        skip_all,
+        fields(trace_id = %self.trace_id, step = index, depth = self.depth)
+    )]
     async fn run_step(
         &self,
         index: usize,

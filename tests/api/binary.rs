@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::helpers::TestApp;
+use crate::helpers::{TestApp, repo};
 
 /// Longest a command may run before the test gives up on it (generous: CI machines are loaded).
 const CLI_DEADLINE: Duration = Duration::from_secs(120);
@@ -22,15 +22,12 @@ pub struct Cli {
     cwd: Option<PathBuf>,
 }
 
-pub fn repo(path: &str) -> String {
-    format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))
-}
-
 impl Cli {
     pub fn new() -> Self {
         Self {
             env: vec![("CATRACA_LOG".into(), "error".into())],
-            cwd: None,
+            // Not the checkout's root: no `catraca.toml` or `.env` of a developer's is read.
+            cwd: Some(repo("tests")),
         }
     }
 
@@ -39,8 +36,14 @@ impl Cli {
     pub fn for_app(app: &TestApp) -> Self {
         Self::new()
             .env("CATRACA_DATABASE_URL", app.db_url())
-            .env("CATRACA_POLICIES_DIR", repo("policies"))
-            .env("CATRACA_EXECUTORS_DIR", repo("executors"))
+            .env(
+                "CATRACA_POLICIES_DIR",
+                repo("policies").display().to_string(),
+            )
+            .env(
+                "CATRACA_EXECUTORS_DIR",
+                repo("executors").display().to_string(),
+            )
             .env(
                 "CATRACA_AUDIT_DIR",
                 app.dir.path().join("cli-audit").display().to_string(),
@@ -54,8 +57,14 @@ impl Cli {
     pub fn on(database_url: &str, dir: &Path, instance_id: &str) -> Self {
         Self::new()
             .env("CATRACA_DATABASE_URL", database_url)
-            .env("CATRACA_POLICIES_DIR", repo("policies"))
-            .env("CATRACA_EXECUTORS_DIR", repo("executors"))
+            .env(
+                "CATRACA_POLICIES_DIR",
+                repo("policies").display().to_string(),
+            )
+            .env(
+                "CATRACA_EXECUTORS_DIR",
+                repo("executors").display().to_string(),
+            )
             .env(
                 "CATRACA_AUDIT_DIR",
                 dir.join(format!("audit-{instance_id}"))

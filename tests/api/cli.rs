@@ -9,8 +9,8 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::macros::datetime;
 
-use crate::binary::{Cli, printed, repo};
-use crate::helpers::{echo, spawn_app};
+use crate::binary::{Cli, printed};
+use crate::helpers::{copy_dir, echo, repo, spawn_app};
 
 #[tokio::test]
 async fn keys_are_audited_and_requests_can_be_traced_and_exported() {
@@ -130,10 +130,13 @@ async fn keys_are_audited_and_requests_can_be_traced_and_exported() {
 fn policy_test_exits_1_when_a_case_fails_and_names_that_case() {
     let dir = tempfile::tempdir().unwrap();
     let policies = dir.path().join("policies");
-    copy_dir(Path::new(&repo("policies")), &policies);
+    copy_dir(&repo("policies"), &policies);
     let cli = Cli::new()
         .env("CATRACA_POLICIES_DIR", policies.display().to_string())
-        .env("CATRACA_EXECUTORS_DIR", repo("executors"));
+        .env(
+            "CATRACA_EXECUTORS_DIR",
+            repo("executors").display().to_string(),
+        );
     cli.run(&["policy", "test"]);
 
     std::fs::write(
@@ -330,19 +333,6 @@ async fn an_export_includes_events_exactly_at_since_and_excludes_events_exactly_
         ),
         ids(&[0])
     );
-}
-
-pub fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.path().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 /// Parses RFC 4180 CSV strictly: a quoted field may hold commas, doubled quotes and line breaks; a

@@ -291,26 +291,9 @@ fn ids_of(records: &[Value]) -> Vec<String> {
     out
 }
 
-/// The value of the sample `name{labels}` in Prometheus text, whatever the order of its labels.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (metric_name, rest) = series.split_once('{')?;
-            let found: Vec<&str> = rest.trim_end_matches('}').split(',').collect();
-            let all = labels
-                .iter()
-                .all(|(k, v)| found.contains(&format!("{k}=\"{v}\"").as_str()));
-            (metric_name == name && all && found.len() == labels.len())
-                .then(|| value.parse().ok())
-                .flatten()
-        })
-}
-
 async fn refusals(app: &TestApp, reason: &str) -> Option<f64> {
     let text = app.get_text("/metrics").await;
-    metric(
+    crate::prom::sample(
         &text,
         "catraca_collector_refusals_total",
         &[("executor", "pncp"), ("reason", reason)],

@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use catraca::app::App;
 use catraca::config::{Config, DatabaseUrl, Mode};
-use catraca::domain::{ContextId, RoleName, TierName};
+use catraca::domain::{ApiKey, ContextId, KeyId, RoleName, TierName};
 use catraca::executors::{Executor, ExecutorCall, ExecutorError, Kinds};
 use catraca::keys::{self, NewKey};
 use catraca::startup::Server;
@@ -159,7 +159,8 @@ pub struct TestApp {
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
-fn copy_dir(from: &Path, to: &Path) {
+/// Copies a folder tree (policies, executors) into a test's own folder.
+pub fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
         let entry = entry.unwrap();
@@ -172,7 +173,8 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-fn repo(path: &str) -> PathBuf {
+/// A path in the checkout.
+pub fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
@@ -394,4 +396,9 @@ pub async fn reasons(resp: reqwest::Response) -> (u16, Value) {
 
 pub fn echo(message: &str) -> Value {
     serde_json::json!({"action": "echo", "context_id": "work", "payload": {"message": message}})
+}
+
+/// The key id of a full key text.
+pub fn key_id(key: &str) -> KeyId {
+    ApiKey::parse(key).unwrap().key_id().clone()
 }

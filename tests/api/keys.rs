@@ -1,17 +1,12 @@
 //! Key rotation: the new key inherits the old one's name, role, contexts and tier, the old one is
 //! revoked in the same transaction, and both changes are in the trail.
 
-use catraca::domain::KeyId;
 use catraca::keys::{self, KeyError};
 use serde_json::{Value, json};
 use sqlx::Connection;
 
 use crate::binary::Cli;
-use crate::helpers::{KeySpec, reasons, spawn_app};
-
-fn key_id_of(key: &str) -> KeyId {
-    KeyId::parse(key.split('_').nth(1).unwrap()).unwrap()
-}
+use crate::helpers::{KeySpec, key_id, reasons, spawn_app};
 
 fn echo_in(context: &str) -> Value {
     json!({"action": "echo", "context_id": context, "payload": {"message": "x"}})
@@ -112,7 +107,7 @@ async fn a_rotation_whose_new_key_cannot_be_stored_leaves_the_old_key_usable() {
             ..KeySpec::default()
         })
         .await;
-    let key_id = key_id_of(&key);
+    let key_id = key_id(&key);
     let keys_before = app.app.store.list_keys().await.unwrap().len();
     // The store refuses the new key's row, as a full disk would, after the old key's UPDATE ran.
     let mut conn = sqlx::SqliteConnection::connect(&app.db_url())

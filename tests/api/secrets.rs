@@ -2,21 +2,16 @@
 //! harness and in the real binary (`serve` in dev mode and the CLI). The one deliberate exception is a
 //! new key, printed once where the command announces it.
 
-
-use catraca::domain::{ApiKey, KeyId};
+use catraca::domain::ApiKey;
 use catraca::keys;
 use serde_json::Value;
 
 use crate::binary::{self, Cli, Serve};
-use crate::helpers::{captured_logs, echo, spawn_app};
+use crate::helpers::{captured_logs, echo, key_id, spawn_app};
 
 /// The secret half of a full key (`ck_<key_id>_<secret>`).
 fn secret(key: &str) -> String {
     ApiKey::parse(key).unwrap().secret().to_owned()
-}
-
-fn key_id(key: &str) -> KeyId {
-    ApiKey::parse(key).unwrap().key_id().clone()
 }
 
 /// A well-formed key that was never issued.

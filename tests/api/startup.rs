@@ -3,14 +3,14 @@
 
 use std::path::Path;
 
-use crate::binary::{Cli, printed, repo};
-use crate::cli::copy_dir;
+use crate::binary::{Cli, printed};
+use crate::helpers::{copy_dir, repo};
 
 /// `catraca` for a fresh folder: its own database, audit folder and copies of the example policy and
 /// executors (so a test may break them), on a free port, without dev conveniences.
 fn gateway_in(dir: &Path) -> Cli {
-    copy_dir(Path::new(&repo("policies")), &dir.join("policies"));
-    copy_dir(Path::new(&repo("executors")), &dir.join("executors"));
+    copy_dir(&repo("policies"), &dir.join("policies"));
+    copy_dir(&repo("executors"), &dir.join("executors"));
     Cli::new()
         .cwd(dir)
         .env(

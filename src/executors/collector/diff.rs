@@ -31,15 +31,20 @@ pub(super) fn snapshot_of(id: &str, record: &Value) -> Result<SnapshotRow, Canon
     })
 }
 
-fn changed_fields(before: &str, after: &str) -> Vec<String> {
-    let parse = |s: &str| serde_json::from_str::<BTreeMap<String, String>>(s).unwrap_or_default();
-    let (a, b) = (parse(before), parse(after));
+/// The top-level fields whose hashes differ. Stored hashes that do not parse are a damaged snapshot,
+/// reported as such rather than as "every field changed".
+fn changed_fields(before: &str, after: &str) -> Result<Vec<String>, String> {
+    let parse = |s: &str| {
+        serde_json::from_str::<BTreeMap<String, String>>(s)
+            .map_err(|e| format!("stored field hashes do not parse: {e}"))
+    };
+    let (a, b) = (parse(before)?, parse(after)?);
     let names: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-    names
+    Ok(names
         .into_iter()
         .filter(|k| a.get(*k) != b.get(*k))
         .cloned()
-        .collect()
+        .collect())
 }
 
 /// A run's snapshot against its baseline, as the result reports it.
@@ -60,7 +65,7 @@ impl Diff {
         baseline: &[SnapshotRow],
         snapshot: &[SnapshotRow],
         complete: bool,
-    ) -> Self {
+    ) -> Result<Self, String> {
         let before: HashMap<&str, &SnapshotRow> =
             baseline.iter().map(|r| (r.record_id.as_str(), r)).collect();
         let mut new = Vec::new();
@@ -70,7 +75,7 @@ impl Diff {
                 None => new.push(Value::String(row.record_id.clone())),
                 Some(old) if old.content_hash != row.content_hash => changed.push(json!({
                     "id": row.record_id,
-                    "fields": changed_fields(&old.field_hashes, &row.field_hashes),
+                    "fields": changed_fields(&old.field_hashes, &row.field_hashes)?,
                 })),
                 Some(_) => {}
             }
@@ -89,11 +94,11 @@ impl Diff {
         } else {
             Vec::new()
         };
-        Self {
+        Ok(Self {
             new,
             changed,
             not_seen,
-        }
+        })
     }
 }
 
@@ -107,7 +112,7 @@ mod tests {
         let b = snapshot_of("x", &json!({"objeto": "a", "valor": 2, "new": 1})).unwrap();
         assert_ne!(a.content_hash, b.content_hash);
         assert_eq!(
-            changed_fields(&a.field_hashes, &b.field_hashes),
+            changed_fields(&a.field_hashes, &b.field_hashes).unwrap(),
             ["gone", "new", "valor"]
         );
         let c = snapshot_of("x", &json!({"objeto": "a", "valor": 1, "gone": true})).unwrap();

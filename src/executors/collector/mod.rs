@@ -377,7 +377,8 @@ impl Collector {
                 .map_or(&[][..], |(_, rows)| rows.as_slice()),
             &snapshot,
             complete,
-        );
+        )
+        .map_err(|e| ExecutorError::Failed(format!("baseline {e}")))?;
         let error_values: Vec<Value> = errors
             .iter()
             .map(|e| json!({"page": e.page, "error": e.error}))
