@@ -34,21 +34,7 @@ impl Cli {
     /// The CLI on a test gateway's database, with the example policy and executors (the test app adds
     /// executor kinds only the harness knows).
     pub fn for_app(app: &TestApp) -> Self {
-        Self::new()
-            .env("CATRACA_DATABASE_URL", app.db_url())
-            .env(
-                "CATRACA_POLICIES_DIR",
-                repo("policies").display().to_string(),
-            )
-            .env(
-                "CATRACA_EXECUTORS_DIR",
-                repo("executors").display().to_string(),
-            )
-            .env(
-                "CATRACA_AUDIT_DIR",
-                app.dir.path().join("cli-audit").display().to_string(),
-            )
-            .env("CATRACA_INSTANCE_ID", "cli-test")
+        Self::on(&app.db_url(), app.dir.path(), "cli-test")
     }
 
     /// The CLI on `database_url` with the example policy and executors, an audit folder of its own
