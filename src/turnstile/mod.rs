@@ -89,17 +89,19 @@ pub async fn process(app: &Arc<App>, req: Incoming) -> Result<ActionResult, ApiE
     );
     let mut d = Decision::new(trace_id, start, app.policy());
 
-    let (key, granted) = match pass_gates(app, &mut d, &headers, client, body, content_length).await
-    {
-        Ok(passed) => passed,
-        Err(Stop::Refused(refusal)) => return Err(refuse(app, d, refusal).await),
-        Err(Stop::Failed(e)) => return Err(e),
-    };
+    let (key, mut granted) =
+        match pass_gates(app, &mut d, &headers, client, body, content_length).await {
+            Ok(passed) => passed,
+            Err(Stop::Refused(refusal)) => return Err(refuse(app, d, refusal).await),
+            Err(Stop::Failed(e)) => return Err(e),
+        };
     let executor = executor_for(app, &d, &granted)?;
     commit_allow(app, &d, &granted, executor).await?;
     let started = Instant::now();
+    // The payload goes to the executor; the trail already holds its digest.
+    let payload = std::mem::take(&mut granted.payload);
     let call = StepContext::root(app, &d, principal_of(&key), &granted.context)
-        .call(&granted.action.name, granted.payload.clone());
+        .call(&granted.action.name, payload);
     let outcome = executor.run(call).await.and_then(with_digest);
     let elapsed = started.elapsed();
     let status = count_execution(app, &executor.name, &outcome, elapsed);
