@@ -1,23 +1,12 @@
-//! G4: the action matrix, for one context (`/process`, composite steps) or for any context the key may
-//! use (permission-only actions on other routes, such as `audit.read`). The rules themselves are
-//! evaluated by [`crate::policy`].
+//! G4: the action matrix. For one context (`/process`, composite steps) it is [`Policy::evaluate`];
+//! this file adds the choice for permission-only actions on other routes (such as `audit.read`), which
+//! may be allowed in any context the key may use.
 
 use serde_json::Value;
 
 use crate::domain::{ActionName, ContextId};
 use crate::policy::{MatrixDecision, Policy, Principal};
 use crate::reason::ReasonCode;
-
-/// The matrix's verdict for `action` in `context`.
-pub fn decide(
-    policy: &Policy,
-    principal: &Principal,
-    context: &ContextId,
-    action: &ActionName,
-    payload: &Value,
-) -> MatrixDecision {
-    policy.evaluate(principal, context, action, payload)
-}
 
 /// The first context (in policy order) where the matrix allows `action` with an empty payload, and that
 /// verdict; else no context and the most telling refusal (a rule's refusal over the key's own

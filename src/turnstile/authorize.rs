@@ -128,8 +128,7 @@ pub(super) fn authorize(
             facts.context = Some(valid.context.to_string());
             facts.payload_digest = Some(digest);
             let started = Instant::now();
-            let verdict = matrix::decide(
-                policy,
+            let verdict = policy.evaluate(
                 principal,
                 &valid.context,
                 &valid.action.name,

@@ -12,15 +12,6 @@ use time::format_description::well_known::Rfc3339;
 use crate::binary::Cli;
 use crate::helpers::{KeySpec, TestApp, echo, key_id, reasons, spawn_app, spawn_app_with};
 
-/// The DECISION event of the request `trace`.
-async fn decision_of(app: &TestApp, trace: &str) -> Value {
-    app.events(trace)
-        .await
-        .into_iter()
-        .find(|e| e["event_type"] == "DECISION")
-        .unwrap_or_else(|| panic!("no DECISION for trace {trace}"))
-}
-
 /// Asserts a refusal by the auth gate with `code`, in the body and in the trail's DECISION.
 async fn assert_auth_refusal(app: &TestApp, resp: reqwest::Response, key_id: &KeyId, code: &str) {
     assert!(resp.headers().contains_key("www-authenticate"));
@@ -29,7 +20,7 @@ async fn assert_auth_refusal(app: &TestApp, resp: reqwest::Response, key_id: &Ke
     assert_eq!(status, 401, "{body}");
     assert_eq!(body["gate"], "auth", "{body}");
     assert_eq!(body["reason_codes"], json!([code]), "{body}");
-    let decision = decision_of(app, &trace).await;
+    let decision = app.decision(&trace).await;
     assert_eq!(decision["effect"], "deny", "{decision}");
     assert_eq!(decision["gate"], "auth", "{decision}");
     assert_eq!(decision["reason_codes"], json!([code]), "{decision}");

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::helpers::{KeySpec, TestApp, echo, reasons, spawn_app, spawn_app_with};
+use crate::helpers::{KeySpec, echo, reasons, spawn_app, spawn_app_with};
 use crate::prom::sample;
 
 fn assert_denial(status: u16, body: &Value, want_status: u16, gate: &str, code: &str) {
@@ -106,14 +106,6 @@ fn verdict<'a>(decision: &'a Value, gate: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {gate} verdict in {decision}"))
 }
 
-async fn decision_of(app: &TestApp, trace: &str) -> Value {
-    app.events(trace)
-        .await
-        .into_iter()
-        .find(|e| e["event_type"] == "DECISION")
-        .unwrap_or_else(|| panic!("no DECISION for trace {trace}"))
-}
-
 #[tokio::test]
 async fn a_burst_beyond_the_tier_meets_429_with_retry_after_the_next_slot() {
     // Arrange: a key of the example policy's standard tier.
@@ -171,7 +163,7 @@ async fn an_unlimited_key_still_passes_the_rate_gate_and_is_audited() {
     }
     let resp = app.process(Some(&key), &echo("x")).await;
     let trace = resp.headers()["x-trace-id"].to_str().unwrap().to_owned();
-    let decision = decision_of(&app, &trace).await;
+    let decision = app.decision(&trace).await;
     assert_eq!(verdict(&decision, "rate_limit")["verdict"], "allow");
     assert_eq!(decision["principal"]["tier"], "unlimited");
 }
@@ -255,11 +247,7 @@ async fn deny_overrides_allow_and_the_decision_names_the_rule() {
     let trace = resp.headers()["x-trace-id"].to_str().unwrap().to_owned();
     let (status, b) = reasons(resp).await;
     assert_denial(status, &b, 403, "action_matrix", "CONTEXT_FORBIDDEN");
-    let events = app.events(&trace).await;
-    let decision = events
-        .iter()
-        .find(|e| e["event_type"] == "DECISION")
-        .unwrap();
+    let decision = app.decision(&trace).await;
     assert_eq!(decision["determining_rules"], json!(["partner-echo-only"]));
     // The same admin is allowed in work: the allow rule is real, the deny overrode it.
     let body =
@@ -380,7 +368,7 @@ async fn an_unreachable_shared_limiter_fails_closed_and_nothing_runs() {
         0,
         "the executor ran without a rate decision"
     );
-    let decision = decision_of(&app, &trace).await;
+    let decision = app.decision(&trace).await;
     assert_eq!(decision["effect"], "deny", "{decision}");
     assert_eq!(decision["gate"], "rate_limit", "{decision}");
     assert_eq!(
@@ -413,7 +401,7 @@ async fn an_unreachable_shared_limiter_configured_open_lets_the_request_run_and_
     assert_eq!(resp.status(), 200);
     let trace = resp.headers()["x-trace-id"].to_str().unwrap().to_owned();
     assert_eq!(app.calls.count(), 1);
-    let decision = decision_of(&app, &trace).await;
+    let decision = app.decision(&trace).await;
     assert_eq!(decision["effect"], "allow", "{decision}");
     assert_eq!(verdict(&decision, "rate_limit")["verdict"], "allow");
     let kinds: Vec<Value> = app

@@ -372,6 +372,15 @@ impl TestApp {
             .collect()
     }
 
+    /// The DECISION event of the request `trace`.
+    pub async fn decision(&self, trace: &str) -> Value {
+        self.events(trace)
+            .await
+            .into_iter()
+            .find(|e| e["event_type"] == "DECISION")
+            .unwrap_or_else(|| panic!("no DECISION for trace {trace}"))
+    }
+
     /// Stops the server and waits until the audit writer has flushed; returns the test's folder.
     pub async fn stop(mut self) -> tempfile::TempDir {
         if let Some(tx) = self.shutdown.take() {
