@@ -1,14 +1,25 @@
 #!/usr/bin/env bash
-# Throughput of governed /process (echo, durable audit on) against /health, same load generator, same
-# concurrency and duration, in the same run. Prints req/s, p50, p99 for both and the ratio.
+# Throughput of governed /process (echo, durable audit on) and of two refusals (401 without a key, 400
+# for an unknown action) against /health, same load generator, same concurrency and duration, in the
+# same run. Prints req/s, p50, p99 for each, their ratios to /health, and the audit bytes each allowed
+# request left (database and JSON Lines files).
 #
-#   bash scripts/bench.sh                 # defaults: 32 connections, 2 threads, 10 s each
+#   bash scripts/bench.sh                 # defaults: 32 connections, 2 threads, 10 s each, SQLite
+#   bash scripts/bench.sh --postgres      # PostgreSQL at CATRACA_BENCH_POSTGRES_URL (default
+#                                         # postgres://postgres@127.0.0.1:5432/test), a fresh database
 #   CONNECTIONS=64 DURATION=20s bash scripts/bench.sh
+#   CATRACA_BIN=/path/to/catraca bash scripts/bench.sh   # measure another build
 #
 # Needs wrk (Debian package `wrk`; installed here when running as root) and python3.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BACKEND=sqlite
+case "${1:-}" in
+  --postgres) BACKEND=postgres ;;
+  "") ;;
+  *) echo "usage: $0 [--postgres]" >&2; exit 2 ;;
+esac
 CONNECTIONS=${CONNECTIONS:-32}
 THREADS=${THREADS:-2}
 DURATION=${DURATION:-10s}
@@ -23,20 +34,35 @@ if ! command -v wrk >/dev/null; then
 fi
 
 cd "$ROOT"
-cargo build --release --bin catraca >&2
-BIN="$ROOT/target/release/catraca"
+if [ -z "${CATRACA_BIN:-}" ]; then
+  cargo build --release --bin catraca >&2
+  CATRACA_BIN="$ROOT/target/release/catraca"
+fi
+BIN=$CATRACA_BIN
 
 WORK=$(mktemp -d)
 SERVER_PID=""
+PG_ADMIN=${CATRACA_BENCH_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}
+PG_DB=catraca_bench_$$
 cleanup() {
   [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null
+  [ "$BACKEND" = postgres ] && psql "$PG_ADMIN" -qc "DROP DATABASE IF EXISTS $PG_DB" >/dev/null 2>&1
   rm -rf "$WORK"
 }
 trap cleanup EXIT
 
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 export CATRACA_LISTEN="127.0.0.1:$PORT"
-export CATRACA_DATABASE_URL="sqlite://$WORK/catraca.db"
+if [ "$BACKEND" = postgres ]; then
+  psql "$PG_ADMIN" -qc "CREATE DATABASE $PG_DB" >/dev/null
+  export CATRACA_DATABASE_URL="${PG_ADMIN%/*}/$PG_DB"
+else
+  export CATRACA_DATABASE_URL="sqlite://$WORK/catraca.db"
+fi
+# The refusal runs come from one address: without a large budget the 401s would be throttled after 30
+# and summarised, and the bench would measure the throttle instead of a governed refusal.
+printf 'auth_failures_per_minute = 1000000000\n' >"$WORK/catraca.toml"
+export CATRACA_CONFIG="$WORK/catraca.toml"
 export CATRACA_AUDIT_DIR="$WORK/audit"
 export CATRACA_MODE=staging
 export CATRACA_INSTANCE_ID=bench
@@ -62,6 +88,29 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.headers["X-API-Key"] = os.getenv("CATRACA_BENCH_KEY")
 LUA
 
+cat >"$WORK/nokey.lua" <<'LUA'
+wrk.method = "POST"
+wrk.body = '{"action":"echo","context_id":"work","payload":{"message":"benchmark"}}'
+wrk.headers["Content-Type"] = "application/json"
+LUA
+cat >"$WORK/unknown.lua" <<'LUA'
+wrk.method = "POST"
+wrk.body = '{"action":"no.such.action","context_id":"work","payload":{}}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["X-API-Key"] = os.getenv("CATRACA_BENCH_KEY")
+LUA
+
+# Bytes the audit trail holds now: the database (its files, or PostgreSQL's size of it) and the JSON
+# Lines files.
+db_bytes() {
+  if [ "$BACKEND" = postgres ]; then
+    psql "$CATRACA_DATABASE_URL" -Atc "SELECT pg_database_size(current_database())"
+  else
+    du -cb "$WORK"/catraca.db* | tail -1 | cut -f1
+  fi
+}
+file_bytes() { du -sb "$WORK/audit" 2>/dev/null | cut -f1 || echo 0; }
+
 run() { # name, extra wrk args...
   local name=$1; shift
   wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$@" >"$WORK/$name.txt"
@@ -70,14 +119,20 @@ run() { # name, extra wrk args...
 wrk -t1 -c4 -d2s "http://$CATRACA_LISTEN/health" >/dev/null
 CATRACA_BENCH_KEY=$KEY wrk -t1 -c4 -d2s -s "$WORK/process.lua" "http://$CATRACA_LISTEN/process" >/dev/null
 run health "http://$CATRACA_LISTEN/health"
+DB0=$(db_bytes) FILES0=$(file_bytes)
 CATRACA_BENCH_KEY=$KEY run process -s "$WORK/process.lua" "http://$CATRACA_LISTEN/process"
+sleep 1 # the last group commit reaches the files
+DB1=$(db_bytes) FILES1=$(file_bytes)
+run nokey -s "$WORK/nokey.lua" "http://$CATRACA_LISTEN/process"
+CATRACA_BENCH_KEY=$KEY run unknown -s "$WORK/unknown.lua" "http://$CATRACA_LISTEN/process"
 
 EVENTS=$(curl -fsS "http://$CATRACA_LISTEN/metrics" | awk '/^catraca_audit_events_total/ {s += $2} END {print s}')
 FLUSHES=$(curl -fsS "http://$CATRACA_LISTEN/metrics" | awk '/^catraca_audit_flush_duration_seconds_count/ {print $2}')
 
-python3 - "$WORK" "$CONNECTIONS" "$THREADS" "$DURATION" "$EVENTS" "$FLUSHES" <<'PY'
+python3 - "$WORK" "$CONNECTIONS" "$THREADS" "$DURATION" "$EVENTS" "$FLUSHES" "$BACKEND" \
+  "$((DB1 - DB0))" "$((FILES1 - FILES0))" <<'PY'
 import re, sys
-work, conns, threads, duration, events, flushes = sys.argv[1:]
+work, conns, threads, duration, events, flushes, backend, db_grew, files_grew = sys.argv[1:]
 
 def to_ms(v):
     n, unit = float(re.match(r"[\d.]+", v).group()), re.sub(r"[\d.]+", "", v)
@@ -93,12 +148,15 @@ def parse(name):
     total = int(re.search(r"(\d+) requests in", text).group(1))
     return rps, p50, p99, int(bad.group(1)) if bad else 0, errors.group(0) if errors else "", total
 
-h, p = parse("health"), parse("process")
-print(f"wrk -t{threads} -c{conns} -d{duration} on 127.0.0.1 (server and load generator share the machine)")
-print(f"{'route':<10} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'requests':>10} {'non-2xx':>8}")
-for name, r in (("/health", h), ("/process", p)):
-    print(f"{name:<10} {r[0]:>10.0f} {r[1]:>9.2f} {r[2]:>9.2f} {r[5]:>10} {r[3]:>8} {r[4]}")
+h, p, k, u = parse("health"), parse("process"), parse("nokey"), parse("unknown")
+print(f"wrk -t{threads} -c{conns} -d{duration} on 127.0.0.1 (server and load generator share the machine), {backend}")
+print(f"{'run':<22} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'requests':>10} {'non-2xx':>8} {'vs /health':>10}")
+for name, r in (("/health", h), ("/process echo", p), ("401 no key", k), ("400 unknown action", u)):
+    print(f"{name:<22} {r[0]:>10.0f} {r[1]:>9.2f} {r[2]:>9.2f} {r[5]:>10} {r[3]:>8} {r[0] / h[0]:>9.3f}x {r[4]}")
 print(f"ratio /process : /health throughput = {p[0] / h[0]:.2f}x (design target >= 0.50x)")
+db, files = int(db_grew), int(files_grew)
+print(f"audit bytes per allowed request: {db / p[5]:.0f} in the database + {files / p[5]:.0f} in the "
+      f"JSON Lines files = {(db + files) / p[5]:.0f}")
 print(f"audit: {events} events durably written in {flushes} group commits "
       f"({float(events) / max(float(flushes), 1):.1f} events per commit)")
 if p[3] or h[3]:

@@ -55,6 +55,7 @@ catraca_audit_flush_duration_seconds_bucket{le}
 catraca_audit_flush_duration_seconds_sum{}
 catraca_audit_flush_duration_seconds_count{}
 catraca_audit_queue_depth{}
+catraca_rate_limiter_available{}
 catraca_build_info{version}
 '
 # Gate decisions the traffic below must have produced (label matchers).
@@ -243,7 +244,7 @@ promtool test rules "$EV/alerts_test.yml" >"$EV/promtool-test.log" 2>&1 ||
 ok "promtool test rules (every alert fires on a bad series, stays quiet on a healthy one)"
 
 ALERT_NAMES=$(sed -nE "s/^[[:space:]]*-?[[:space:]]*alert:[[:space:]]*['\"]?([A-Za-z_:][A-Za-z0-9_:]*).*/\1/p" "$RULES_ABS")
-for a in CatracaDown HighLatencyP95 HighErrorRate HighDenyRate AuditWriteFailures AuditQueueSaturated; do
+for a in CatracaDown HighLatencyP95 HighErrorRate HighDenyRate AuditWriteFailures AuditQueueSaturated RateLimiterDown; do
   grep -qx "$a" <<<"$ALERT_NAMES" || fail "alert rule defined: $a" "alert names found in $RULES_ABS: ${ALERT_NAMES//$'\n'/ }"
 done
 ok "alert rules defined: ${ALERT_NAMES//$'\n'/ }"

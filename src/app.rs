@@ -8,11 +8,12 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use serde_json::json;
 
-use crate::audit::{AuditLog, EventType, PendingEvent, WriterOptions, WriterTask};
+use crate::audit::{AuditLog, EventType, PendingEvent, ThrottledLedger, WriterOptions, WriterTask};
 use crate::config::{Config, Mode};
 use crate::domain::{ApiKey, RoleName, TierName};
 use crate::executors::{ExecutorEnv, Kinds, Registry};
 use crate::gates::auth::AuthGate;
+use crate::gates::limiter_breaker::Breaker;
 use crate::gates::rate_limit::{InProcessLimiter, RateLimiter};
 use crate::gates::rate_limit_redis::RedisLimiter;
 use crate::keys::{self, NewKey};
@@ -29,6 +30,8 @@ pub struct App {
     pub auth: AuthGate,
     pub limiter: Arc<dyn RateLimiter>,
     pub audit: AuditLog,
+    /// Refusals of throttled addresses, written as REQUESTS_THROTTLED summaries.
+    pub throttled: ThrottledLedger,
     pub metrics: Metrics,
 }
 
@@ -100,14 +103,22 @@ pub async fn build(config: Config, kinds: &Kinds) -> anyhow::Result<(Arc<App>, W
         store.clone(),
         config.auth_cache_ttl,
         config.auth_failures_per_minute,
+        config.argon2_concurrency,
     );
-    // One limiter shared by every instance when Redis is configured; else each instance its own.
+    // One limiter shared by every instance when Redis is configured, behind a circuit so a dead Redis
+    // costs milliseconds per request; else each instance its own, which is always available.
     let limiter: Arc<dyn RateLimiter> = match &config.redis_url {
-        Some(url) => Arc::new(
-            RedisLimiter::new(url.expose())
-                .with_context(|| format!("CATRACA_REDIS_URL {url} is not a Redis URL"))?,
-        ),
-        None => Arc::new(InProcessLimiter::default()),
+        Some(url) => Arc::new(Breaker::new(
+            Arc::new(
+                RedisLimiter::new(url.expose())
+                    .with_context(|| format!("CATRACA_REDIS_URL {url} is not a Redis URL"))?,
+            ),
+            metrics.rate_limiter_available.clone(),
+        )),
+        None => {
+            metrics.rate_limiter_available.set(1);
+            Arc::new(InProcessLimiter::default())
+        }
     };
     let app = App {
         store,
@@ -116,6 +127,7 @@ pub async fn build(config: Config, kinds: &Kinds) -> anyhow::Result<(Arc<App>, W
         auth,
         limiter,
         audit,
+        throttled: ThrottledLedger::default(),
         metrics,
         config,
     };
@@ -212,6 +224,30 @@ pub fn spawn_policy_reload(app: Arc<App>) -> tokio::task::JoinHandle<()> {
             if let Err(e) = app.audit.append(vec![event]).await {
                 tracing::error!(error = %e, "could not audit the policy reload");
             }
+        }
+    })
+}
+
+/// Writes the pending REQUESTS_THROTTLED summaries; at every interval and once more at shutdown.
+pub async fn flush_throttled(app: &App) {
+    let events = app.throttled.drain();
+    if events.is_empty() {
+        return;
+    }
+    if let Err(e) = app.audit.append(events).await {
+        tracing::error!(error = %e, "could not write the REQUESTS_THROTTLED summaries");
+    }
+}
+
+/// Flushes the throttled-refusal summaries every `throttle_summary_interval`.
+pub fn spawn_throttle_summaries(app: Arc<App>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(app.config.throttle_summary_interval);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        every.tick().await;
+        loop {
+            every.tick().await;
+            flush_throttled(&app).await;
         }
     })
 }

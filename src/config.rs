@@ -166,6 +166,27 @@ struct FileConfig {
     audit_queue_capacity: Option<usize>,
     audit_batch_max: Option<usize>,
     rate_limit_fail_open: Option<bool>,
+    argon2_concurrency: Option<usize>,
+    throttle_summary_secs: Option<u64>,
+    trusted_proxies: Option<Vec<String>>,
+    http_header_timeout_secs: Option<u64>,
+    http_body_timeout_secs: Option<u64>,
+    http_idle_timeout_secs: Option<u64>,
+    max_connections: Option<usize>,
+}
+
+/// Limits of the HTTP front door: how long a connection may take to send its headers, its body, or
+/// nothing at all between requests, and how many connections may be open at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// From the first byte of a request (or the connection's start) to the end of its headers.
+    pub header_timeout: Duration,
+    /// From the end of the headers to the end of the body.
+    pub body_timeout: Duration,
+    /// How long a keep-alive connection may sit between requests.
+    pub idle_timeout: Duration,
+    /// Connections open at once; past it a new connection is answered 503 and closed.
+    pub max_connections: usize,
 }
 
 /// Settings of executor files that one variable overrides for every executor of a kind, so the
@@ -219,6 +240,20 @@ pub struct Config {
     pub rate_limit_fail_open: bool,
     /// Executor settings overridden from the environment; executors get them through `ExecutorEnv`.
     pub executor_overrides: ExecutorOverrides,
+    /// Argon2 verifications that may run at once; each holds its own reused 19 MiB of memory.
+    pub argon2_concurrency: usize,
+    /// How often refusals of a throttled address are written as one `REQUESTS_THROTTLED` summary.
+    pub throttle_summary_interval: Duration,
+    /// Peers whose `X-Forwarded-For` names the client; every other peer is the client itself.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub http: HttpLimits,
+}
+
+/// A trusted proxy: a CIDR (`10.0.0.0/8`) or a single address (`192.0.2.7`).
+fn parse_proxy(text: &str) -> anyhow::Result<ipnet::IpNet> {
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| anyhow::anyhow!("trusted_proxies: {text:?} is neither a CIDR nor an address"))
 }
 
 /// Default body limit: 1 MiB.
@@ -321,6 +356,22 @@ impl Config {
             audit_batch_max: file.audit_batch_max.unwrap_or(1_000),
             rate_limit_fail_open: file.rate_limit_fail_open.unwrap_or(false),
             executor_overrides: ExecutorOverrides::from_env(&env),
+            argon2_concurrency: file.argon2_concurrency.unwrap_or(2),
+            throttle_summary_interval: Duration::from_secs(
+                file.throttle_summary_secs.unwrap_or(10),
+            ),
+            trusted_proxies: file
+                .trusted_proxies
+                .unwrap_or_default()
+                .iter()
+                .map(|p| parse_proxy(p))
+                .collect::<anyhow::Result<_>>()?,
+            http: HttpLimits {
+                header_timeout: Duration::from_secs(file.http_header_timeout_secs.unwrap_or(10)),
+                body_timeout: Duration::from_secs(file.http_body_timeout_secs.unwrap_or(30)),
+                idle_timeout: Duration::from_secs(file.http_idle_timeout_secs.unwrap_or(60)),
+                max_connections: file.max_connections.unwrap_or(1024),
+            },
         };
         if !config.database_url.is_sqlite() && !config.database_url.is_postgres() {
             anyhow::bail!(
@@ -330,6 +381,20 @@ impl Config {
         }
         if config.audit_queue_capacity == 0 || config.audit_batch_max == 0 {
             anyhow::bail!("audit_queue_capacity and audit_batch_max must be positive");
+        }
+        if config.argon2_concurrency == 0 || config.http.max_connections == 0 {
+            anyhow::bail!("argon2_concurrency and max_connections must be positive");
+        }
+        let http = config.http;
+        if [
+            http.header_timeout,
+            http.body_timeout,
+            http.idle_timeout,
+            config.throttle_summary_interval,
+        ]
+        .contains(&Duration::ZERO)
+        {
+            anyhow::bail!("http_*_timeout_secs and throttle_summary_secs must be positive");
         }
         Ok(config)
     }
@@ -368,6 +433,32 @@ mod tests {
         assert_eq!(c.audit_queue_capacity, 10_000);
         assert_eq!(c.audit_batch_max, 1_000);
         assert!(!c.rate_limit_fail_open);
+        assert_eq!(c.argon2_concurrency, 2);
+        assert_eq!(c.throttle_summary_interval, Duration::from_secs(10));
+        assert!(c.trusted_proxies.is_empty());
+        assert_eq!(
+            c.http,
+            HttpLimits {
+                header_timeout: Duration::from_secs(10),
+                body_timeout: Duration::from_secs(30),
+                idle_timeout: Duration::from_secs(60),
+                max_connections: 1024,
+            }
+        );
+    }
+
+    #[test]
+    fn trusted_proxies_are_cidrs_or_addresses() {
+        let file: FileConfig =
+            toml::from_str("trusted_proxies = [\"10.0.0.0/8\", \"::1\"]\n").unwrap();
+        let cfg = Config::resolve(file, |_| None).unwrap();
+        assert_eq!(cfg.trusted_proxies.len(), 2);
+        let bad: FileConfig = toml::from_str("trusted_proxies = [\"10.0.0.0/33\"]\n").unwrap();
+        let err = Config::resolve(bad, |_| None).unwrap_err().to_string();
+        assert!(
+            err.contains("trusted_proxies") && err.contains("10.0.0.0/33"),
+            "{err}"
+        );
     }
 
     #[test]

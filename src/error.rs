@@ -70,6 +70,15 @@ pub enum ApiError {
         message: String,
         trace_id: Option<TraceId>,
     },
+    /// Refused before any gate, because of the request itself: a method the route does not take
+    /// (`METHOD_NOT_ALLOWED`), headers past the front door's limits (`HEADERS_TOO_LARGE`) or a path
+    /// that cannot be read (`MALFORMED_REQUEST`). `reason` decides the status.
+    #[error("rejected ({reason}): {message}")]
+    Rejected {
+        reason: ReasonCode,
+        message: String,
+        trace_id: Option<TraceId>,
+    },
     /// Anything unexpected; the detail is logged, the client sees a generic message.
     #[error("internal: {detail}")]
     Internal {
@@ -92,6 +101,7 @@ impl ApiError {
             Self::ExecutionFailed { error, .. } => execution_reason(error).status(),
             Self::AuditUnavailable { .. } => ReasonCode::AuditUnavailable.status(),
             Self::NotFound { .. } => ReasonCode::NotFound.status(),
+            Self::Rejected { reason, .. } => reason.status(),
             Self::Internal { .. } => ReasonCode::InternalError.status(),
         }
     }
@@ -108,24 +118,31 @@ fn execution_reason(error: &ExecutorError) -> ReasonCode {
 /// The body of every refusal and failure.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {
-    /// `GATE_DENIED`, `EXECUTION_FAILED`, `SERVICE_UNAVAILABLE`, `NOT_FOUND` or `INTERNAL_ERROR`.
+    /// `GATE_DENIED`, `EXECUTION_FAILED`, `SERVICE_UNAVAILABLE`, `NOT_FOUND`, `REQUEST_REJECTED` (the
+    /// request itself: method, headers or path; `reason_codes` says which), `INTERNAL_ERROR` or
+    /// `TOO_MANY_CONNECTIONS` (written by the connection loop at its cap).
     pub error: &'static str,
     /// The refusing gate (`auth`, `rate_limit`, `input`, `action_matrix`), or `audit`.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub gate: Option<&'static str>,
     #[schema(value_type = Vec<String>)]
     pub reason_codes: Vec<ReasonCode>,
     pub message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub trace_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub decision_id: Option<String>,
     /// For `INPUT_SCHEMA_INVALID`: each failing JSON pointer and why.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub violations: Vec<Violation>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub action: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub executor_id: Option<String>,
 }
 
@@ -133,11 +150,13 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         let mut retry_after = None;
-        let mut authenticate = false;
+        let mut authenticate = None;
         let body = match self {
             Self::Denied(d) => {
                 retry_after = d.retry_after_secs;
-                authenticate = status == StatusCode::UNAUTHORIZED;
+                if status == StatusCode::UNAUTHORIZED {
+                    authenticate = Some(bearer_challenge(&d.reason_codes));
+                }
                 ErrorBody {
                     error: "GATE_DENIED",
                     gate: Some(d.gate.as_str()),
@@ -205,6 +224,21 @@ impl IntoResponse for ApiError {
                 action: None,
                 executor_id: None,
             },
+            Self::Rejected {
+                reason,
+                message,
+                trace_id,
+            } => ErrorBody {
+                error: "REQUEST_REJECTED",
+                gate: None,
+                reason_codes: vec![reason],
+                message,
+                trace_id: trace_id.map(|t| t.to_string()),
+                decision_id: None,
+                violations: vec![],
+                action: None,
+                executor_id: None,
+            },
             Self::Internal { detail, trace_id } => {
                 tracing::error!(%detail, trace_id = ?trace_id.as_ref().map(TraceId::as_str), "internal error");
                 ErrorBody {
@@ -225,12 +259,23 @@ impl IntoResponse for ApiError {
         if let Some(secs) = retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
-        if authenticate {
+        if let Some(challenge) = authenticate {
             headers.insert(
                 header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"catraca\", charset=\"UTF-8\""),
+                HeaderValue::from_static(challenge),
             );
         }
         response
+    }
+}
+
+/// The `WWW-Authenticate` challenge of a 401 (RFC 6750, section 3): a request without a key gets the
+/// bare challenge; a key that was presented but not accepted adds `error="invalid_token"`, so a client
+/// can tell "send a key" from "this key will not do" without parsing the body.
+fn bearer_challenge(codes: &[ReasonCode]) -> &'static str {
+    if codes.first() == Some(&ReasonCode::AuthMissingKey) {
+        r#"Bearer realm="catraca""#
+    } else {
+        r#"Bearer realm="catraca", error="invalid_token""#
     }
 }

@@ -22,10 +22,12 @@ pub enum EventType {
     KeyCreated,
     KeyRevoked,
     ChainOpened,
+    /// A bounded summary of a throttled address's refusals over one interval.
+    RequestsThrottled,
 }
 
 impl EventType {
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::RequestStart,
         Self::Decision,
         Self::ExecutorSelected,
@@ -37,6 +39,7 @@ impl EventType {
         Self::KeyCreated,
         Self::KeyRevoked,
         Self::ChainOpened,
+        Self::RequestsThrottled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -52,6 +55,7 @@ impl EventType {
             Self::KeyCreated => "KEY_CREATED",
             Self::KeyRevoked => "KEY_REVOKED",
             Self::ChainOpened => "CHAIN_OPENED",
+            Self::RequestsThrottled => "REQUESTS_THROTTLED",
         }
     }
 }

@@ -3,8 +3,9 @@
 //! append-only audit record.
 //!
 //! Layers, each importing only those below it: `domain`, `reason`, `config`, `metrics` → `event` (audit
-//! events and their hash chain) → `store`, `policy` → `audit` → `keys`, `executors` → `error`, `gates`
-//! → `app` → `turnstile` → `audit_read` → `http` → `startup` → `cli`.
+//! events and their hash chain) → `store`, `policy` → `audit` → `keys`, `executors` → `error` → `serve`
+//! (the HTTP connection loop and its limits) → `gates` → `app` → `turnstile` → `audit_read` → `http`
+//! → `startup` → `cli`.
 
 pub mod app;
 pub mod audit;
@@ -21,6 +22,7 @@ pub mod keys;
 pub mod metrics;
 pub mod policy;
 pub mod reason;
+pub mod serve;
 pub mod startup;
 pub mod store;
 pub mod turnstile;

@@ -33,6 +33,8 @@ pub struct Metrics {
     pub audit_write_failures: IntCounter,
     pub audit_flush_duration: Histogram,
     pub audit_queue_depth: IntGauge,
+    /// 1 while the rate limiter can decide, 0 while its circuit is open.
+    pub rate_limiter_available: IntGauge,
     pub build_info: IntGaugeVec,
 }
 
@@ -135,6 +137,13 @@ impl Metrics {
                 IntGauge::new(
                     "catraca_audit_queue_depth",
                     "Audit write requests waiting for the writer",
+                )?,
+            )?,
+            rate_limiter_available: register(
+                &r,
+                IntGauge::new(
+                    "catraca_rate_limiter_available",
+                    "1 while the rate limiter answers, 0 while it is failing (circuit open)",
                 )?,
             )?,
             build_info: register(

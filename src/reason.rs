@@ -42,6 +42,10 @@ pub enum ReasonCode {
     RateLimitUnavailable,
     InputTooLarge,
     InputMalformedJson,
+    /// A `Content-Type` other than `application/json`.
+    InputUnsupportedMediaType,
+    /// The body did not arrive within the body-read timeout.
+    InputTimeout,
     ActionUnknown,
     ContextUnknown,
     InputSchemaInvalid,
@@ -55,6 +59,14 @@ pub enum ReasonCode {
     ExecutorFailed,
     ExecutorTimeout,
     NotFound,
+    /// A route that exists, asked with another method.
+    MethodNotAllowed,
+    /// Request headers past the gateway's limits.
+    HeadersTooLarge,
+    /// A request line or path the gateway cannot read (e.g. invalid UTF-8 after percent-decoding).
+    MalformedRequest,
+    /// The gateway holds as many connections as it is configured to; a new one is answered and closed.
+    TooManyConnections,
     InternalError,
     /// A deny rule's own `reason_code` (UPPER_SNAKE_CASE, checked at policy load); always a 403.
     Rule(Arc<str>),
@@ -87,6 +99,8 @@ impl ReasonCode {
             Self::RateLimitUnavailable => "RATE_LIMIT_UNAVAILABLE",
             Self::InputTooLarge => "INPUT_TOO_LARGE",
             Self::InputMalformedJson => "INPUT_MALFORMED_JSON",
+            Self::InputUnsupportedMediaType => "INPUT_UNSUPPORTED_MEDIA_TYPE",
+            Self::InputTimeout => "INPUT_TIMEOUT",
             Self::ActionUnknown => "ACTION_UNKNOWN",
             Self::ContextUnknown => "CONTEXT_UNKNOWN",
             Self::InputSchemaInvalid => "INPUT_SCHEMA_INVALID",
@@ -99,6 +113,10 @@ impl ReasonCode {
             Self::ExecutorFailed => "EXECUTOR_FAILED",
             Self::ExecutorTimeout => "EXECUTOR_TIMEOUT",
             Self::NotFound => "NOT_FOUND",
+            Self::MethodNotAllowed => "METHOD_NOT_ALLOWED",
+            Self::HeadersTooLarge => "HEADERS_TOO_LARGE",
+            Self::MalformedRequest => "MALFORMED_REQUEST",
+            Self::TooManyConnections => "TOO_MANY_CONNECTIONS",
             Self::InternalError => "INTERNAL_ERROR",
             Self::Rule(code) => code,
         }
@@ -112,7 +130,14 @@ impl ReasonCode {
             | Self::AuthKeyRevoked
             | Self::AuthKeyExpired => StatusCode::UNAUTHORIZED,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            Self::RateLimitUnavailable | Self::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RateLimitUnavailable | Self::AuditUnavailable | Self::TooManyConnections => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::InputUnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::InputTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::MalformedRequest => StatusCode::BAD_REQUEST,
             Self::InputTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::InputMalformedJson | Self::ActionUnknown | Self::ContextUnknown => {
                 StatusCode::BAD_REQUEST
@@ -157,6 +182,12 @@ mod tests {
             (ReasonCode::RateLimitUnavailable, 503),
             (ReasonCode::InputTooLarge, 413),
             (ReasonCode::InputMalformedJson, 400),
+            (ReasonCode::InputUnsupportedMediaType, 415),
+            (ReasonCode::InputTimeout, 408),
+            (ReasonCode::MethodNotAllowed, 405),
+            (ReasonCode::HeadersTooLarge, 431),
+            (ReasonCode::MalformedRequest, 400),
+            (ReasonCode::TooManyConnections, 503),
             (ReasonCode::ContextUnknown, 400),
             (ReasonCode::InputSchemaInvalid, 422),
             (ReasonCode::NoMatchingRule, 403),

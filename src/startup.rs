@@ -11,6 +11,7 @@ use crate::app::{self, App};
 use crate::audit::WriterTask;
 use crate::config::{Config, Mode};
 use crate::executors::Kinds;
+use crate::serve;
 
 /// A built application bound to its listener.
 pub struct Server {
@@ -38,7 +39,8 @@ impl Server {
         self.listener.local_addr()
     }
 
-    /// Serves until `shutdown` resolves, then drains connections and flushes the audit writer.
+    /// Serves until `shutdown` resolves, then drains connections (see [`serve::serve`]) and flushes the
+    /// audit writer.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -49,20 +51,28 @@ impl Server {
             writer,
         } = self;
         let reload = (app.config.mode == Mode::Dev).then(|| app::spawn_policy_reload(app.clone()));
+        let summaries = app::spawn_throttle_summaries(app.clone());
         let router = crate::http::router(app.clone());
-        let served = axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown)
-        .await;
-        if let Some(task) = reload {
+        let refused = {
+            let app = app.clone();
+            // Counted like any unrouted 503, so dashboards see refusals at the cap with no new series.
+            move || {
+                app.metrics
+                    .requests_total
+                    .with_label_values(&["unmatched", "other", "503"])
+                    .inc();
+            }
+        };
+        serve::serve(listener, router, app.config.http, refused, shutdown).await;
+        for task in reload.into_iter().chain([summaries]) {
             task.abort();
             let _ = task.await;
         }
+        // Refusals counted since the last interval are written before the trail closes.
+        app::flush_throttled(&app).await;
         // The last handle to the audit log goes with the app; the writer then drains and stops.
         drop(app);
         writer.finish().await;
-        served.context("serving HTTP")
+        Ok(())
     }
 }

@@ -2,6 +2,7 @@
 //! reading it back (verify, timeline, export).
 
 pub mod export;
+mod throttled;
 pub mod timeline;
 pub mod verify;
 mod writer;
@@ -10,4 +11,5 @@ pub use crate::event::{
     CanonicalError, EventType, GENESIS_HASH, PendingEvent, SealedEvent, canonical_digest,
     canonical_json, chain_hash, seal, timestamp,
 };
+pub use throttled::ThrottledLedger;
 pub use writer::{AuditError, AuditLog, WriterOptions, WriterTask};

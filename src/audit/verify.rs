@@ -152,6 +152,12 @@ impl ChainChecker {
                 ),
             ));
         }
+        if self.last_hash.is_some() && self.last_seq == i64::MAX {
+            return Err(at(
+                Problem::Reorder,
+                "an event follows the largest possible seq: the chain's seq was forged".into(),
+            ));
+        }
         match self.expected {
             None if self.must_start_at_one && e.seq != 1 => {
                 return Err(at(
@@ -168,7 +174,7 @@ impl ChainChecker {
                     format!(
                         "seq {} comes after seq {}: events are out of order",
                         e.seq,
-                        expected - 1
+                        expected.saturating_sub(1)
                     ),
                 ));
             }
@@ -177,7 +183,7 @@ impl ChainChecker {
                     Problem::Gap,
                     &self.chain_id,
                     expected,
-                    format!("events {expected}..{} are missing", e.seq - 1),
+                    format!("events {expected}..{} are missing", e.seq.saturating_sub(1)),
                 ));
             }
             _ => {}
@@ -188,12 +194,12 @@ impl ChainChecker {
             return Err(finding(
                 Problem::BrokenLink,
                 &self.chain_id,
-                e.seq - 1,
+                e.seq.saturating_sub(1),
                 format!(
                     "event {} does not link to event {}: event {} was replaced or forged",
                     e.seq,
-                    e.seq - 1,
-                    e.seq - 1
+                    e.seq.saturating_sub(1),
+                    e.seq.saturating_sub(1)
                 ),
             ));
         }
@@ -228,7 +234,8 @@ impl ChainChecker {
         if let Some(slot) = self.wanted.get_mut(&e.seq) {
             *slot = Some(e.hash.clone());
         }
-        self.expected = Some(e.seq + 1);
+        // A forged line may carry any seq, up to i64::MAX: saturate rather than overflow.
+        self.expected = Some(e.seq.saturating_add(1));
         self.last_hash = Some(e.hash.clone());
         self.last_seq = e.seq;
         Ok(claim)
@@ -416,4 +423,35 @@ pub fn verify_file(path: &Path, mut progress: impl FnMut(u64)) -> std::io::Resul
     report.chains = checkers.len();
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_forged_line_at_the_largest_seq_is_a_finding_not_a_panic() {
+        // Correctly hashed lines (anyone can compute the hashes) whose seq jumps to i64::MAX and on.
+        let mut prev = GENESIS_HASH.to_owned();
+        let mut lines = String::new();
+        for seq in [i64::MAX - 1, i64::MAX, i64::MAX] {
+            let mut event = serde_json::json!({
+                "chain_id": "forged", "seq": seq, "event_type": "POLICY_LOADED", "prev_hash": prev,
+            });
+            let body = crate::event::canonical_text(&event).unwrap();
+            prev = chain_hash(&prev, &body);
+            event["hash"] = Value::String(prev.clone());
+            lines.push_str(&event.to_string());
+            lines.push('\n');
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        std::fs::write(&path, lines).unwrap();
+
+        let report = verify_file(&path, |_| {}).unwrap();
+
+        // Canonical JSON cannot hold such a seq exactly, so the row disagrees with its own bytes.
+        let finding = report.finding.expect("a forged seq is a finding");
+        assert_eq!(finding.problem, Problem::HashMismatch, "{finding:?}");
+    }
 }

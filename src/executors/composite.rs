@@ -146,7 +146,7 @@ impl Executor for Composite {
                         .max_items_from
                         .as_deref()
                         .and_then(|p| scope.pointer(p))
-                        .and_then(Value::as_u64)
+                        .and_then(super::whole_number)
                         .map_or(step.max_items, |n| (n as usize).min(step.max_items));
                     Some(
                         scope

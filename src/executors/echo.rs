@@ -36,7 +36,7 @@ impl Executor for Echo {
         let requested = call
             .payload
             .get("delay_ms")
-            .and_then(Value::as_u64)
+            .and_then(super::whole_number)
             .map(Duration::from_millis)
             .unwrap_or_default();
         let delay = requested.min(self.max_delay);

@@ -65,6 +65,18 @@ pub enum StepError {
     Unaudited { action: String },
 }
 
+/// A payload's whole number as an action schema's `"type": "integer"` admits it: `8` and also `8.0`
+/// (JSON Schema counts a number without a fractional part as an integer, so the input gate lets it
+/// through and an executor must read it too).
+pub(crate) fn whole_number(value: &Value) -> Option<u64> {
+    value.as_u64().or_else(|| {
+        value
+            .as_f64()
+            .filter(|f| f.fract() == 0.0 && (0.0..=u64::MAX as f64).contains(f))
+            .map(|f| f as u64)
+    })
+}
+
 fn codes_text(codes: &[ReasonCode]) -> String {
     codes
         .iter()
@@ -318,6 +330,15 @@ impl ExecutorDef {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_whole_number_may_be_written_with_a_zero_fraction() {
+        assert_eq!(whole_number(&serde_json::json!(8)), Some(8));
+        assert_eq!(whole_number(&serde_json::json!(8.0)), Some(8));
+        assert_eq!(whole_number(&serde_json::json!(8.5)), None);
+        assert_eq!(whole_number(&serde_json::json!(-1)), None);
+        assert_eq!(whole_number(&serde_json::json!("8")), None);
+    }
 
     fn folder(files: &[(&str, &str)]) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();

@@ -1,7 +1,13 @@
 //! G1: API keys. `X-API-Key: <key>` or `Authorization: Bearer <key>`, looked up by key id and verified
 //! against an argon2id hash. A verification is cached for a short TTL (keyed by the SHA-256 of the
 //! presented key) so argon2 runs once per key per TTL; concurrent misses for one key share one argon2
-//! run. Failed attempts are limited per client address before argon2 runs.
+//! run.
+//!
+//! A stranger's guesses cost the server little: every refused credential (missing, malformed, unknown
+//! key id, wrong secret, revoked, expired) drains the client address's failure budget, and an address
+//! without budget is refused before the key row is read or argon2 runs, and again when a queued
+//! verification gets its turn. Argon2 itself runs at most `argon2_concurrency` at a time on pooled memory
+//! ([`SecretVerifier`]), so argon2 runs per address stay within the budget plus that cap.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -14,7 +20,7 @@ use dashmap::DashMap;
 use sha2::{Digest, Sha256};
 
 use crate::domain::{ApiKey, ContextId, KeyId, RoleName, TierName};
-use crate::keys::verify_secret;
+use crate::keys::SecretVerifier;
 use crate::reason::ReasonCode;
 use crate::store::{KeyRecord, Store, StoreError};
 
@@ -37,7 +43,7 @@ pub enum AuthRefusal {
         message: &'static str,
         presented: Option<KeyId>,
     },
-    /// Too many failures from this address; argon2 was not run.
+    /// Too many refused credentials from this address; neither the store nor argon2 was asked.
     Throttled {
         retry_after: Duration,
     },
@@ -110,11 +116,17 @@ pub struct AuthGate {
     /// One lock per key id, so concurrent cache misses for one key run argon2 once.
     inflight: DashMap<KeyId, Arc<tokio::sync::Mutex<()>>>,
     failures: FailureLimiter,
+    verifier: SecretVerifier,
     argon2_runs: AtomicU64,
 }
 
 impl AuthGate {
-    pub fn new(store: Arc<dyn Store>, ttl: Duration, failures_per_minute: u32) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        ttl: Duration,
+        failures_per_minute: u32,
+        argon2_concurrency: usize,
+    ) -> Self {
         Self {
             store,
             ttl,
@@ -124,6 +136,7 @@ impl AuthGate {
                 per_minute: f64::from(failures_per_minute.max(1)),
                 buckets: DashMap::new(),
             },
+            verifier: SecretVerifier::new(argon2_concurrency),
             argon2_runs: AtomicU64::new(0),
         }
     }
@@ -141,6 +154,20 @@ impl AuthGate {
         })
     }
 
+    /// Refuses `refusal` for `client`, draining its failure budget; once the budget is gone the
+    /// refusal is the throttle's.
+    fn refused(&self, client: IpAddr, refusal: AuthRefusal) -> AuthRefusal {
+        self.failures.record_failure(client);
+        refusal
+    }
+
+    fn throttled(&self, client: IpAddr) -> Result<(), AuthRefusal> {
+        match self.failures.blocked(client) {
+            Some(retry_after) => Err(AuthRefusal::Throttled { retry_after }),
+            None => Ok(()),
+        }
+    }
+
     pub async fn authenticate(
         &self,
         headers: &HeaderMap,
@@ -148,20 +175,32 @@ impl AuthGate {
         now: &str,
     ) -> Result<AuthenticatedKey, AuthRefusal> {
         let Some(text) = presented_key(headers).filter(|t| !t.is_empty()) else {
-            return Err(AuthRefusal::Denied {
-                reason: ReasonCode::AuthMissingKey,
-                message: "send the API key in X-API-Key or Authorization: Bearer",
-                presented: None,
-            });
+            self.throttled(client)?;
+            return Err(self.refused(
+                client,
+                AuthRefusal::Denied {
+                    reason: ReasonCode::AuthMissingKey,
+                    message: "send the API key in X-API-Key or Authorization: Bearer",
+                    presented: None,
+                },
+            ));
         };
         let invalid = |presented: Option<KeyId>| AuthRefusal::Denied {
             reason: ReasonCode::AuthInvalidKey,
             message: "the API key is not valid",
             presented,
         };
+        let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+        // A key this gateway has verified before (its digest is known, even if its TTL ran out) passes
+        // even from a throttled address: a client behind the same NAT as a guesser keeps working, and a
+        // guesser cannot present a digest without the key. Anything else from a throttled address
+        // stops here.
+        let known = self.cache.contains_key(&digest);
+        if !known {
+            self.throttled(client)?;
+        }
         let Ok(key) = ApiKey::parse(text) else {
-            self.failures.record_failure(client);
-            return Err(invalid(None));
+            return Err(self.refused(client, invalid(None)));
         };
         let record = self
             .store
@@ -169,13 +208,11 @@ impl AuthGate {
             .await
             .map_err(AuthRefusal::Store)?;
         let Some(record) = record else {
-            self.failures.record_failure(client);
-            return Err(invalid(Some(key.key_id().clone())));
+            return Err(self.refused(client, invalid(Some(key.key_id().clone()))));
         };
-        let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
         if !self.cached(&digest, &record) {
-            if let Some(retry_after) = self.failures.blocked(client) {
-                return Err(AuthRefusal::Throttled { retry_after });
+            if !known {
+                self.throttled(client)?;
             }
             let lock = self
                 .inflight
@@ -185,15 +222,17 @@ impl AuthGate {
             let _guard = lock.lock().await;
             // Another request may have verified this key while we waited for the lock.
             if !self.cached(&digest, &record) {
+                let permit = self.verifier.permit().await;
+                // The budget may have run out while this verification waited its turn.
+                if !known {
+                    self.throttled(client)?;
+                }
                 self.argon2_runs.fetch_add(1, Ordering::Relaxed);
-                let secret = key.secret().to_owned();
-                let phc = record.secret_hash.clone();
-                let ok = tokio::task::spawn_blocking(move || verify_secret(&secret, &phc))
-                    .await
-                    .unwrap_or(false);
+                let ok = permit
+                    .verify(key.secret().to_owned(), record.secret_hash.clone())
+                    .await;
                 if !ok {
-                    self.failures.record_failure(client);
-                    return Err(invalid(Some(record.key_id.clone())));
+                    return Err(self.refused(client, invalid(Some(record.key_id.clone()))));
                 }
                 self.cache.insert(
                     digest,
@@ -207,18 +246,24 @@ impl AuthGate {
         }
         // The row is read on every request, so a revoke by any process counts from the next request.
         if record.revoked_at.is_some() {
-            return Err(AuthRefusal::Denied {
-                reason: ReasonCode::AuthKeyRevoked,
-                message: "the API key was revoked",
-                presented: Some(record.key_id),
-            });
+            return Err(self.refused(
+                client,
+                AuthRefusal::Denied {
+                    reason: ReasonCode::AuthKeyRevoked,
+                    message: "the API key was revoked",
+                    presented: Some(record.key_id),
+                },
+            ));
         }
         if record.expires_at.as_deref().is_some_and(|exp| exp <= now) {
-            return Err(AuthRefusal::Denied {
-                reason: ReasonCode::AuthKeyExpired,
-                message: "the API key has expired",
-                presented: Some(record.key_id),
-            });
+            return Err(self.refused(
+                client,
+                AuthRefusal::Denied {
+                    reason: ReasonCode::AuthKeyExpired,
+                    message: "the API key has expired",
+                    presented: Some(record.key_id),
+                },
+            ));
         }
         Ok(AuthenticatedKey {
             key_id: record.key_id,

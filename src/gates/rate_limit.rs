@@ -32,6 +32,12 @@ pub trait RateLimiter: Send + Sync + 'static {
         tier_name: &TierName,
         tier: &Tier,
     ) -> Result<RateDecision, RateLimitUnavailable>;
+
+    /// Whether the limiter can decide right now (for `/ready` and the circuit's probe). An in-process
+    /// limiter always can.
+    async fn probe(&self) -> Result<(), RateLimitUnavailable> {
+        Ok(())
+    }
 }
 
 /// One GCRA limiter per tier, keyed by key id; rebuilt when a reload changes the tier's quota.

@@ -102,4 +102,18 @@ impl RateLimiter for RedisLimiter {
             }
         })
     }
+
+    async fn probe(&self) -> Result<(), RateLimitUnavailable> {
+        let ping = async {
+            let mut conn = self.connection().await?;
+            redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .map(drop)
+                .map_err(|e| RateLimitUnavailable(format!("redis: {e}")))
+        };
+        tokio::time::timeout(REDIS_TIMEOUT * 2, ping)
+            .await
+            .map_err(|_| RateLimitUnavailable("redis did not answer in time".into()))?
+    }
 }

@@ -1,11 +1,12 @@
-//! HTTP routes. Handlers are thin: extract, call one service function, map the result.
+//! HTTP routes. Handlers are thin: extract, call one service function, map the result. Refusals of the
+//! request itself live in [`front_door`]; the OpenAPI document in [`openapi`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, MatchedPath, Path, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -14,26 +15,19 @@ use axum::{Extension, Json, Router};
 use serde::Serialize;
 use serde_json::{Value, json};
 use tower_http::catch_panic::CatchPanicLayer;
-use utoipa::{OpenApi, ToSchema};
+use utoipa::ToSchema;
 
 use crate::app::App;
 use crate::audit::timestamp;
 use crate::domain::TraceId;
 use crate::error::{ApiError, ErrorBody};
+use crate::gates::client::client_address;
 use crate::gates::trace;
 use crate::turnstile::{self, ActionResult, Incoming};
+use front_door::PathParam;
 
-/// The body of `POST /process` (parsed by the input gate, described here for OpenAPI).
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ProcessBody {
-    /// An action defined in the policy, e.g. `echo`.
-    pub action: String,
-    /// A context defined in the policy, e.g. `work`.
-    pub context_id: String,
-    /// Validated against the action's JSON Schema.
-    #[schema(value_type = Object)]
-    pub payload: Value,
-}
+mod front_door;
+pub mod openapi;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
@@ -46,27 +40,9 @@ pub struct Health {
 pub struct Readiness {
     /// `ready` or `unavailable`.
     pub status: &'static str,
-    /// `ok` or the failure, per dependency (`database`, `audit`).
+    /// `ok` or the failure, per dependency (`database`, `audit`, `rate_limiter`).
     #[schema(value_type = Object)]
     pub checks: Value,
-}
-
-#[derive(OpenApi)]
-#[openapi(
-    info(
-        title = "Catraca",
-        description = "A governed agent gateway: gates, executors and a hash-chained audit trail."
-    ),
-    paths(process_action, health, ready, metrics, get_trace, openapi_json),
-    components(schemas(ProcessBody, ActionResult, ErrorBody, Health, Readiness))
-)]
-struct ApiDoc;
-
-/// The OpenAPI 3.1 description, generated from the handlers and types.
-pub fn openapi() -> utoipa::openapi::OpenApi {
-    let mut doc = ApiDoc::openapi();
-    doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
-    doc
 }
 
 pub fn router(app: Arc<App>) -> Router {
@@ -77,9 +53,13 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/audit/traces/{trace_id}", get(get_trace))
         .route("/openapi.json", get(openapi_json))
-        .fallback(not_found)
-        .layer(middleware::from_fn_with_state(app.clone(), observe))
+        .fallback(front_door::not_found)
+        // After every route: it applies to the routes registered before it.
+        .method_not_allowed_fallback(front_door::method_not_allowed)
+        .layer(middleware::from_fn(front_door::limit_headers))
+        // Inside `observe`, so that a panic's answer is completed with the trace id like any other.
         .layer(CatchPanicLayer::custom(panic_response))
+        .layer(middleware::from_fn_with_state(app.clone(), observe))
         .with_state(app)
 }
 
@@ -111,6 +91,9 @@ async fn observe(State(app): State<Arc<App>>, mut req: Request, next: Next) -> R
     };
     req.extensions_mut().insert(trace_id.clone());
     let mut response = next.run(req).await;
+    if response.extensions().get::<Panicked>().is_some() {
+        response = ApiError::internal("a handler panicked", Some(&trace_id)).into_response();
+    }
     if let Ok(v) = HeaderValue::from_str(trace_id.as_str()) {
         response.headers_mut().insert(trace::X_TRACE_ID, v);
     }
@@ -125,38 +108,37 @@ async fn observe(State(app): State<Arc<App>>, mut req: Request, next: Next) -> R
     response
 }
 
-fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
-    tracing::error!("a handler panicked; answering 500");
-    ApiError::internal("handler panicked", None).into_response()
-}
+/// Marks the answer to a panic, which `observe` replaces with the error body carrying the trace id.
+#[derive(Debug, Clone, Copy)]
+struct Panicked;
 
-async fn not_found(Extension(trace_id): Extension<TraceId>) -> ApiError {
-    ApiError::NotFound {
-        message: "no such route; see /openapi.json".to_owned(),
-        trace_id: Some(trace_id),
-    }
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let mut response = StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    response.extensions_mut().insert(Panicked);
+    response
 }
 
 /// Runs an action through the gates and its executor.
 #[utoipa::path(
     post,
     path = "/process",
-    request_body = ProcessBody,
+    security(("api_key" = []), ("bearer" = [])),
     params(
-        ("X-API-Key" = Option<String>, Header, description = "API key ck_<key_id>_<secret> (or Authorization: Bearer)"),
-        ("traceparent" = Option<String>, Header, description = "W3C trace context; its trace id is used"),
-        ("X-Trace-Id" = Option<String>, Header, description = "Client trace id when no traceparent")
+        ("traceparent" = Option<String>, Header, nullable = false, description = "W3C trace context; its trace id is used when well-formed"),
+        ("X-Trace-Id" = Option<String>, Header, nullable = false, description = "The client's trace id (8 to 64 of A-Z a-z 0-9 . _ -), used when there is no well-formed traceparent; anything else is replaced")
     ),
     responses(
         (status = 200, description = "Executed", body = ActionResult),
-        (status = 400, description = "INPUT_MALFORMED_JSON, ACTION_UNKNOWN, CONTEXT_UNKNOWN", body = ErrorBody),
+        (status = 400, description = "INPUT_MALFORMED_JSON (including a duplicate key), ACTION_UNKNOWN, CONTEXT_UNKNOWN", body = ErrorBody),
         (status = 401, description = "AUTH_MISSING_KEY, AUTH_INVALID_KEY, AUTH_KEY_REVOKED, AUTH_KEY_EXPIRED", body = ErrorBody),
-        (status = 403, description = "NO_MATCHING_RULE, ACTION_FORBIDDEN, CONTEXT_FORBIDDEN, POLICY_EVAL_ERROR or a rule's code", body = ErrorBody),
+        (status = 403, description = "NO_MATCHING_RULE, ACTION_FORBIDDEN, CONTEXT_FORBIDDEN, POLICY_EVAL_ERROR, STEP_DEPTH_EXCEEDED or a deny rule's own code", body = ErrorBody),
+        (status = 408, description = "INPUT_TIMEOUT: the body did not arrive within http_body_timeout_secs", body = ErrorBody),
         (status = 413, description = "INPUT_TOO_LARGE", body = ErrorBody),
+        (status = 415, description = "INPUT_UNSUPPORTED_MEDIA_TYPE: a Content-Type other than application/json", body = ErrorBody),
         (status = 422, description = "INPUT_SCHEMA_INVALID, with violations", body = ErrorBody),
-        (status = 429, description = "RATE_LIMITED, with Retry-After", body = ErrorBody),
+        (status = 429, description = "RATE_LIMITED: the key's quota, or too many failed keys from this address", body = ErrorBody),
         (status = 502, description = "EXECUTOR_FAILED", body = ErrorBody),
-        (status = 503, description = "AUDIT_UNAVAILABLE or RATE_LIMIT_UNAVAILABLE", body = ErrorBody),
+        (status = 503, description = "AUDIT_UNAVAILABLE, RATE_LIMIT_UNAVAILABLE, or TOO_MANY_CONNECTIONS (any route, at the connection cap)", body = ErrorBody),
         (status = 504, description = "EXECUTOR_TIMEOUT", body = ErrorBody)
     )
 )]
@@ -167,17 +149,18 @@ async fn process_action(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<ActionResult>, ApiError> {
+    let client = client_address(peer.ip(), &headers, &app.config.trusted_proxies);
     let incoming = Incoming {
         trace_id,
         headers,
-        client: peer.ip(),
+        client,
         body,
     };
     turnstile::process(&app, incoming).await.map(Json)
 }
 
 /// Liveness.
-#[utoipa::path(get, path = "/health", responses((status = 200, body = Health)))]
+#[utoipa::path(get, path = "/health", responses((status = 200, description = "The process is up", body = Health)))]
 async fn health() -> Json<Health> {
     Json(Health {
         status: "ok",
@@ -186,19 +169,27 @@ async fn health() -> Json<Health> {
     })
 }
 
-/// Readiness: the database answers and the audit writer can write right now.
+/// Readiness: the database answers, the audit writer can write right now, and the rate limiter can
+/// decide (or fails open).
 #[utoipa::path(get, path = "/ready", responses(
-    (status = 200, body = Readiness),
-    (status = 503, body = Readiness)
+    (status = 200, description = "Every dependency answers", body = Readiness),
+    (status = 503, description = "A dependency does not answer; `checks` names it", body = Readiness)
 ))]
 async fn ready(State(app): State<Arc<App>>) -> (StatusCode, Json<Readiness>) {
     let database = app.store.ping().await.map_err(|e| e.to_string());
     let audit = app.audit.probe().await.map_err(|e| e.to_string());
-    let ok = database.is_ok() && audit.is_ok();
+    let limiter = app.limiter.probe().await.map_err(|e| e.to_string());
+    // A limiter failing open still serves every request; failing closed, it refuses them all.
+    let ok =
+        database.is_ok() && audit.is_ok() && (limiter.is_ok() || app.config.rate_limit_fail_open);
     let show = |r: Result<(), String>| r.err().unwrap_or_else(|| "ok".to_owned());
+    let limiter = match limiter {
+        Err(e) if app.config.rate_limit_fail_open => format!("{e} (failing open)"),
+        other => show(other),
+    };
     let body = Readiness {
         status: if ok { "ready" } else { "unavailable" },
-        checks: json!({ "database": show(database), "audit": show(audit) }),
+        checks: json!({ "database": show(database), "audit": show(audit), "rate_limiter": limiter }),
     };
     let status = if ok {
         StatusCode::OK
@@ -209,7 +200,7 @@ async fn ready(State(app): State<Arc<App>>) -> (StatusCode, Json<Readiness>) {
 }
 
 /// Prometheus text format.
-#[utoipa::path(get, path = "/metrics", responses((status = 200, content_type = "text/plain")))]
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 async fn metrics(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
     let text = app
         .metrics
@@ -229,28 +220,43 @@ async fn metrics(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
 #[utoipa::path(
     get,
     path = "/v1/audit/traces/{trace_id}",
-    params(("trace_id" = String, Path, description = "The request's trace id")),
+    security(("api_key" = []), ("bearer" = [])),
+    params(("trace_id" = String, Path, description = "The request's trace id", pattern = "^[A-Za-z0-9._-]{8,64}$")),
     responses(
         (status = 200, description = "The events, in chain order", body = Object),
-        (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody),
-        (status = 404, body = ErrorBody)
+        (status = 400, description = "MALFORMED_REQUEST: the path cannot be read", body = ErrorBody),
+        (status = 401, description = "AUTH_MISSING_KEY, AUTH_INVALID_KEY, AUTH_KEY_REVOKED, AUTH_KEY_EXPIRED", body = ErrorBody),
+        (status = 403, description = "The key's role may not audit.read", body = ErrorBody),
+        (status = 404, description = "NOT_FOUND: no events for this trace id", body = ErrorBody),
+        (status = 429, description = "RATE_LIMITED: the key's quota, or too many failed keys from this address", body = ErrorBody),
+        (status = 503, description = "AUDIT_UNAVAILABLE or RATE_LIMIT_UNAVAILABLE", body = ErrorBody)
     )
 )]
 async fn get_trace(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Extension(trace_id): Extension<TraceId>,
-    Path(wanted): Path<String>,
+    PathParam(wanted): PathParam<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    crate::audit_read::trace_events(&app, &trace_id, &headers, peer.ip(), &wanted)
-        .await
-        .map(Json)
+    crate::audit_read::trace_events(
+        &app,
+        &trace_id,
+        &headers,
+        client_address(peer.ip(), &headers, &app.config.trusted_proxies),
+        &wanted,
+    )
+    .await
+    .map(Json)
 }
 
-/// This document.
-#[utoipa::path(get, path = "/openapi.json", responses((status = 200, body = Object)))]
-async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
-    Json(openapi())
+/// This document, for the policy in force.
+#[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "OpenAPI 3.1", body = Object)))]
+async fn openapi_json(
+    State(app): State<Arc<App>>,
+    Extension(trace_id): Extension<TraceId>,
+) -> Result<Json<Value>, ApiError> {
+    openapi::document(&app.policy())
+        .map(Json)
+        .map_err(|e| ApiError::internal(e, Some(&trace_id)))
 }

@@ -110,6 +110,8 @@ pub struct Action {
     pub description: String,
     pub executor: Option<String>,
     schema: Option<jsonschema::Validator>,
+    /// The payload's JSON Schema as written, for the OpenAPI document; `None` takes any object.
+    pub input_schema: Option<serde_json::Value>,
 }
 
 /// One schema violation: where in the request it is and what is wrong.
@@ -240,22 +242,30 @@ impl Policy {
                             path.display()
                         ))
                     })?;
-                    let validator = jsonschema::draft202012::new(&value).map_err(|e| {
-                        PolicyError(format!(
-                            "action {name}: schema {} is invalid: {e}",
-                            path.display()
-                        ))
-                    })?;
+                    // Formats are asserted, not only annotated: a payload the schema calls a `date`
+                    // must be one before an executor sends it upstream, and the OpenAPI document
+                    // promises clients exactly what this validator checks.
+                    let validator = jsonschema::draft202012::options()
+                        .should_validate_formats(true)
+                        .build(&value)
+                        .map_err(|e| {
+                            PolicyError(format!(
+                                "action {name}: schema {} is invalid: {e}",
+                                path.display()
+                            ))
+                        })?;
                     hashed.insert(relative(dir, &path), bytes);
-                    Some(validator)
+                    Some((validator, value))
                 }
                 None => None,
             };
+            let (schema, input_schema) = schema.unzip();
             let action = Action {
                 name: name.clone(),
                 description: def.description,
                 executor: def.executor,
                 schema,
+                input_schema,
             };
             actions.insert(name, Arc::new(action));
         }

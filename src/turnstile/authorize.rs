@@ -68,6 +68,9 @@ impl Refusal {
 pub(super) enum Stop {
     /// A gate refused: recorded as a DENY and answered with its reason codes.
     Refused(Refusal),
+    /// G1 refused an address past its failure budget: answered like a refusal but counted in the
+    /// address's REQUESTS_THROTTLED summary instead of written in full.
+    Throttled(Refusal),
     /// Something broke (the key store, the policy): answered as an internal error, nothing runs.
     Failed(ApiError),
 }

@@ -93,6 +93,9 @@ pub async fn process(app: &Arc<App>, req: Incoming) -> Result<ActionResult, ApiE
         match pass_gates(app, &mut d, &headers, client, body, content_length).await {
             Ok(passed) => passed,
             Err(Stop::Refused(refusal)) => return Err(refuse(app, d, refusal).await),
+            Err(Stop::Throttled(refusal)) => {
+                return Err(summarise(app, d, client, "/process", refusal));
+            }
             Err(Stop::Failed(e)) => return Err(e),
         };
     let executor = executor_for(app, &d, &granted)?;
@@ -123,8 +126,11 @@ async fn pass_gates(
 ) -> Result<(AuthenticatedKey, Granted), Stop> {
     let key = identify(app, d, headers, client).await?;
     let started = Instant::now();
-    let envelope = match input::read_body(body, content_length, app.config.body_limit_bytes).await {
-        Ok(bytes) => input::parse_envelope(&bytes),
+    let envelope = match input::check_media_type(headers) {
+        Ok(()) => match input::read_body(body, content_length, app.config.body_limit_bytes).await {
+            Ok(bytes) => input::parse_envelope(&bytes),
+            Err(refusal) => Err(refusal),
+        },
         Err(refusal) => Err(refusal),
     };
     let envelope = envelope.map_err(|refusal| {
@@ -174,12 +180,17 @@ async fn identify(
         Err(AuthRefusal::Store(e)) => {
             return Err(Stop::Failed(ApiError::internal(e, Some(&d.trace_id))));
         }
-        Err(AuthRefusal::Throttled { retry_after }) => Refusal::new(
-            Gate::Auth,
-            ReasonCode::RateLimited,
-            "too many failed key attempts from this address; retry later",
-            Some(retry_after),
-        ),
+        Err(AuthRefusal::Throttled { retry_after }) => {
+            let refusal = Refusal::new(
+                Gate::Auth,
+                ReasonCode::RateLimited,
+                "too many refused keys from this address; retry later",
+                Some(retry_after),
+            );
+            d.verdicts
+                .record(&app.metrics, Gate::Auth, started, Some(&refusal.codes));
+            return Err(Stop::Throttled(refusal));
+        }
         Err(AuthRefusal::Denied {
             reason,
             message,
@@ -390,9 +401,8 @@ async fn commit(
     })
 }
 
-/// Records REQUEST_START, DECISION (deny) and REQUEST_END durably; returns the refusal to answer.
-#[tracing::instrument(level = "debug", skip_all)]
-async fn refuse(app: &App, d: Decision, refusal: Refusal) -> ApiError {
+/// The denial a refusal is answered with.
+fn denial(d: &Decision, refusal: Refusal) -> Denial {
     let Refusal {
         gate,
         codes,
@@ -400,7 +410,7 @@ async fn refuse(app: &App, d: Decision, refusal: Refusal) -> ApiError {
         retry_after,
         violations,
     } = refusal;
-    let denial = Denial {
+    Denial {
         gate,
         reason_codes: codes,
         message,
@@ -409,15 +419,37 @@ async fn refuse(app: &App, d: Decision, refusal: Refusal) -> ApiError {
         // Round up: a client that waits the advertised seconds must not be refused again.
         retry_after_secs: retry_after.map(|r| r.as_secs() + u64::from(r.subsec_nanos() > 0)),
         violations,
-    };
+    }
+}
+
+/// Records REQUEST_START, DECISION (deny) and REQUEST_END durably; returns the refusal to answer.
+#[tracing::instrument(level = "debug", skip_all)]
+async fn refuse(app: &App, d: Decision, refusal: Refusal) -> ApiError {
+    let denial = denial(&d, refusal);
     let events = vec![
         d.start_event(),
-        d.event("deny", gate, &denial.reason_codes),
+        d.event("deny", denial.gate, &denial.reason_codes),
         d.end_event(denial.status(), "DENIED"),
     ];
     if let Err(e) = commit(app, &d, events, Moment::Denial).await {
         return e;
     }
+    count_result(app, d.action_label(), "denied");
+    ApiError::Denied(Box::new(denial))
+}
+
+/// A throttled address's refusal: answered at once and counted in the address's next
+/// REQUESTS_THROTTLED summary (see [`crate::audit::ThrottledLedger`]) instead of three events.
+fn summarise(
+    app: &App,
+    d: Decision,
+    client: IpAddr,
+    route: &'static str,
+    refusal: Refusal,
+) -> ApiError {
+    let denial = denial(&d, refusal);
+    app.throttled
+        .note(client, &d.trace_id, route, &denial.reason_codes);
     count_result(app, d.action_label(), "denied");
     ApiError::Denied(Box::new(denial))
 }
@@ -466,6 +498,7 @@ pub async fn authorize_permission(
     let key = match gates.await {
         Ok(key) => key,
         Err(Stop::Refused(refusal)) => return Err(refuse(app, d, refusal).await),
+        Err(Stop::Throttled(refusal)) => return Err(summarise(app, d, client, route, refusal)),
         Err(Stop::Failed(e)) => return Err(e),
     };
     let events = vec![

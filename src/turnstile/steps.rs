@@ -111,7 +111,9 @@ impl StepContext {
             &mut seen.facts,
         ) {
             Ok(granted) => granted,
-            Err(Stop::Refused(refusal)) => return Err(refused(refusal.codes)),
+            Err(Stop::Refused(refusal) | Stop::Throttled(refusal)) => {
+                return Err(refused(refusal.codes));
+            }
             Err(Stop::Failed(e)) => {
                 tracing::error!(error = %e, "step could not be authorized");
                 return Err(refused(vec![ReasonCode::InternalError]));

@@ -193,25 +193,8 @@ async fn argon2_runs_once_per_key_under_concurrent_load() {
     let key = app.admin_key().await;
     let before = app.app.auth.argon2_runs();
 
-    let mut tasks = Vec::new();
-    for _ in 0..50 {
-        let client = app.client.clone();
-        let url = app.url("/process");
-        let key = key.clone();
-        tasks.push(tokio::spawn(async move {
-            client
-                .post(url)
-                .header("x-api-key", key)
-                .json(&echo("x"))
-                .send()
-                .await
-                .unwrap()
-                .status()
-        }));
-    }
-    for t in tasks {
-        assert_eq!(t.await.unwrap(), 200);
-    }
+    let statuses = app.process_all_at_once(vec![key; 50]).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     assert_eq!(app.app.auth.argon2_runs() - before, 1);
 }
 

@@ -360,6 +360,26 @@ impl TestApp {
         req.send().await.unwrap()
     }
 
+    /// Sends one echo request per key, all at once; their statuses, in the keys' order.
+    pub async fn process_all_at_once(&self, keys: Vec<String>) -> Vec<u16> {
+        let tasks: Vec<_> = keys
+            .into_iter()
+            .map(|key| {
+                let request = self
+                    .client
+                    .post(self.url("/process"))
+                    .header("x-api-key", key)
+                    .json(&echo("x"));
+                tokio::spawn(async move { request.send().await.unwrap().status().as_u16() })
+            })
+            .collect();
+        let mut statuses = Vec::new();
+        for t in tasks {
+            statuses.push(t.await.unwrap());
+        }
+        statuses
+    }
+
     /// The audit events of one request, in chain order, as stored.
     pub async fn events(&self, trace_id: &str) -> Vec<Value> {
         self.app
@@ -410,4 +430,15 @@ pub fn echo(message: &str) -> Value {
 /// The key id of a full key text.
 pub fn key_id(key: &str) -> KeyId {
     ApiKey::parse(key).unwrap().key_id().clone()
+}
+
+/// A well-formed key that was never issued.
+pub fn unissued_key() -> String {
+    ApiKey::generate().unwrap().expose()
+}
+
+/// `key`'s id with another secret.
+pub fn wrong_secret_for(key: &str) -> String {
+    let other = ApiKey::generate().unwrap();
+    format!("ck_{}_{}", key_id(key), other.secret())
 }

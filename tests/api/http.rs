@@ -1,8 +1,11 @@
 //! Routes other than /process: health, readiness, metrics, OpenAPI, unknown routes, trace ids.
 
-use serde_json::Value;
+use std::time::{Duration, Instant};
 
-use crate::helpers::{echo, spawn_app};
+use catraca::config::Mode;
+use serde_json::{Value, json};
+
+use crate::helpers::{echo, spawn_app, spawn_app_with};
 use crate::prom::sample;
 
 #[tokio::test]
@@ -29,12 +32,177 @@ async fn openapi_is_generated_and_describes_every_route() {
     ] {
         assert!(doc["paths"].get(path).is_some(), "{path} missing");
     }
-    assert!(
-        doc["paths"]["/process"]["post"]["responses"]
-            .get("422")
-            .is_some()
-    );
     assert!(doc["components"]["schemas"].get("ActionResult").is_some());
+    assert!(doc["components"]["schemas"].get("ErrorBody").is_some());
+}
+
+#[tokio::test]
+async fn openapi_names_both_ways_of_presenting_a_key_on_the_routes_that_need_one() {
+    let app = spawn_app().await;
+    let doc: Value = app.get_json("/openapi.json").await;
+    let schemes = &doc["components"]["securitySchemes"];
+    assert_eq!(schemes["api_key"]["type"], "apiKey");
+    assert_eq!(schemes["api_key"]["in"], "header");
+    assert_eq!(schemes["api_key"]["name"], "X-API-Key");
+    assert_eq!(schemes["bearer"]["type"], "http");
+    assert_eq!(schemes["bearer"]["scheme"], "bearer");
+    let either = json!([{ "api_key": [] }, { "bearer": [] }]);
+    assert_eq!(doc["paths"]["/process"]["post"]["security"], either);
+    assert_eq!(
+        doc["paths"]["/v1/audit/traces/{trace_id}"]["get"]["security"],
+        either
+    );
+    assert!(doc["paths"]["/health"]["get"].get("security").is_none());
+}
+
+#[tokio::test]
+async fn openapi_lists_every_status_and_header_a_route_answers_with() {
+    let app = spawn_app().await;
+    let doc: Value = app.get_json("/openapi.json").await;
+    let process = &doc["paths"]["/process"]["post"]["responses"];
+    for status in [
+        "200", "400", "401", "403", "405", "408", "413", "415", "422", "429", "431", "500", "502",
+        "503", "504",
+    ] {
+        assert!(process.get(status).is_some(), "/process lacks {status}");
+    }
+    let trace = &doc["paths"]["/v1/audit/traces/{trace_id}"]["get"]["responses"];
+    for status in [
+        "200", "400", "401", "403", "404", "405", "429", "431", "503",
+    ] {
+        assert!(trace.get(status).is_some(), "the trail lacks {status}");
+    }
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            for (status, response) in operation["responses"].as_object().unwrap() {
+                let headers = &response["headers"];
+                assert_eq!(
+                    headers["X-Trace-Id"]["required"], true,
+                    "{method} {path} {status} lacks X-Trace-Id"
+                );
+                let needs = match status.as_str() {
+                    "401" => Some("WWW-Authenticate"),
+                    "405" => Some("Allow"),
+                    "429" | "503" => Some("Retry-After"),
+                    _ => None,
+                };
+                if let Some(name) = needs {
+                    assert!(
+                        headers.get(name).is_some(),
+                        "{method} {path} {status} lacks {name}"
+                    );
+                }
+            }
+            for status in ["405", "431", "503"] {
+                assert!(
+                    operation["responses"].get(status).is_some(),
+                    "{method} {path} lacks {status}"
+                );
+            }
+        }
+    }
+    // /ready's own 503 body, or the front door's error body for the connection cap.
+    let ready_503 = &doc["paths"]["/ready"]["get"]["responses"]["503"]["content"]["application/json"]
+        ["schema"]["oneOf"];
+    assert_eq!(ready_503.as_array().unwrap().len(), 2, "{ready_503}");
+}
+
+#[tokio::test]
+async fn openapi_describes_the_process_body_as_one_branch_per_runnable_action() {
+    let app = spawn_app().await;
+    let doc: Value = app.get_json("/openapi.json").await;
+    let schemas = &doc["components"]["schemas"];
+    assert_eq!(
+        doc["paths"]["/process"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/ProcessBody"
+    );
+    let mut actions: Vec<String> = schemas["ProcessBody"]["oneOf"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|branch| {
+            let reference = branch["$ref"].as_str().unwrap();
+            let name = reference.strip_prefix("#/components/schemas/").unwrap();
+            schemas[name]["properties"]["action"]["const"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    actions.sort();
+    // The example policy's actions and the test policy's, but not the permission `audit.read`.
+    assert_eq!(
+        actions,
+        [
+            "echo",
+            "licitacoes.collect",
+            "licitacoes.digest",
+            "licitacoes.summarize",
+            "test.broken",
+            "test.chain",
+            "test.counted",
+            "test.eval",
+            "test.forbidden",
+        ]
+    );
+    assert_eq!(
+        schemas["ProcessBody"]["discriminator"]["propertyName"],
+        "action"
+    );
+    assert_eq!(schemas["ContextId"]["enum"], json!(["partner", "work"]));
+    let echo = &schemas["Process.echo"];
+    assert_eq!(echo["additionalProperties"], false);
+    assert_eq!(echo["required"], json!(["action", "context_id", "payload"]));
+    assert_eq!(
+        echo["properties"]["payload"]["$ref"],
+        "#/components/schemas/Payload.echo"
+    );
+    // The action's own schema, as the policy folder holds it (less its `$schema`).
+    assert_eq!(schemas["Payload.echo"]["required"], json!(["message"]));
+    assert!(schemas["Payload.echo"].get("$schema").is_none());
+    assert_eq!(
+        schemas["Payload.licitacoes.collect"]["properties"]["data_inicial"]["format"],
+        "date"
+    );
+    // An action without a schema takes any object, and `{}` when the payload is left out.
+    let counted = &schemas["Process.test.counted"];
+    assert_eq!(counted["properties"]["payload"], json!({"type": "object"}));
+    assert_eq!(counted["required"], json!(["action", "context_id"]));
+}
+
+#[tokio::test]
+async fn a_policy_reload_in_dev_mode_shows_in_the_openapi_document() {
+    let app = spawn_app_with(|c| c.mode = Mode::Dev).await;
+    // Served before the edit (which also lets the reload task take its first look at the folder).
+    let doc: Value = app.get_json("/openapi.json").await;
+    assert!(doc["components"]["schemas"].get("Process.echo").is_some());
+    assert!(
+        doc["components"]["schemas"]
+            .get("Process.echo.again")
+            .is_none()
+    );
+    let policies = app.dir.path().join("policies");
+    std::fs::write(
+        policies.join("zz-more.toml"),
+        "[actions.\"echo.again\"]\nexecutor = \"echo\"\ninput_schema = \"schemas/echo.json\"\n",
+    )
+    .unwrap();
+    // The reload looks every 2 s; a loaded machine may take longer.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let doc: Value = app.get_json("/openapi.json").await;
+        if doc["components"]["schemas"]
+            .get("Process.echo.again")
+            .is_some()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the reloaded action never showed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test]
@@ -46,6 +214,102 @@ async fn an_unknown_route_gets_a_json_404_with_a_trace_id() {
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"], "NOT_FOUND");
     assert_eq!(body["trace_id"], trace.as_str());
+}
+
+/// The status, `X-Trace-Id` header and JSON body of a response that must be the documented error body.
+async fn error_answer(resp: reqwest::Response) -> (u16, reqwest::header::HeaderMap, Value) {
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    assert_eq!(
+        headers["content-type"], "application/json",
+        "status {status} is not the JSON error body"
+    );
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(
+        body["trace_id"],
+        headers["x-trace-id"].to_str().unwrap(),
+        "{body}"
+    );
+    (status, headers, body)
+}
+
+#[tokio::test]
+async fn a_method_a_route_does_not_take_gets_a_json_405_with_allow() {
+    let app = spawn_app().await;
+    let (status, headers, body) =
+        error_answer(app.client.get(app.url("/process")).send().await.unwrap()).await;
+    assert_eq!(status, 405);
+    assert_eq!(headers["allow"], "POST");
+    assert_eq!(body["error"], "REQUEST_REJECTED");
+    assert_eq!(body["reason_codes"], json!(["METHOD_NOT_ALLOWED"]));
+    let (status, headers, _) =
+        error_answer(app.client.delete(app.url("/health")).send().await.unwrap()).await;
+    assert_eq!(status, 405);
+    assert_eq!(headers["allow"], "GET,HEAD");
+}
+
+#[tokio::test]
+async fn too_many_headers_or_too_many_header_bytes_get_a_json_431() {
+    let app = spawn_app().await;
+    let mut many = app.client.get(app.url("/health"));
+    for i in 0..70 {
+        many = many.header(format!("x-extra-{i}"), "1");
+    }
+    let (status, _, body) = error_answer(many.send().await.unwrap()).await;
+    assert_eq!(status, 431);
+    assert_eq!(body["reason_codes"], json!(["HEADERS_TOO_LARGE"]));
+    let big = app
+        .client
+        .get(app.url("/health"))
+        .header("x-big", "a".repeat(20 * 1024))
+        .send()
+        .await
+        .unwrap();
+    let (status, _, body) = error_answer(big).await;
+    assert_eq!(status, 431);
+    assert_eq!(body["error"], "REQUEST_REJECTED");
+    // Below both limits, the route answers.
+    let mut fine = app.client.get(app.url("/health"));
+    for i in 0..40 {
+        fine = fine.header(format!("x-extra-{i}"), "a".repeat(200));
+    }
+    assert_eq!(fine.send().await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn a_path_that_is_not_utf8_gets_a_json_400() {
+    let app = spawn_app().await;
+    let key = app.admin_key().await;
+    let resp = app
+        .client
+        .get(app.url("/v1/audit/traces/%FF%FEabcdefgh"))
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .unwrap();
+    let (status, _, body) = error_answer(resp).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"], "REQUEST_REJECTED");
+    assert_eq!(body["reason_codes"], json!(["MALFORMED_REQUEST"]));
+}
+
+#[tokio::test]
+async fn a_401_challenges_for_a_bearer_key_and_says_when_the_key_was_refused() {
+    let app = spawn_app().await;
+    let missing = app.process(None, &echo("x")).await;
+    assert_eq!(missing.status(), 401);
+    assert_eq!(
+        missing.headers()["www-authenticate"],
+        r#"Bearer realm="catraca""#
+    );
+    error_answer(missing).await;
+    let refused = app.process(Some("ck_nosuchkey_secret"), &echo("x")).await;
+    assert_eq!(refused.status(), 401);
+    assert_eq!(
+        refused.headers()["www-authenticate"],
+        r#"Bearer realm="catraca", error="invalid_token""#
+    );
+    error_answer(refused).await;
 }
 
 #[tokio::test]

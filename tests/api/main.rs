@@ -15,6 +15,8 @@ mod auth;
 mod cli;
 mod collector;
 mod composite;
+mod front_door;
+mod front_door_http;
 mod gates;
 mod http;
 mod keys;

@@ -7,22 +7,11 @@ use catraca::keys;
 use serde_json::Value;
 
 use crate::binary::{self, Cli, Serve};
-use crate::helpers::{captured_logs, echo, key_id, spawn_app};
+use crate::helpers::{captured_logs, echo, key_id, spawn_app, unissued_key, wrong_secret_for};
 
 /// The secret half of a full key (`ck_<key_id>_<secret>`).
 fn secret(key: &str) -> String {
     ApiKey::parse(key).unwrap().secret().to_owned()
-}
-
-/// A well-formed key that was never issued.
-fn unissued_key() -> String {
-    ApiKey::generate().unwrap().expose()
-}
-
-/// `key`'s id with another secret.
-fn wrong_secret_for(key: &str) -> String {
-    let other = ApiKey::generate().unwrap();
-    format!("ck_{}_{}", key_id(key), other.secret())
 }
 
 /// Status line, headers and body of a response, as one text to search.

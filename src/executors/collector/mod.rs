@@ -122,10 +122,19 @@ struct PncpQuery {
     endpoint: String,
     data_inicial: String,
     data_final: String,
+    #[serde(deserialize_with = "whole_u32")]
     modalidade: u32,
     uf: Option<String>,
     cnpj: Option<String>,
     codigo_municipio_ibge: Option<String>,
+}
+
+/// A `u32` also when written `8.0`, which the action's `"type": "integer"` admits.
+fn whole_u32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let value = Value::deserialize(d)?;
+    super::whole_number(&value)
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| serde::de::Error::custom(format!("{value} is not a whole number in u32")))
 }
 
 impl PncpQuery {
@@ -448,5 +457,20 @@ mod tests {
             q.key(),
             "publicacao?codigoModalidadeContratacao=8&dataFinal=20260917&dataInicial=20260917&uf=SP"
         );
+    }
+
+    #[test]
+    fn a_modality_written_with_a_zero_fraction_is_the_same_query() {
+        let q: PncpQuery = serde_json::from_value(json!({
+            "source": "pncp", "endpoint": "publicacao", "data_inicial": "2026-09-17",
+            "data_final": "2026-09-17", "modalidade": 8.0
+        }))
+        .unwrap();
+        assert_eq!(q.modalidade, 8);
+        let fraction = serde_json::from_value::<PncpQuery>(json!({
+            "source": "pncp", "endpoint": "publicacao", "data_inicial": "2026-09-17",
+            "data_final": "2026-09-17", "modalidade": 8.5
+        }));
+        assert!(fraction.is_err());
     }
 }
