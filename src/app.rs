@@ -13,6 +13,7 @@ use crate::config::{Config, Mode};
 use crate::domain::{ApiKey, RoleName, TierName};
 use crate::executors::{ExecutorEnv, Kinds, Registry};
 use crate::gates::auth::AuthGate;
+use crate::gates::key_directory::KeyDirectory;
 use crate::gates::limiter_breaker::Breaker;
 use crate::gates::rate_limit::{InProcessLimiter, RateLimiter};
 use crate::gates::rate_limit_redis::RedisLimiter;
@@ -104,7 +105,13 @@ pub async fn build(config: Config, kinds: &Kinds) -> anyhow::Result<(Arc<App>, W
         config.auth_cache_ttl,
         config.auth_failures_per_minute,
         config.argon2_concurrency,
+        config.key_refresh,
     );
+    auth.keys()
+        .refresh()
+        .await
+        .context("reading the key revision")?;
+    KeyDirectory::spawn_watcher(auth.keys());
     // One limiter shared by every instance when Redis is configured, behind a circuit so a dead Redis
     // costs milliseconds per request; else each instance its own, which is always available.
     let limiter: Arc<dyn RateLimiter> = match &config.redis_url {

@@ -167,6 +167,7 @@ struct FileConfig {
     audit_batch_max: Option<usize>,
     rate_limit_fail_open: Option<bool>,
     argon2_concurrency: Option<usize>,
+    key_refresh_ms: Option<u64>,
     throttle_summary_secs: Option<u64>,
     trusted_proxies: Option<Vec<String>>,
     http_header_timeout_secs: Option<u64>,
@@ -242,6 +243,9 @@ pub struct Config {
     pub executor_overrides: ExecutorOverrides,
     /// Argon2 verifications that may run at once; each holds its own reused 19 MiB of memory.
     pub argon2_concurrency: usize,
+    /// How often the key revision is read; key changes by any process are seen within it (and never
+    /// later than three of it, past which cached keys are not used).
+    pub key_refresh: Duration,
     /// How often refusals of a throttled address are written as one `REQUESTS_THROTTLED` summary.
     pub throttle_summary_interval: Duration,
     /// Peers whose `X-Forwarded-For` names the client; every other peer is the client itself.
@@ -357,6 +361,10 @@ impl Config {
             rate_limit_fail_open: file.rate_limit_fail_open.unwrap_or(false),
             executor_overrides: ExecutorOverrides::from_env(&env),
             argon2_concurrency: file.argon2_concurrency.unwrap_or(2),
+            key_refresh: file.key_refresh_ms.map_or(
+                crate::gates::key_directory::DEFAULT_REFRESH,
+                Duration::from_millis,
+            ),
             throttle_summary_interval: Duration::from_secs(
                 file.throttle_summary_secs.unwrap_or(10),
             ),
@@ -382,8 +390,13 @@ impl Config {
         if config.audit_queue_capacity == 0 || config.audit_batch_max == 0 {
             anyhow::bail!("audit_queue_capacity and audit_batch_max must be positive");
         }
-        if config.argon2_concurrency == 0 || config.http.max_connections == 0 {
-            anyhow::bail!("argon2_concurrency and max_connections must be positive");
+        if config.argon2_concurrency == 0
+            || config.http.max_connections == 0
+            || config.key_refresh.is_zero()
+        {
+            anyhow::bail!(
+                "argon2_concurrency, max_connections and key_refresh_ms must be positive"
+            );
         }
         let http = config.http;
         if [
@@ -434,6 +447,7 @@ mod tests {
         assert_eq!(c.audit_batch_max, 1_000);
         assert!(!c.rate_limit_fail_open);
         assert_eq!(c.argon2_concurrency, 2);
+        assert_eq!(c.key_refresh, Duration::from_millis(100));
         assert_eq!(c.throttle_summary_interval, Duration::from_secs(10));
         assert!(c.trusted_proxies.is_empty());
         assert_eq!(

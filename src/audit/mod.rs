@@ -2,6 +2,7 @@
 //! reading it back (verify, timeline, export).
 
 pub mod export;
+mod files;
 mod throttled;
 pub mod timeline;
 pub mod verify;

@@ -1,8 +1,14 @@
 //! The audit writer: one task owns this process's hash chain, group-commits queued events to the store
-//! (one transaction for many requests), then mirrors them to JSON Lines files. Callers wait for the
-//! commit; a failed commit is reported to every caller of the batch, so nothing proceeds unaudited.
+//! (one transaction for many requests), then appends them to the JSON Lines files. Callers wait for both;
+//! a failed commit or file write is reported to every caller of the batch (503 `AUDIT_UNAVAILABLE`), so
+//! nothing proceeds unaudited.
+//!
+//! The writer outlives any store or file failure (a full disk, a read-only file system, a lost
+//! connection, a lock): a failed commit leaves the chain where it was, so the next batch takes the same
+//! places; a failed file write leaves the files behind the database, and the next batch first copies the
+//! missing events from the database. Requests fail closed while it lasts and succeed again as soon as the
+//! store and the disk do, without a restart.
 
-use std::io::Write as _;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,9 +16,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
-use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
-use tracing_appender::rolling::{RollingFileAppender, Rotation};
 
+use super::files::TrailFiles;
 use crate::event::{CanonicalError, EventType, GENESIS_HASH, PendingEvent, SealedEvent, seal};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
@@ -21,6 +26,10 @@ use crate::store::{Store, StoreError};
 const ENQUEUE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a request waits for its batch to commit; a store hung longer than this is unavailable.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Events read from the database at a time when the files are brought level.
+const LEVEL_PAGE: i64 = 1_000;
+/// At most one real write probe this often; `/ready` callers in between share its answer.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 /// Why events could not be made durable.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -33,6 +42,8 @@ pub enum AuditError {
     Stopped,
     #[error("audit commit did not finish in time")]
     Timeout,
+    #[error("audit files could not be written: {0}")]
+    Files(String),
 }
 
 /// Where the writer reports whether a command's events are durable.
@@ -66,7 +77,7 @@ pub struct WriterOptions<'a> {
     pub files_dir: Option<&'a Path>,
 }
 
-/// Keeps the writer task and the file worker alive; awaiting it flushes everything.
+/// Keeps the writer task alive; awaiting it writes everything queued and syncs the files.
 pub struct WriterTask {
     join: tokio::task::JoinHandle<()>,
 }
@@ -108,20 +119,6 @@ impl ChainState {
     }
 }
 
-fn open_files(dir: &Path) -> anyhow::Result<(NonBlocking, WorkerGuard)> {
-    std::fs::create_dir_all(dir)?;
-    let appender = RollingFileAppender::builder()
-        .rotation(Rotation::DAILY)
-        .filename_prefix("audit")
-        .filename_suffix("jsonl")
-        .build(dir)?;
-    // Non-lossy: when the file worker lags, the writer waits instead of dropping lines.
-    Ok(NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("catraca-audit-files")
-        .finish(appender))
-}
-
 impl AuditLog {
     /// Opens this process's chain (CHAIN_OPENED, linked to the instance's previous chain) and starts
     /// the writer. Fails if the store cannot take the first event: a gateway that cannot audit must
@@ -134,6 +131,7 @@ impl AuditLog {
         let boot = uuid::Uuid::now_v7().simple().to_string();
         let chain_id = format!("{}.{boot}", opts.instance_id);
         let previous = store.latest_chain_tail(opts.instance_id).await?;
+        let previous_tail = previous.clone();
         let opened = PendingEvent::new(
             EventType::ChainOpened,
             None,
@@ -150,7 +148,10 @@ impl AuditLog {
             next_seq: 1,
             prev_hash: previous.map_or_else(|| GENESIS_HASH.to_owned(), |p| p.hash),
         };
-        let files = opts.files_dir.map(open_files).transpose()?;
+        let mut files = opts.files_dir.map(TrailFiles::open).transpose()?;
+        if let (Some(files), Some(previous)) = (files.as_mut(), previous_tail.as_ref()) {
+            level_files(files, store.as_ref(), &previous.chain_id, previous.seq).await?;
+        }
         let sealed = state.seal_all(vec![opened])?;
         store.append_events(&sealed).await?;
         state.advance(&sealed);
@@ -158,12 +159,8 @@ impl AuditLog {
             .audit_events
             .with_label_values(&[EventType::ChainOpened.as_str()])
             .inc();
-        let (mut file, guard) = match files {
-            Some((f, g)) => (Some(f), Some(g)),
-            None => (None, None),
-        };
-        if let Some(f) = file.as_mut() {
-            write_lines(f, &sealed);
+        if let Some(f) = files.as_mut() {
+            f.append(&sealed)?;
         }
 
         let (tx, rx) = mpsc::channel(opts.queue_capacity);
@@ -179,8 +176,10 @@ impl AuditLog {
             metrics,
             healthy,
             state,
-            file,
-            _guard: guard,
+            files,
+            files_dir: opts.files_dir.map(Path::to_owned),
+            files_behind: false,
+            last_probe: None,
             batch_max: opts.batch_max,
         };
         let join = tokio::spawn(writer.run(rx));
@@ -235,12 +234,31 @@ impl AuditLog {
     }
 }
 
-/// Appends a committed batch to the JSON Lines file in one write (one hand-off to the file thread).
-fn write_lines(file: &mut NonBlocking, sealed: &[SealedEvent]) {
-    let lines: String = sealed.iter().map(SealedEvent::json_line).collect();
-    if let Err(err) = file.write_all(lines.as_bytes()) {
-        tracing::error!(error = %err, "could not append audit events to the JSON Lines file");
+/// Brings the files level with the database for `chain_id` up to `last_seq`: the events the files lack
+/// (after a crash between a commit and its file write, or lost with the page cache) are copied from the
+/// database, in order.
+async fn level_files(
+    files: &mut TrailFiles,
+    store: &dyn Store,
+    chain_id: &str,
+    last_seq: i64,
+) -> anyhow::Result<()> {
+    let mut have = files.last_seq_of(chain_id)?.unwrap_or(0);
+    let missing = last_seq - have;
+    while have < last_seq {
+        let events = store.chain_events(chain_id, have, LEVEL_PAGE).await?;
+        let Some(last) = events.last() else { break };
+        have = last.seq;
+        files.append(&events)?;
     }
+    if missing > 0 {
+        tracing::warn!(
+            chain_id,
+            events = missing,
+            "audit files were behind the database (a crash); brought level"
+        );
+    }
+    Ok(())
 }
 
 struct Writer {
@@ -248,8 +266,14 @@ struct Writer {
     metrics: Metrics,
     healthy: Arc<AtomicBool>,
     state: ChainState,
-    file: Option<NonBlocking>,
-    _guard: Option<WorkerGuard>,
+    files: Option<TrailFiles>,
+    files_dir: Option<std::path::PathBuf>,
+    /// Whether a file write failed since the files last matched the database; they are caught up
+    /// before the next batch is acknowledged.
+    files_behind: bool,
+    /// When the store and the disk last proved writable (shared by `/ready` callers within
+    /// [`PROBE_EVERY`]); cleared by any failed batch.
+    last_probe: Option<Instant>,
     batch_max: usize,
 }
 
@@ -278,12 +302,16 @@ impl Writer {
                 self.commit(appends).await;
             }
             if !probes.is_empty() {
-                let result = self.store.probe_append().await.map_err(store_error);
-                self.healthy.store(result.is_ok(), Ordering::Relaxed);
+                let result = self.probe().await;
                 for done in probes {
                     let _ = done.send(result.clone());
                 }
             }
+        }
+        if let Some(files) = self.files.as_mut()
+            && let Err(e) = files.sync()
+        {
+            tracing::error!(error = %e, "audit files could not be synced at shutdown");
         }
         tracing::info!(chain_id = %self.state.chain_id, "audit writer stopped");
     }
@@ -310,21 +338,25 @@ impl Writer {
         match result {
             Ok(sealed) => {
                 self.state.advance(&sealed);
-                self.healthy.store(true, Ordering::Relaxed);
                 for t in types {
                     self.metrics
                         .audit_events
                         .with_label_values(&[t.as_str()])
                         .inc();
                 }
-                if let Some(file) = self.file.as_mut() {
-                    write_lines(file, &sealed);
+                let filed = self.write_files(&sealed).await;
+                if let Err(e) = &filed {
+                    self.last_probe = None;
+                    self.metrics.audit_write_failures.inc();
+                    tracing::error!(error = %e, "audit batch committed but not written to the files; its requests fail closed");
                 }
+                self.healthy.store(filed.is_ok(), Ordering::Relaxed);
                 for done in waiters {
-                    let _ = done.send(Ok(()));
+                    let _ = done.send(filed.clone());
                 }
             }
             Err(e) => {
+                self.last_probe = None;
                 self.metrics.audit_write_failures.inc();
                 self.healthy.store(false, Ordering::Relaxed);
                 tracing::error!(error = %e, "audit batch not written; its requests fail closed");
@@ -334,6 +366,93 @@ impl Writer {
             }
         }
     }
+}
+
+impl Writer {
+    /// Appends a committed batch to the files, first copying from the database whatever an earlier
+    /// failed write left out.
+    async fn write_files(&mut self, sealed: &[SealedEvent]) -> Result<(), AuditError> {
+        let Some(first) = sealed.first() else {
+            return Ok(());
+        };
+        self.catch_up_files(first.seq).await?;
+        let Some(files) = self.files.as_mut() else {
+            return Ok(());
+        };
+        files.append(sealed).map_err(|e| {
+            self.files_behind = true;
+            AuditError::Files(e.to_string())
+        })
+    }
+
+    /// After a failed file write, copies this chain's events below `until` that the files lack from
+    /// the database (where the files really end is read from them, so nothing is written twice).
+    async fn catch_up_files(&mut self, until: i64) -> Result<(), AuditError> {
+        let Some(files) = self.files.as_mut() else {
+            return Ok(());
+        };
+        if !self.files_behind {
+            return Ok(());
+        }
+        let chain_id = self.state.chain_id.as_str();
+        let files_error = |e: std::io::Error| AuditError::Files(e.to_string());
+        let mut have = files
+            .last_seq_of(chain_id)
+            .map_err(files_error)?
+            .unwrap_or(0);
+        let from = have + 1;
+        while have < until - 1 {
+            let limit = LEVEL_PAGE.min(until - 1 - have);
+            let events = self
+                .store
+                .chain_events(chain_id, have, limit)
+                .await
+                .map_err(store_error)?;
+            let Some(last) = events.last() else { break };
+            have = last.seq;
+            files.append(&events).map_err(files_error)?;
+        }
+        self.files_behind = false;
+        tracing::info!(
+            chain_id,
+            from_seq = from,
+            "audit files caught up with the database"
+        );
+        Ok(())
+    }
+
+    /// Proves the store and the files take a durable write now, at most once per [`PROBE_EVERY`].
+    async fn probe(&mut self) -> Result<(), AuditError> {
+        // A success is shared for a while; a failure is not, so recovery shows at the next ask.
+        if self.last_probe.is_some_and(|at| at.elapsed() < PROBE_EVERY) {
+            return Ok(());
+        }
+        let mut result = self.store.probe_write().await.map_err(store_error);
+        if result.is_ok()
+            && let Some(dir) = self.files_dir.as_deref()
+        {
+            result = probe_dir(dir).map_err(|e| AuditError::Files(e.to_string()));
+        }
+        if result.is_ok() {
+            // Writable again: catch the files up now rather than with the next request.
+            result = self.catch_up_files(self.state.next_seq).await;
+        }
+        self.healthy.store(result.is_ok(), Ordering::Relaxed);
+        self.last_probe = result.is_ok().then(Instant::now);
+        result
+    }
+}
+
+/// Writes, syncs and removes a small file in `dir`: fails when the disk is full or read-only.
+fn probe_dir(dir: &Path) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let path = dir.join(".catraca-write-probe");
+    let outcome = std::fs::File::create(&path).and_then(|mut f| {
+        f.write_all(&[0u8; 4096])?;
+        f.sync_all()
+    });
+    let _ = std::fs::remove_file(&path);
+    outcome
 }
 
 fn store_error(e: StoreError) -> AuditError {

@@ -20,6 +20,7 @@ use dashmap::DashMap;
 use sha2::{Digest, Sha256};
 
 use crate::domain::{ApiKey, ContextId, KeyId, RoleName, TierName};
+use crate::gates::key_directory::KeyDirectory;
 use crate::keys::SecretVerifier;
 use crate::reason::ReasonCode;
 use crate::store::{KeyRecord, Store, StoreError};
@@ -110,7 +111,7 @@ impl FailureLimiter {
 
 /// The auth gate with its caches.
 pub struct AuthGate {
-    store: Arc<dyn Store>,
+    keys: Arc<KeyDirectory>,
     ttl: Duration,
     cache: DashMap<[u8; 32], Verified>,
     /// One lock per key id, so concurrent cache misses for one key run argon2 once.
@@ -126,9 +127,10 @@ impl AuthGate {
         ttl: Duration,
         failures_per_minute: u32,
         argon2_concurrency: usize,
+        key_refresh: Duration,
     ) -> Self {
         Self {
-            store,
+            keys: Arc::new(KeyDirectory::new(store, key_refresh)),
             ttl,
             cache: DashMap::new(),
             inflight: DashMap::new(),
@@ -139,6 +141,11 @@ impl AuthGate {
             verifier: SecretVerifier::new(argon2_concurrency),
             argon2_runs: AtomicU64::new(0),
         }
+    }
+
+    /// The key rows this gate reads; its watcher must run for the cache to be used.
+    pub fn keys(&self) -> &Arc<KeyDirectory> {
+        &self.keys
     }
 
     /// How many argon2 verifications this gate has run (to show the cache works).
@@ -203,8 +210,8 @@ impl AuthGate {
             return Err(self.refused(client, invalid(None)));
         };
         let record = self
-            .store
-            .get_key(key.key_id())
+            .keys
+            .get(key.key_id())
             .await
             .map_err(AuthRefusal::Store)?;
         let Some(record) = record else {
@@ -244,14 +251,14 @@ impl AuthGate {
                 );
             }
         }
-        // The row is read on every request, so a revoke by any process counts from the next request.
+        // The row is at most the key directory's bound old, so a revoke by any process counts within it.
         if record.revoked_at.is_some() {
             return Err(self.refused(
                 client,
                 AuthRefusal::Denied {
                     reason: ReasonCode::AuthKeyRevoked,
                     message: "the API key was revoked",
-                    presented: Some(record.key_id),
+                    presented: Some(record.key_id.clone()),
                 },
             ));
         }
@@ -261,16 +268,16 @@ impl AuthGate {
                 AuthRefusal::Denied {
                     reason: ReasonCode::AuthKeyExpired,
                     message: "the API key has expired",
-                    presented: Some(record.key_id),
+                    presented: Some(record.key_id.clone()),
                 },
             ));
         }
         Ok(AuthenticatedKey {
-            key_id: record.key_id,
-            name: record.name,
-            role: record.role,
-            contexts: record.contexts,
-            tier: record.tier,
+            key_id: record.key_id.clone(),
+            name: record.name.clone(),
+            role: record.role.clone(),
+            contexts: record.contexts.clone(),
+            tier: record.tier.clone(),
         })
     }
 }

@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod client;
 pub mod input;
+pub mod key_directory;
 pub mod limiter_breaker;
 pub mod matrix;
 pub mod rate_limit;

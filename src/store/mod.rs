@@ -100,6 +100,8 @@ pub trait Store: Send + Sync + 'static {
 
     async fn insert_key(&self, key: &KeyRecord) -> Result<(), StoreError>;
     async fn get_key(&self, key_id: &KeyId) -> Result<Option<KeyRecord>, StoreError>;
+    /// A counter that moves on every change to the keys table, by any process.
+    async fn key_revision(&self) -> Result<i64, StoreError>;
     async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
     async fn count_keys(&self) -> Result<i64, StoreError>;
     /// Marks the key revoked at `at`; `false` when it does not exist or was already revoked.
@@ -110,8 +112,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Appends a batch of sealed events in one transaction (one fsync for the whole batch).
     async fn append_events(&self, events: &[SealedEvent]) -> Result<(), StoreError>;
-    /// Proves the audit table accepts writes right now, leaving nothing behind (insert, then roll back).
-    async fn probe_append(&self) -> Result<(), StoreError>;
+    /// Proves a committed write reaches the disk right now (rewrites one row of its own).
+    async fn probe_write(&self) -> Result<(), StoreError>;
     /// Tail of the most recently opened chain of `instance_id`.
     async fn latest_chain_tail(&self, instance_id: &str) -> Result<Option<ChainTail>, StoreError>;
     /// Events of one request, in chain order.
@@ -189,7 +191,7 @@ fn contexts_to_text(contexts: &Option<BTreeSet<ContextId>>) -> Option<String> {
 /// Rows per multi-row snapshot INSERT: 4 columns each, far below either backend's parameter limit.
 const SNAPSHOT_CHUNK: usize = 1_000;
 
-/// A row that only exists inside the rolled-back probe transaction.
+/// A row that only exists inside the rolled-back part of the write probe.
 fn probe_event() -> SealedEvent {
     SealedEvent {
         chain_id: "probe".into(),

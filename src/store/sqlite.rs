@@ -44,6 +44,20 @@ fn migrator() -> Migrator {
             include_str!("../../migrations/sqlite/0002_collector.sql").into_sql_str(),
             false,
         ),
+        Migration::new(
+            3,
+            "key revision".into(),
+            MigrationType::Simple,
+            include_str!("../../migrations/sqlite/0003_key_revision.sql").into_sql_str(),
+            false,
+        ),
+        Migration::new(
+            4,
+            "write probe".into(),
+            MigrationType::Simple,
+            include_str!("../../migrations/sqlite/0004_write_probe.sql").into_sql_str(),
+            false,
+        ),
     ])
 }
 
@@ -154,6 +168,14 @@ impl Store for SqliteStore {
         row.map(KeyRow::into_record).transpose()
     }
 
+    async fn key_revision(&self) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT revision FROM key_revision WHERE id = 1")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
     #[tracing::instrument(level = "debug", skip_all)]
     async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
         let rows: Vec<KeyRow> = sqlx::query_as(
@@ -235,11 +257,20 @@ impl Store for SqliteStore {
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
-    async fn probe_append(&self) -> Result<(), StoreError> {
+    async fn probe_write(&self) -> Result<(), StoreError> {
         let mut conn = self.writer.lock().await;
+        // The audit table still takes a row (its triggers and constraints), rolled back...
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         Self::insert_events(&mut tx, &[probe_event()]).await?;
         tx.rollback().await?;
+        // ...and a committed write reaches the disk.
+        sqlx::query(
+            "INSERT INTO write_probe (id, probed_at) VALUES (1, ?) \
+             ON CONFLICT (id) DO UPDATE SET probed_at = excluded.probed_at",
+        )
+        .bind(crate::event::timestamp(time::OffsetDateTime::now_utc()))
+        .execute(&mut *conn)
+        .await?;
         Ok(())
     }
 

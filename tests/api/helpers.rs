@@ -278,6 +278,20 @@ impl TestApp {
         format!("sqlite://{}", self.dir.path().join("catraca.db").display())
     }
 
+    /// Runs `statements` on the test gateway's SQLite database from a connection of its own, as an
+    /// operator with a database shell would (the gateway is not told).
+    pub async fn raw_sql(&self, statements: &[&str]) {
+        use sqlx::{ConnectOptions, Connection, Executor};
+        let options: sqlx::sqlite::SqliteConnectOptions = self.db_url().parse().unwrap();
+        let mut conn = options.connect().await.unwrap();
+        for statement in statements {
+            conn.execute(sqlx::AssertSqlSafe((*statement).to_owned()))
+                .await
+                .unwrap();
+        }
+        conn.close().await.unwrap();
+    }
+
     /// Creates a key through the same service the CLI uses; returns the full key text.
     pub async fn key(&self, spec: KeySpec<'_>) -> String {
         let template = NewKey {

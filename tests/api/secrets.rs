@@ -3,6 +3,7 @@
 //! new key, printed once where the command announces it.
 
 use catraca::domain::ApiKey;
+use catraca::gates::key_directory::{DEFAULT_REFRESH, STALE_AFTER_REFRESHES};
 use catraca::keys;
 use serde_json::Value;
 
@@ -262,6 +263,7 @@ async fn serve_and_the_cli_print_a_key_only_once_where_they_announce_it() {
     let rotated = json_key(&rotation.0);
     printed_once("keys rotate --json", &rotation, &rotated);
     secrets.push(("rotated", secret(&rotated)));
+    tokio::time::sleep(DEFAULT_REFRESH * STALE_AFTER_REFRESHES).await;
     for (key, want) in [(&second, 401), (&rotated, 200)] {
         let resp = post(&serve, key, "secrets-binary-trace-03").await.unwrap();
         assert_eq!(resp.status(), want);
@@ -272,6 +274,8 @@ async fn serve_and_the_cli_print_a_key_only_once_where_they_announce_it() {
         &["keys", "revoke", &key_id(&rotated).to_string()],
         &secrets,
     );
+    // A key change by another process reaches the gateway within its stated bound.
+    tokio::time::sleep(DEFAULT_REFRESH * STALE_AFTER_REFRESHES).await;
     for key in [&rotated, &wrong, &unissued] {
         let resp = post(&serve, key, "secrets-binary-trace-04").await.unwrap();
         assert_eq!(resp.status(), 401);
