@@ -80,6 +80,27 @@ impl fmt::Display for Mode {
     }
 }
 
+/// How the process log is written on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines, coloured only when stderr is a terminal.
+    Text,
+    /// One JSON object per line; lines written while serving a request carry its `trace_id`.
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            other => anyhow::bail!("log format must be text or json, got {other:?}"),
+        }
+    }
+}
+
 /// A value that must never reach a log line: `Debug` and `Display` print `<redacted>`.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
@@ -160,6 +181,7 @@ struct FileConfig {
     mode: Option<Mode>,
     instance_id: Option<String>,
     log: Option<String>,
+    log_format: Option<LogFormat>,
     body_limit_bytes: Option<usize>,
     auth_cache_ttl_secs: Option<u64>,
     auth_failures_per_minute: Option<u32>,
@@ -226,6 +248,7 @@ pub struct Config {
     pub mode: Mode,
     pub instance_id: String,
     pub log: String,
+    pub log_format: LogFormat,
     /// Largest accepted `/process` body; 1 MiB holds any realistic procurement text while bounding memory.
     pub body_limit_bytes: usize,
     /// How long a verified key skips argon2; short so a revoked or rotated key stops being trusted soon
@@ -353,6 +376,9 @@ impl Config {
             log: text("CATRACA_LOG")
                 .or(file.log)
                 .unwrap_or_else(|| "info".to_owned()),
+            log_format: parsed(&env, "CATRACA_LOG_FORMAT")?
+                .or(file.log_format)
+                .unwrap_or(LogFormat::Text),
             body_limit_bytes: file.body_limit_bytes.unwrap_or(DEFAULT_BODY_LIMIT),
             auth_cache_ttl: Duration::from_secs(file.auth_cache_ttl_secs.unwrap_or(60)),
             auth_failures_per_minute: file.auth_failures_per_minute.unwrap_or(30),

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use crate::app;
-use crate::config::Config;
+use crate::config::{Config, LogFormat};
 use crate::executors::ExecutorEnv;
 
 #[derive(Debug, Parser)]
@@ -130,13 +130,26 @@ enum PolicyCommand {
     Test,
 }
 
-fn init_logging(filter: &str) {
+/// The process log on stderr: text (coloured only on a terminal) or one JSON object per line, where
+/// lines written while serving a request carry its `trace_id` (the request span's field). A failed write
+/// (stderr closed or full) is dropped, never an error of the request that logged it.
+fn init_logging(filter: &str, format: LogFormat) {
+    use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+    };
 }
 
 /// What commands that load executor files without serving give them: no database or metrics, the
@@ -151,7 +164,7 @@ fn executor_env(config: &Config) -> ExecutorEnv {
 /// Runs the command line; the exit code is the process's.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = Config::load(cli.config.as_deref())?;
-    init_logging(&config.log);
+    init_logging(&config.log, config.log_format);
     match cli.command {
         Command::Serve => serve::serve(config).await,
         Command::Migrate => {

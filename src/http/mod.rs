@@ -15,6 +15,7 @@ use axum::{Extension, Json, Router};
 use serde::Serialize;
 use serde_json::{Value, json};
 use tower_http::catch_panic::CatchPanicLayer;
+use tracing::Instrument as _;
 use utoipa::ToSchema;
 
 use crate::app::App;
@@ -90,7 +91,9 @@ async fn observe(State(app): State<Arc<App>>, mut req: Request, next: Next) -> R
         _ => "other",
     };
     req.extensions_mut().insert(trace_id.clone());
-    let mut response = next.run(req).await;
+    // Every log line written while serving the request carries its trace id.
+    let span = tracing::info_span!("request", trace_id = trace_id.as_str());
+    let mut response = next.run(req).instrument(span).await;
     if response.extensions().get::<Panicked>().is_some() {
         response = ApiError::internal("a handler panicked", Some(&trace_id)).into_response();
     }

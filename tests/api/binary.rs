@@ -232,6 +232,10 @@ impl Serve {
         loop {
             let addr = serve.stderr().lines().find_map(|line| {
                 let (_, after) = line.split_once("catraca listening")?;
+                if let Some((_, rest)) = after.split_once("\"addr\":\"") {
+                    // CATRACA_LOG_FORMAT=json
+                    return rest.split('"').next()?.parse::<SocketAddr>().ok();
+                }
                 let (_, rest) = after.split_once("addr=")?;
                 rest.split_whitespace().next()?.parse::<SocketAddr>().ok()
             });
@@ -256,6 +260,11 @@ impl Serve {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// Its stderr so far, exactly as written.
+    pub fn raw_stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
     }
 
     /// Its stderr so far, without colour sequences.

@@ -21,6 +21,7 @@ mod gates;
 mod http;
 mod keys;
 mod llm;
+mod logs;
 mod secrets;
 mod startup;
 mod store;
