@@ -11,9 +11,9 @@ use serde_json::json;
 use crate::audit::{AuditLog, EventType, PendingEvent, ThrottledLedger, WriterOptions, WriterTask};
 use crate::config::{Config, Mode};
 use crate::domain::{ApiKey, RoleName, TierName};
+use crate::executors::switches::ExecutorSwitches;
 use crate::executors::{ExecutorEnv, Kinds, Registry};
 use crate::gates::auth::AuthGate;
-use crate::gates::key_directory::KeyDirectory;
 use crate::gates::limiter_breaker::Breaker;
 use crate::gates::rate_limit::{InProcessLimiter, RateLimiter};
 use crate::gates::rate_limit_redis::RedisLimiter;
@@ -33,6 +33,8 @@ pub struct App {
     pub audit: AuditLog,
     /// Refusals of throttled addresses, written as REQUESTS_THROTTLED summaries.
     pub throttled: ThrottledLedger,
+    /// Executors switched off by an operator, fresh within the key bound.
+    pub switches: Arc<ExecutorSwitches>,
     pub metrics: Metrics,
 }
 
@@ -111,7 +113,13 @@ pub async fn build(config: Config, kinds: &Kinds) -> anyhow::Result<(Arc<App>, W
         .refresh()
         .await
         .context("reading the key revision")?;
-    KeyDirectory::spawn_watcher(auth.keys());
+    crate::watch::spawn_watcher(auth.keys(), config.key_refresh);
+    let switches = Arc::new(ExecutorSwitches::new(store.clone(), config.key_refresh));
+    switches
+        .refresh()
+        .await
+        .context("reading the executor switches")?;
+    crate::watch::spawn_watcher(&switches, config.key_refresh);
     // One limiter shared by every instance when Redis is configured, behind a circuit so a dead Redis
     // costs milliseconds per request; else each instance its own, which is always available.
     let limiter: Arc<dyn RateLimiter> = match &config.redis_url {
@@ -135,6 +143,7 @@ pub async fn build(config: Config, kinds: &Kinds) -> anyhow::Result<(Arc<App>, W
         limiter,
         audit,
         throttled: ThrottledLedger::default(),
+        switches,
         metrics,
         config,
     };

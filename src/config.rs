@@ -387,10 +387,9 @@ impl Config {
             rate_limit_fail_open: file.rate_limit_fail_open.unwrap_or(false),
             executor_overrides: ExecutorOverrides::from_env(&env),
             argon2_concurrency: file.argon2_concurrency.unwrap_or(2),
-            key_refresh: file.key_refresh_ms.map_or(
-                crate::gates::key_directory::DEFAULT_REFRESH,
-                Duration::from_millis,
-            ),
+            key_refresh: file
+                .key_refresh_ms
+                .map_or(crate::watch::DEFAULT_REFRESH, Duration::from_millis),
             throttle_summary_interval: Duration::from_secs(
                 file.throttle_summary_secs.unwrap_or(10),
             ),

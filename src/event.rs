@@ -24,10 +24,12 @@ pub enum EventType {
     ChainOpened,
     /// A bounded summary of a throttled address's refusals over one interval.
     RequestsThrottled,
+    /// An executor switched off or on by an operator: who, why, the new state.
+    ExecutorSwitched,
 }
 
 impl EventType {
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::RequestStart,
         Self::Decision,
         Self::ExecutorSelected,
@@ -40,6 +42,7 @@ impl EventType {
         Self::KeyRevoked,
         Self::ChainOpened,
         Self::RequestsThrottled,
+        Self::ExecutorSwitched,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -56,6 +59,7 @@ impl EventType {
             Self::KeyRevoked => "KEY_REVOKED",
             Self::ChainOpened => "CHAIN_OPENED",
             Self::RequestsThrottled => "REQUESTS_THROTTLED",
+            Self::ExecutorSwitched => "EXECUTOR_SWITCHED",
         }
     }
 }

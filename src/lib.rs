@@ -26,3 +26,4 @@ pub mod serve;
 pub mod startup;
 pub mod store;
 pub mod turnstile;
+pub mod watch;

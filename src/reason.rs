@@ -58,6 +58,8 @@ pub enum ReasonCode {
     AuditUnavailable,
     ExecutorFailed,
     ExecutorTimeout,
+    /// The action's executor is switched off by an operator (`catraca executors disable`).
+    ExecutorDisabled,
     NotFound,
     /// A route that exists, asked with another method.
     MethodNotAllowed,
@@ -112,6 +114,7 @@ impl ReasonCode {
             Self::AuditUnavailable => "AUDIT_UNAVAILABLE",
             Self::ExecutorFailed => "EXECUTOR_FAILED",
             Self::ExecutorTimeout => "EXECUTOR_TIMEOUT",
+            Self::ExecutorDisabled => "EXECUTOR_DISABLED",
             Self::NotFound => "NOT_FOUND",
             Self::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             Self::HeadersTooLarge => "HEADERS_TOO_LARGE",
@@ -130,9 +133,10 @@ impl ReasonCode {
             | Self::AuthKeyRevoked
             | Self::AuthKeyExpired => StatusCode::UNAUTHORIZED,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            Self::RateLimitUnavailable | Self::AuditUnavailable | Self::TooManyConnections => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::RateLimitUnavailable
+            | Self::AuditUnavailable
+            | Self::TooManyConnections
+            | Self::ExecutorDisabled => StatusCode::SERVICE_UNAVAILABLE,
             Self::InputUnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::InputTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -188,6 +192,7 @@ mod tests {
             (ReasonCode::HeadersTooLarge, 431),
             (ReasonCode::MalformedRequest, 400),
             (ReasonCode::TooManyConnections, 503),
+            (ReasonCode::ExecutorDisabled, 503),
             (ReasonCode::ContextUnknown, 400),
             (ReasonCode::InputSchemaInvalid, 422),
             (ReasonCode::NoMatchingRule, 403),

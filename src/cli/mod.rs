@@ -2,6 +2,7 @@
 //! the commands of each group live in a file of their own (`serve`, `keys`, `policy`, `audit`).
 
 mod audit;
+mod executors;
 mod keys;
 mod policy;
 mod serve;
@@ -41,6 +42,28 @@ enum Command {
     /// Verify, trace and export the audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// The kill switch: disable or enable an executor on every gateway (each switch is audited).
+    #[command(subcommand)]
+    Executors(ExecutorsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ExecutorsCommand {
+    /// Refuse the actions of executor NAME (503 EXECUTOR_DISABLED) on every gateway within the bound.
+    Disable {
+        name: String,
+        /// Why (recorded in the trail and shown to refused clients).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Let executor NAME run again.
+    Enable {
+        name: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Each loaded executor and its switch.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -175,5 +198,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keys(cmd) => keys::keys_command(config, cmd).await,
         Command::Policy(cmd) => policy::policy_command(&config, cmd),
         Command::Audit(cmd) => audit::audit_command(&config, cmd).await,
+        Command::Executors(cmd) => executors::executors_command(config, cmd).await,
     }
 }

@@ -5,6 +5,7 @@ mod collector;
 mod composite;
 mod echo;
 mod llm;
+pub mod switches;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -9,18 +9,17 @@
 //! (300 ms by default), the cache is not trusted: every request reads its row again, and fails closed if the store
 //! does, so a broken watcher cannot stretch the bound.
 
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use dashmap::DashMap;
 
 use crate::domain::KeyId;
 use crate::store::{KeyRecord, Store, StoreError};
+use crate::watch::Watched;
+pub use crate::watch::{DEFAULT_REFRESH, STALE_AFTER_REFRESHES};
 
-/// How often the revision is read unless `key_refresh_ms` says otherwise.
-pub const DEFAULT_REFRESH: Duration = Duration::from_millis(100);
-/// Past this many refreshes without a successful revision read, cached rows are not used.
-pub const STALE_AFTER_REFRESHES: u32 = 3;
 /// Rows kept at most; past it the cache starts over (keys in use are read back one by one).
 const MAX_CACHED_KEYS: usize = 50_000;
 
@@ -126,33 +125,12 @@ impl KeyDirectory {
         }
         Ok(())
     }
+}
 
-    /// Watches the revision every `refresh` until the directory is dropped.
-    pub fn spawn_watcher(this: &Arc<Self>) {
-        let weak: Weak<Self> = Arc::downgrade(this);
-        let period = this.refresh;
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut failing = false;
-            loop {
-                tick.tick().await;
-                let Some(dir) = weak.upgrade() else { return };
-                match tokio::time::timeout(period * STALE_AFTER_REFRESHES, dir.refresh()).await {
-                    Ok(Ok(())) => failing = false,
-                    Ok(Err(e)) if !failing => {
-                        failing = true;
-                        tracing::warn!(error = %e, "key revision unreadable: keys are read per request until it is back");
-                    }
-                    Err(_) if !failing => {
-                        failing = true;
-                        tracing::warn!(
-                            "key revision read timed out: keys are read per request until it is back"
-                        );
-                    }
-                    _ => {}
-                }
-            }
-        });
+#[async_trait]
+impl Watched for KeyDirectory {
+    const WHAT: &'static str = "key revision";
+    async fn refresh(&self) -> Result<(), StoreError> {
+        KeyDirectory::refresh(self).await
     }
 }

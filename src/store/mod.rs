@@ -83,6 +83,16 @@ pub struct LockHolder {
     pub acquired_at: String,
 }
 
+/// An operator's switch of one executor (the last one made).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecutorSwitch {
+    pub executor: String,
+    pub disabled: bool,
+    pub changed_at: String,
+    pub changed_by: String,
+    pub reason: String,
+}
+
 /// Summary of one chain, for verification.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChainInfo {
@@ -100,6 +110,10 @@ pub trait Store: Send + Sync + 'static {
 
     async fn insert_key(&self, key: &KeyRecord) -> Result<(), StoreError>;
     async fn get_key(&self, key_id: &KeyId) -> Result<Option<KeyRecord>, StoreError>;
+    /// Records an executor switched off or on (the row keeps the last change).
+    async fn set_executor_switch(&self, switch: &ExecutorSwitch) -> Result<(), StoreError>;
+    /// Every executor an operator ever switched, with its current state.
+    async fn executor_switches(&self) -> Result<Vec<ExecutorSwitch>, StoreError>;
     /// A counter that moves on every change to the keys table, by any process.
     async fn key_revision(&self) -> Result<i64, StoreError>;
     async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError>;

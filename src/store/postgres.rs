@@ -9,8 +9,8 @@ use sqlx::{PgPool, Postgres, QueryBuilder, SqlSafeStr};
 
 use super::rows::{KeyRow, Sightings};
 use super::{
-    ChainInfo, ChainTail, CollectorRun, KeyRecord, LockHolder, SNAPSHOT_CHUNK, SnapshotRow, Store,
-    StoreError, contexts_to_text, probe_event,
+    ChainInfo, ChainTail, CollectorRun, ExecutorSwitch, KeyRecord, LockHolder, SNAPSHOT_CHUNK,
+    SnapshotRow, Store, StoreError, contexts_to_text, probe_event,
 };
 use crate::domain::KeyId;
 use crate::event::SealedEvent;
@@ -50,6 +50,13 @@ fn migrator() -> Migrator {
             "write probe".into(),
             MigrationType::Simple,
             include_str!("../../migrations/postgres/0004_write_probe.sql").into_sql_str(),
+            false,
+        ),
+        Migration::new(
+            5,
+            "executor switches".into(),
+            MigrationType::Simple,
+            include_str!("../../migrations/postgres/0005_executor_switches.sql").into_sql_str(),
             false,
         ),
     ])
@@ -149,6 +156,31 @@ impl Store for PgStore {
                 .fetch_one(&self.pool)
                 .await?,
         )
+    }
+
+    async fn set_executor_switch(&self, switch: &ExecutorSwitch) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO executor_switches (executor, disabled, changed_at, changed_by, reason) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (executor) DO UPDATE SET disabled = excluded.disabled, \
+             changed_at = excluded.changed_at, changed_by = excluded.changed_by, reason = excluded.reason",
+        )
+        .bind(&switch.executor)
+        .bind(switch.disabled)
+        .bind(&switch.changed_at)
+        .bind(&switch.changed_by)
+        .bind(&switch.reason)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn executor_switches(&self) -> Result<Vec<ExecutorSwitch>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT executor, disabled, changed_at, changed_by, reason FROM executor_switches \
+             ORDER BY executor",
+        )
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     #[tracing::instrument(level = "debug", skip_all)]

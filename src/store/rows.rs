@@ -181,3 +181,20 @@ where
         })
     }
 }
+
+impl<'r, R: Row> FromRow<'r, R> for super::ExecutorSwitch
+where
+    &'r str: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    bool: Decode<'r, R::Database> + Type<R::Database>,
+{
+    fn from_row(row: &'r R) -> sqlx::Result<Self> {
+        Ok(Self {
+            executor: row.try_get("executor")?,
+            disabled: row.try_get("disabled")?,
+            changed_at: row.try_get("changed_at")?,
+            changed_by: row.try_get("changed_by")?,
+            reason: row.try_get("reason")?,
+        })
+    }
+}

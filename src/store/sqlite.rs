@@ -10,8 +10,8 @@ use sqlx::{ConnectOptions, QueryBuilder, SqlSafeStr, Sqlite, SqliteConnection, S
 
 use super::rows::{KeyRow, Sightings};
 use super::{
-    ChainInfo, ChainTail, CollectorRun, KeyRecord, LockHolder, SNAPSHOT_CHUNK, SnapshotRow, Store,
-    StoreError, contexts_to_text, probe_event,
+    ChainInfo, ChainTail, CollectorRun, ExecutorSwitch, KeyRecord, LockHolder, SNAPSHOT_CHUNK,
+    SnapshotRow, Store, StoreError, contexts_to_text, probe_event,
 };
 use crate::domain::KeyId;
 use crate::event::SealedEvent;
@@ -56,6 +56,13 @@ fn migrator() -> Migrator {
             "write probe".into(),
             MigrationType::Simple,
             include_str!("../../migrations/sqlite/0004_write_probe.sql").into_sql_str(),
+            false,
+        ),
+        Migration::new(
+            5,
+            "executor switches".into(),
+            MigrationType::Simple,
+            include_str!("../../migrations/sqlite/0005_executor_switches.sql").into_sql_str(),
             false,
         ),
     ])
@@ -174,6 +181,31 @@ impl Store for SqliteStore {
                 .fetch_one(&self.pool)
                 .await?,
         )
+    }
+
+    async fn set_executor_switch(&self, switch: &ExecutorSwitch) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO executor_switches (executor, disabled, changed_at, changed_by, reason) \
+             VALUES (?, ?, ?, ?, ?) ON CONFLICT (executor) DO UPDATE SET disabled = excluded.disabled, \
+             changed_at = excluded.changed_at, changed_by = excluded.changed_by, reason = excluded.reason",
+        )
+        .bind(&switch.executor)
+        .bind(switch.disabled)
+        .bind(&switch.changed_at)
+        .bind(&switch.changed_by)
+        .bind(&switch.reason)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn executor_switches(&self) -> Result<Vec<ExecutorSwitch>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT executor, disabled, changed_at, changed_by, reason FROM executor_switches \
+             ORDER BY executor",
+        )
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     #[tracing::instrument(level = "debug", skip_all)]

@@ -38,6 +38,8 @@ use steps::StepContext;
 
 /// How long a client is asked to wait when the shared rate limiter cannot be reached.
 const LIMITER_RETRY_AFTER: Duration = Duration::from_secs(5);
+/// How long a client is asked to wait when the action's executor is switched off.
+const SWITCHED_OFF_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// The answer to an allowed, executed request.
 #[derive(Debug, Serialize, ToSchema)]
@@ -99,6 +101,9 @@ pub async fn process(app: &Arc<App>, req: Incoming) -> Result<ActionResult, ApiE
             Err(Stop::Failed(e)) => return Err(e),
         };
     let executor = executor_for(app, &d, &granted)?;
+    if let Some(refusal) = switched_off(app, &d, executor).await? {
+        return Err(refuse(app, d, refusal).await);
+    }
     commit_allow(app, &d, &granted, executor).await?;
     let started = Instant::now();
     // The payload goes to the executor; the trail already holds its digest.
@@ -268,6 +273,37 @@ fn executor_for<'a>(
             Some(&d.trace_id),
         )
     })
+}
+
+/// The kill switch, after G4 allowed the action: a disabled executor turns the allow into a refusal
+/// (503 `EXECUTOR_DISABLED`, recorded as a DENY of the action-matrix stage: the matrix allowed the
+/// action, the operator's switch did not). Unreadable switches fail closed.
+async fn switched_off(
+    app: &App,
+    d: &Decision,
+    executor: &ExecutorDef,
+) -> Result<Option<Refusal>, ApiError> {
+    match app.switches.disabled(&executor.name).await {
+        Ok(None) => Ok(None),
+        Ok(Some(reason)) => Ok(Some(Refusal::new(
+            Gate::ActionMatrix,
+            ReasonCode::ExecutorDisabled,
+            format!(
+                "executor {} is disabled by an operator: {}",
+                executor.name,
+                decision::truncated(&reason)
+            ),
+            Some(SWITCHED_OFF_RETRY_AFTER),
+        ))),
+        Err(e) => {
+            tracing::error!(error = %e, "executor switches unreadable; refusing to run");
+            Err(ApiError::AuditUnavailable {
+                trace_id: d.trace_id.clone(),
+                decision_id: None,
+                executed: false,
+            })
+        }
+    }
 }
 
 /// REQUEST_START, DECISION (allow) and EXECUTOR_SELECTED, durable before the executor starts.

@@ -123,6 +123,14 @@ impl StepContext {
             return Err(refused(vec![ReasonCode::ActionUnknown]));
         };
         seen.executor_id = Some(executor.name.clone());
+        match self.app.switches.disabled(&executor.name).await {
+            Ok(None) => {}
+            Ok(Some(_)) => return Err(refused(vec![ReasonCode::ExecutorDisabled])),
+            Err(e) => {
+                tracing::error!(error = %e, "executor switches unreadable; the step is refused");
+                return Err(refused(vec![ReasonCode::InternalError]));
+            }
+        }
         seen.executor_facts = executor.audit_facts();
         let started = Instant::now();
         let result = executor

@@ -25,3 +25,4 @@ mod logs;
 mod secrets;
 mod startup;
 mod store;
+mod switches;
