@@ -49,6 +49,7 @@ catraca_executor_duration_seconds_count{executor}
 catraca_action_results_total{action,status}
 catraca_llm_tokens_total{executor,kind}
 catraca_collector_refusals_total{executor,reason}
+catraca_collector_runs_total{executor,outcome}
 catraca_audit_events_total{event_type}
 catraca_audit_write_failures_total{}
 catraca_audit_flush_duration_seconds_bucket{le}
@@ -244,7 +245,7 @@ promtool test rules "$EV/alerts_test.yml" >"$EV/promtool-test.log" 2>&1 ||
 ok "promtool test rules (every alert fires on a bad series, stays quiet on a healthy one)"
 
 ALERT_NAMES=$(sed -nE "s/^[[:space:]]*-?[[:space:]]*alert:[[:space:]]*['\"]?([A-Za-z_:][A-Za-z0-9_:]*).*/\1/p" "$RULES_ABS")
-for a in CatracaDown HighLatencyP95 HighErrorRate HighDenyRate AuditWriteFailures AuditQueueSaturated RateLimiterDown; do
+for a in CatracaDown HighLatencyP95 HighErrorRate HighDenyRate AuditWriteFailures AuditQueueSaturated RateLimiterDown CollectorRunsFailing; do
   grep -qx "$a" <<<"$ALERT_NAMES" || fail "alert rule defined: $a" "alert names found in $RULES_ABS: ${ALERT_NAMES//$'\n'/ }"
 done
 ok "alert rules defined: ${ALERT_NAMES//$'\n'/ }"

@@ -29,6 +29,7 @@ pub struct Metrics {
     pub action_results: IntCounterVec,
     pub llm_tokens: IntCounterVec,
     pub collector_refusals: IntCounterVec,
+    pub collector_runs: IntCounterVec,
     pub audit_events: IntCounterVec,
     pub audit_write_failures: IntCounter,
     pub audit_flush_duration: Histogram,
@@ -109,6 +110,11 @@ impl Metrics {
                 "catraca_collector_refusals_total",
                 "Collector runs refused before fetching, by executor and reason (disabled|busy)",
                 &["executor", "reason"],
+            )?,
+            collector_runs: counter(
+                "catraca_collector_runs_total",
+                "Collector runs that fetched, by executor and outcome (complete|partial|failed)",
+                &["executor", "outcome"],
             )?,
             audit_events: counter(
                 "catraca_audit_events_total",

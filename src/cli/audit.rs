@@ -57,8 +57,26 @@ pub(super) async fn audit_command(config: &Config, cmd: AuditCommand) -> anyhow:
                 }
             }
         }
-        AuditCommand::Trace { trace_id, json } => {
+        AuditCommand::Trace {
+            trace_id,
+            run_id,
+            json,
+        } => {
             let store = app::open_store(config).await?;
+            let trace_id = match (trace_id, run_id) {
+                (Some(trace_id), _) => trace_id,
+                (None, Some(run_id)) => match store.collector_run_trace(&run_id).await? {
+                    Some(trace_id) => {
+                        eprintln!("collector run {run_id} was made by request {trace_id}");
+                        trace_id
+                    }
+                    None => {
+                        eprintln!("no collector run {run_id} with a known request");
+                        return Ok(ExitCode::FAILURE);
+                    }
+                },
+                (None, None) => anyhow::bail!("give a trace id or --run-id RUN_ID"),
+            };
             let events = store.events_for_trace(&trace_id).await?;
             if json {
                 let list: Vec<_> = events.iter().map(|e| e.to_json()).collect();

@@ -80,7 +80,11 @@ enum AuditCommand {
     },
     /// Every event of one request, in chain order.
     Trace {
-        trace_id: String,
+        #[arg(required_unless_present = "run_id")]
+        trace_id: Option<String>,
+        /// Find the request that made this collector run (its `run_id`) instead.
+        #[arg(long, conflicts_with = "trace_id")]
+        run_id: Option<String>,
         #[arg(long)]
         json: bool,
     },

@@ -65,6 +65,8 @@ pub struct CollectorRun {
     pub items: i64,
     /// JSON array of the errors met.
     pub errors: String,
+    /// The request that made the run.
+    pub trace_id: Option<String>,
 }
 
 /// What a run saw of one record.
@@ -110,6 +112,8 @@ pub trait Store: Send + Sync + 'static {
 
     async fn insert_key(&self, key: &KeyRecord) -> Result<(), StoreError>;
     async fn get_key(&self, key_id: &KeyId) -> Result<Option<KeyRecord>, StoreError>;
+    /// The trace id of the request that made collector run `run_id`, if it is known.
+    async fn collector_run_trace(&self, run_id: &str) -> Result<Option<String>, StoreError>;
     /// Records an executor switched off or on (the row keeps the last change).
     async fn set_executor_switch(&self, switch: &ExecutorSwitch) -> Result<(), StoreError>;
     /// Every executor an operator ever switched, with its current state.

@@ -59,6 +59,13 @@ fn migrator() -> Migrator {
             include_str!("../../migrations/postgres/0005_executor_switches.sql").into_sql_str(),
             false,
         ),
+        Migration::new(
+            6,
+            "collector run trace".into(),
+            MigrationType::Simple,
+            include_str!("../../migrations/postgres/0006_collector_run_trace.sql").into_sql_str(),
+            false,
+        ),
     ])
 }
 
@@ -181,6 +188,15 @@ impl Store for PgStore {
         )
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    async fn collector_run_trace(&self, run_id: &str) -> Result<Option<String>, StoreError> {
+        let trace: Option<Option<String>> =
+            sqlx::query_scalar("SELECT trace_id FROM collector_runs WHERE run_id = $1")
+                .bind(run_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(trace.flatten())
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
@@ -431,8 +447,8 @@ impl Store for PgStore {
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "INSERT INTO collector_runs (run_id, source, query_key, started_at, finished_at, complete, pages, items, errors) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            "INSERT INTO collector_runs (run_id, source, query_key, started_at, finished_at, complete, pages, items, errors, trace_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(&run.run_id)
         .bind(&run.source)
@@ -443,6 +459,7 @@ impl Store for PgStore {
         .bind(run.pages)
         .bind(run.items)
         .bind(&run.errors)
+        .bind(&run.trace_id)
         .execute(&mut *tx)
         .await?;
         if run.complete {

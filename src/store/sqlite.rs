@@ -65,6 +65,13 @@ fn migrator() -> Migrator {
             include_str!("../../migrations/sqlite/0005_executor_switches.sql").into_sql_str(),
             false,
         ),
+        Migration::new(
+            6,
+            "collector run trace".into(),
+            MigrationType::Simple,
+            include_str!("../../migrations/sqlite/0006_collector_run_trace.sql").into_sql_str(),
+            false,
+        ),
     ])
 }
 
@@ -206,6 +213,15 @@ impl Store for SqliteStore {
         )
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    async fn collector_run_trace(&self, run_id: &str) -> Result<Option<String>, StoreError> {
+        let trace: Option<Option<String>> =
+            sqlx::query_scalar("SELECT trace_id FROM collector_runs WHERE run_id = ?")
+                .bind(run_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(trace.flatten())
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
@@ -458,8 +474,8 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "INSERT INTO collector_runs (run_id, source, query_key, started_at, finished_at, complete, pages, items, errors) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO collector_runs (run_id, source, query_key, started_at, finished_at, complete, pages, items, errors, trace_id) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&run.run_id)
         .bind(&run.source)
@@ -470,6 +486,7 @@ impl Store for SqliteStore {
         .bind(run.pages)
         .bind(run.items)
         .bind(&run.errors)
+        .bind(&run.trace_id)
         .execute(&mut *tx)
         .await?;
         if run.complete {

@@ -88,6 +88,8 @@ async fn keys_are_audited_and_requests_can_be_traced_and_exported() {
         "list shows ids, never keys"
     );
     cli.run(&["keys", "revoke", &key_id]);
+    // Another process's revocation reaches the gateway within its bound.
+    tokio::time::sleep(app.app.auth.keys().bound()).await;
     assert_eq!(app.process(Some(&key), &echo("x")).await.status(), 401);
 
     let export = cli.stdout(&["audit", "export", "--since", "2000-01-01"]);

@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, watch};
 
+use crate::binary::Cli;
 use crate::helpers::{TestApp, spawn_app_with};
 
 /// One request as the fixture server saw it.
@@ -300,6 +301,15 @@ async fn refusals(app: &TestApp, reason: &str) -> Option<f64> {
     )
 }
 
+async fn runs(app: &TestApp, outcome: &str) -> Option<f64> {
+    let text = app.get_text("/metrics").await;
+    crate::prom::sample(
+        &text,
+        "catraca_collector_runs_total",
+        &[("executor", "pncp"), ("outcome", outcome)],
+    )
+}
+
 /// Two pages of five, the second repeating a record of the first: every page followed, the
 /// duplicate dropped, every record new on a first run.
 async fn pages_are_followed_and_deduplicated(recs: Vec<Value>) {
@@ -512,6 +522,24 @@ async fn runs_are_diffed_against_the_last_complete_run(recs: Vec<Value>) {
         "the partial run is never a baseline"
     );
     assert!(fourth["result"]["new"].as_array().unwrap().is_empty());
+
+    // The runbook: each run counted by outcome, and the partial run's request found by its run id.
+    assert_eq!(runs(&app, "complete").await, Some(3.0));
+    assert_eq!(runs(&app, "partial").await, Some(1.0));
+    assert_eq!(runs(&app, "failed").await, Some(0.0));
+    let run_id = third["result"]["run_id"].as_str().unwrap();
+    let traced: Value = serde_json::from_str(
+        &Cli::for_app(&app).stdout(&["audit", "trace", "--run-id", run_id, "--json"]),
+    )
+    .unwrap();
+    assert_eq!(traced["trace_id"], third["trace_id"], "{traced}");
+    let types: Vec<&str> = traced["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap())
+        .collect();
+    assert!(types.contains(&"ACTION_EXECUTED"), "{types:?}");
 
     let (first_seen, last_seen) = app
         .app

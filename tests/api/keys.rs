@@ -64,6 +64,8 @@ async fn rotating_from_the_cli_copies_name_role_contexts_and_tier_revokes_the_ol
     assert!(old["revoked_at"].is_string(), "{old}");
     assert!(new["revoked_at"].is_null(), "{new}");
 
+    // The rotation (another process) reaches the gateway within its bound.
+    tokio::time::sleep(app.app.auth.keys().bound()).await;
     let (status, body) = reasons(app.process(Some(&old_key), &echo_in("work")).await).await;
     assert_eq!(
         (status, &body["reason_codes"]),

@@ -233,6 +233,7 @@ async fn collector_locks_runs_and_baselines(store: Arc<dyn Store>) {
         pages: 1,
         items: 2,
         errors: "[]".into(),
+        trace_id: Some(format!("trace-of-{id}")),
     };
     assert!(
         store
@@ -249,6 +250,12 @@ async fn collector_locks_runs_and_baselines(store: Arc<dyn Store>) {
         .save_collector_run(&run("b", "03:00:00", false), &[row("x", "2")])
         .await
         .unwrap();
+    assert_eq!(
+        store.collector_run_trace("b").await.unwrap().as_deref(),
+        Some("trace-of-b"),
+        "a partial run keeps its request's trace id"
+    );
+    assert_eq!(store.collector_run_trace("nope").await.unwrap(), None);
     let (base, rows) = store
         .collector_baseline("pncp", "q")
         .await

@@ -220,6 +220,12 @@ pub(super) fn build(spec: &ExecutorSpec<'_>) -> Result<Arc<dyn Executor>, String
             cache_ttl: Duration::from_secs(settings.cache_ttl_secs),
         },
     );
+    if let Some(m) = &spec.env.metrics {
+        // Every outcome's series exists from the start, so a rate over the first failures is not lost.
+        for outcome in ["complete", "partial", "failed"] {
+            m.collector_runs.with_label_values(&[spec.name, outcome]);
+        }
+    }
     Ok(Arc::new(Collector {
         name: spec.name.to_owned(),
         settings,
@@ -231,6 +237,21 @@ pub(super) fn build(spec: &ExecutorSpec<'_>) -> Result<Arc<dyn Executor>, String
 }
 
 impl Collector {
+    /// Counts a run that fetched: `complete` (every page read), `partial` (a result with pages
+    /// missing) or `failed` (no result).
+    fn count_run(&self, outcome: &Result<Value, ExecutorError>) {
+        let label = match outcome {
+            Ok(result) if result["complete"] == Value::Bool(true) => "complete",
+            Ok(_) => "partial",
+            Err(_) => "failed",
+        };
+        if let Some(m) = &self.metrics {
+            m.collector_runs
+                .with_label_values(&[self.name.as_str(), label])
+                .inc();
+        }
+    }
+
     fn count_refusal(&self, reason: &str) {
         if let Some(m) = &self.metrics {
             m.collector_refusals
@@ -283,8 +304,16 @@ impl Executor for Collector {
             )));
         }
         let outcome = self
-            .collect(store.as_ref(), &query, &query_key, &run_id, started)
+            .collect(
+                store.as_ref(),
+                &query,
+                &query_key,
+                &run_id,
+                call.trace_id.as_str(),
+                started,
+            )
             .await;
+        self.count_run(&outcome);
         if let Err(e) = store
             .release_collector_lock(&self.settings.source, &query_key, &run_id)
             .await
@@ -302,6 +331,7 @@ impl Collector {
         query: &PncpQuery,
         query_key: &str,
         run_id: &str,
+        trace_id: &str,
         started: OffsetDateTime,
     ) -> Result<Value, ExecutorError> {
         if !matches!(query.endpoint.as_str(), "publicacao" | "atualizacao") {
@@ -402,6 +432,7 @@ impl Collector {
             pages: i64::from(pages_read),
             items: snapshot.len() as i64,
             errors: Value::Array(error_values.clone()).to_string(),
+            trace_id: Some(trace_id.to_owned()),
         };
         store
             .save_collector_run(&run, &snapshot)
