@@ -237,6 +237,49 @@ fn assert_execution_failed(status: u16, body: &Value, want_status: u16, code: &s
 }
 
 #[tokio::test]
+async fn a_review_notice_travels_with_every_result_and_the_prompt_asks_for_evidence() {
+    // Arrange: an executor with the procurement team's notice.
+    let upstream = Upstream::start(vec![completion("Objeto: papel A4.")]).await;
+    let notice = "Gerado por modelo; revise antes de decidir.";
+    let app = gateway(
+        &upstream.base_url(),
+        5_000,
+        &format!("review_notice = \"{notice}\""),
+    )
+    .await;
+    let key = app.admin_key().await;
+
+    // Act
+    let resp = app
+        .process(Some(&key), &summarize("Aquisição de papel A4."))
+        .await;
+
+    // Assert: the notice is in the result, beside the summary; the shipped prompt tells the model its
+    // output is reviewed by a person and that every point of attention comes with its evidence.
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["result"]["review_notice"], notice, "{body}");
+    assert_eq!(body["result"]["summary"], "Objeto: papel A4.");
+    let system = upstream.request(0)["messages"][0]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(system.contains("revisará"), "{system}");
+    assert!(system.contains("evidência"), "{system}");
+}
+
+#[tokio::test]
+async fn the_shipped_summarizer_carries_a_review_notice() {
+    let file = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("executors/summarizer.toml"),
+    )
+    .unwrap();
+    let parsed: toml::Table = toml::from_str(&file).unwrap();
+    let notice = parsed["settings"]["review_notice"].as_str().unwrap();
+    assert!(notice.contains("revisado por uma pessoa"), "{notice}");
+}
+
+#[tokio::test]
 async fn a_summary_comes_back_with_model_prompt_hash_and_usage_and_is_audited() {
     // Arrange
     let upstream = Upstream::start(vec![completion(

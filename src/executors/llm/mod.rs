@@ -67,6 +67,7 @@ struct Llm {
     template: PromptTemplate,
     template_path: String,
     prompt_sha256: String,
+    review_notice: Option<String>,
     max_tokens: Option<u32>,
     temperature: Option<f32>,
     tokens: Option<Tokens>,
@@ -117,6 +118,7 @@ fn build_with(
         template: template.template,
         template_path: template.path,
         prompt_sha256: template.sha256,
+        review_notice: settings.review_notice,
         max_tokens: settings.max_tokens,
         temperature: settings.temperature,
         tokens,
@@ -166,7 +168,7 @@ impl Executor for Llm {
                 .completion
                 .inc_by(u64::from(answer.completion_tokens));
         }
-        Ok(json!({
+        let mut result = json!({
             "summary": answer.text,
             "model": answer.model,
             "prompt_sha256": self.prompt_sha256,
@@ -174,7 +176,13 @@ impl Executor for Llm {
                 "prompt_tokens": answer.prompt_tokens,
                 "completion_tokens": answer.completion_tokens,
             },
-        }))
+        });
+        // The notice travels with the result, so whoever reads the summary reads it too; the result's
+        // digest in ACTION_EXECUTED proves it was sent.
+        if let Some(notice) = &self.review_notice {
+            result["review_notice"] = Value::String(notice.clone());
+        }
+        Ok(result)
     }
 
     fn audit_facts(&self) -> Option<Value> {

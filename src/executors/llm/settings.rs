@@ -22,6 +22,9 @@ pub(super) const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 30_000;
 /// Replaces the key wherever it would otherwise be shown.
 pub(super) const REDACTED: &str = "[redacted]";
 
+/// Longest `review_notice` accepted: a notice, not a document.
+const MAX_REVIEW_NOTICE_CHARS: usize = 1_000;
+
 /// The `[settings]` table, as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -41,6 +44,8 @@ struct FileSettings {
     retry_backoff_ms: u64,
     #[serde(default = "default_request_timeout_ms")]
     request_timeout_ms: u64,
+    #[serde(default)]
+    review_notice: Option<String>,
 }
 
 fn default_max_retries() -> u32 {
@@ -80,6 +85,8 @@ pub(super) struct Settings {
     pub max_retries: u32,
     pub retry_backoff: Duration,
     pub request_timeout: Duration,
+    /// Returned with every result (`review_notice`): what a person must know before relying on it.
+    pub review_notice: Option<String>,
 }
 
 impl Settings {
@@ -130,6 +137,18 @@ impl Settings {
                 "request_timeout_ms is not below the file's timeout_ms: a slow attempt ends the whole call (504) and is never retried"
             );
         }
+        let review_notice = file
+            .review_notice
+            .map(|n| n.trim().to_owned())
+            .filter(|n| !n.is_empty());
+        if review_notice
+            .as_ref()
+            .is_some_and(|n| n.chars().count() > MAX_REVIEW_NOTICE_CHARS)
+        {
+            return Err(format!(
+                "review_notice must be at most {MAX_REVIEW_NOTICE_CHARS} characters"
+            ));
+        }
         let key = match &file.api_key_env {
             None => None,
             Some(var) => read_key(var, name, env)?,
@@ -145,6 +164,7 @@ impl Settings {
             max_retries: file.max_retries,
             retry_backoff: Duration::from_millis(file.retry_backoff_ms),
             request_timeout: Duration::from_millis(file.request_timeout_ms),
+            review_notice,
         })
     }
 }
