@@ -150,11 +150,14 @@ PY
 
 # ---- 2. schemathesis, every check on -----------------------------------------------------------------
 # One worker: the collector refuses a second run of the same query while one is in progress.
+# The kill-switch routes (/v1/executors/{name}/disable|enable) are left out: with an admin key they
+# would switch the very executors the run exercises off; tests/api/switches.rs covers them.
 # No example database, so each run starts from SEED alone; run from the work folder, where schemathesis
 # and hypothesis leave their caches instead of in the checkout.
 (cd "$WORK" && "$SCHEMATHESIS" run "$BASE/openapi.json" \
   --header "X-API-Key: $KEY" \
   --checks all \
+  --exclude-path-regex '^/v1/executors/' \
   --max-examples "$MAX_EXAMPLES" \
   --seed "$SEED" \
   --workers 1 \

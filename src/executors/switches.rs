@@ -96,6 +96,34 @@ pub enum SwitchError {
     Store(#[from] StoreError),
 }
 
+/// A switch of `executor` off (`disabled`) or on, made now by `actor` for `reason`.
+pub fn new_switch(executor: &str, disabled: bool, actor: &str, reason: &str) -> ExecutorSwitch {
+    ExecutorSwitch {
+        executor: executor.to_owned(),
+        disabled,
+        changed_at: crate::audit::timestamp(time::OffsetDateTime::now_utc()),
+        changed_by: actor.to_owned(),
+        reason: reason.to_owned(),
+    }
+}
+
+/// The EXECUTOR_SWITCHED event of `switch`, under the request that made it when there is one.
+pub fn switched_event(
+    switch: &ExecutorSwitch,
+    trace_id: Option<&crate::domain::TraceId>,
+) -> crate::audit::PendingEvent {
+    crate::audit::PendingEvent::new(
+        crate::audit::EventType::ExecutorSwitched,
+        trace_id,
+        serde_json::json!({
+            "executor": switch.executor,
+            "state": if switch.disabled { "disabled" } else { "enabled" },
+            "reason": switch.reason,
+            "actor": switch.changed_by,
+        }),
+    )
+}
+
 /// Switches `executor` off (`disabled`) or on, for `reason`, by `actor`: audited as EXECUTOR_SWITCHED
 /// before it is stored, so no switch takes effect that the trail does not know about. Every gateway
 /// honours it within the watch bound.
@@ -107,25 +135,8 @@ pub async fn switch(
     actor: &str,
     reason: &str,
 ) -> Result<ExecutorSwitch, SwitchError> {
-    let switch = ExecutorSwitch {
-        executor: executor.to_owned(),
-        disabled,
-        changed_at: crate::audit::timestamp(time::OffsetDateTime::now_utc()),
-        changed_by: actor.to_owned(),
-        reason: reason.to_owned(),
-    };
-    audit
-        .append(vec![crate::audit::PendingEvent::new(
-            crate::audit::EventType::ExecutorSwitched,
-            None,
-            serde_json::json!({
-                "executor": executor,
-                "state": if disabled { "disabled" } else { "enabled" },
-                "reason": reason,
-                "actor": actor,
-            }),
-        )])
-        .await?;
+    let switch = new_switch(executor, disabled, actor, reason);
+    audit.append(vec![switched_event(&switch, None)]).await?;
     store.set_executor_switch(&switch).await?;
     Ok(switch)
 }

@@ -29,6 +29,7 @@ use front_door::PathParam;
 
 mod front_door;
 pub mod openapi;
+mod switches;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
@@ -53,6 +54,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/v1/audit/traces/{trace_id}", get(get_trace))
+        .route("/v1/executors/{name}/disable", post(switches::disable))
+        .route("/v1/executors/{name}/enable", post(switches::enable))
         .route("/openapi.json", get(openapi_json))
         .fallback(front_door::not_found)
         // After every route: it applies to the routes registered before it.
@@ -77,6 +80,8 @@ async fn observe(State(app): State<Arc<App>>, mut req: Request, next: Next) -> R
             "/ready" => "/ready",
             "/metrics" => "/metrics",
             "/v1/audit/traces/{trace_id}" => "/v1/audit/traces/{trace_id}",
+            "/v1/executors/{name}/disable" => "/v1/executors/{name}/disable",
+            "/v1/executors/{name}/enable" => "/v1/executors/{name}/enable",
             "/openapi.json" => "/openapi.json",
             _ => "other",
         });

@@ -30,9 +30,17 @@ const BEARER_SCHEME: &str = "bearer";
         super::ready,
         super::metrics,
         super::get_trace,
+        super::switches::disable,
+        super::switches::enable,
         super::openapi_json
     ),
-    components(schemas(ActionResult, ErrorBody, super::Health, super::Readiness)),
+    components(schemas(
+        ActionResult,
+        ErrorBody,
+        super::Health,
+        super::Readiness,
+        super::switches::SwitchAnswer
+    )),
     modifiers(&SecuritySchemes)
 )]
 struct ApiDoc;

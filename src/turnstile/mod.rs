@@ -502,10 +502,103 @@ pub async fn authorize_permission(
     route: &'static str,
     action_name: &str,
 ) -> Result<AuthenticatedKey, ApiError> {
+    let (d, key) =
+        permission_gates(app, trace_id, headers, client, "GET", route, action_name).await?;
+    let events = vec![
+        d.start_event(),
+        d.event("allow", Gate::ActionMatrix, &[]),
+        d.end_event(StatusCode::OK, "SUCCESS"),
+    ];
+    commit(app, &d, events, Moment::Read).await?;
+    Ok(key)
+}
+
+/// A change allowed by a permission-only action (e.g. `executors.switch`), not yet made.
+pub struct AuthorizedChange {
+    d: Decision,
+    pub key: AuthenticatedKey,
+    /// Whether START and the ALLOW are durable yet.
+    recorded: bool,
+}
+
+/// Authorizes a change through G1, G2 and G4 like [`authorize_permission`]; nothing is written until
+/// [`AuthorizedChange::record`] makes the ALLOW and the change's own event durable (before the change
+/// takes effect), and [`AuthorizedChange::finish`] records how the request ended.
+#[tracing::instrument(skip_all, fields(trace_id = %trace_id, route))]
+pub async fn authorize_change(
+    app: &App,
+    trace_id: &TraceId,
+    headers: &HeaderMap,
+    client: IpAddr,
+    route: &'static str,
+    action_name: &str,
+) -> Result<AuthorizedChange, ApiError> {
+    let (d, key) =
+        permission_gates(app, trace_id, headers, client, "POST", route, action_name).await?;
+    Ok(AuthorizedChange {
+        d,
+        key,
+        recorded: false,
+    })
+}
+
+impl AuthorizedChange {
+    /// REQUEST_START, DECISION (allow) and the change's own event (made by `change`), durable together.
+    pub async fn record(
+        &mut self,
+        app: &App,
+        change: impl FnOnce() -> PendingEvent,
+    ) -> Result<(), ApiError> {
+        // Made in story order: an event's id and time are taken when it is made.
+        let start = self.d.start_event();
+        let allow = self.d.event("allow", Gate::ActionMatrix, &[]);
+        let events = vec![start, allow, change()];
+        commit(app, &self.d, events, Moment::Allow).await?;
+        self.recorded = true;
+        Ok(())
+    }
+
+    /// REQUEST_END with the status the client gets (with START and the ALLOW when no change was
+    /// recorded, e.g. for a target that does not exist).
+    pub async fn finish(self, app: &App, status: StatusCode) -> Result<(), ApiError> {
+        let outcome = if status.is_success() {
+            "SUCCESS"
+        } else {
+            "FAILED"
+        };
+        let mut events = Vec::with_capacity(3);
+        if !self.recorded {
+            events.push(self.d.start_event());
+            events.push(self.d.event("allow", Gate::ActionMatrix, &[]));
+        }
+        events.push(self.d.end_event(status, outcome));
+        let moment = if self.recorded {
+            Moment::Outcome
+        } else {
+            Moment::Read
+        };
+        commit(app, &self.d, events, moment).await
+    }
+
+    pub fn trace_id(&self) -> &TraceId {
+        &self.d.trace_id
+    }
+}
+
+/// G1, G2 and G4 for a permission-only action; a refusal is recorded and answered here.
+async fn permission_gates(
+    app: &App,
+    trace_id: &TraceId,
+    headers: &HeaderMap,
+    client: IpAddr,
+    method: &'static str,
+    route: &'static str,
+    action_name: &str,
+) -> Result<(Decision, AuthenticatedKey), ApiError> {
     let start = PendingEvent::new(
         EventType::RequestStart,
         Some(trace_id),
-        json!({ "method": "GET", "route": route, "client_addr": client.to_string() }),
+        json!({ "method": method, "route": route, "client_addr": client.to_string() }),
     );
     let policy = app.policy();
     let Some(action) = policy.action(action_name).cloned() else {
@@ -531,19 +624,12 @@ pub async fn authorize_permission(
         )?;
         Ok::<_, Stop>(key)
     };
-    let key = match gates.await {
-        Ok(key) => key,
-        Err(Stop::Refused(refusal)) => return Err(refuse(app, d, refusal).await),
-        Err(Stop::Throttled(refusal)) => return Err(summarise(app, d, client, route, refusal)),
-        Err(Stop::Failed(e)) => return Err(e),
-    };
-    let events = vec![
-        d.start_event(),
-        d.event("allow", Gate::ActionMatrix, &[]),
-        d.end_event(StatusCode::OK, "SUCCESS"),
-    ];
-    commit(app, &d, events, Moment::Read).await?;
-    Ok(key)
+    match gates.await {
+        Ok(key) => Ok((d, key)),
+        Err(Stop::Refused(refusal)) => Err(refuse(app, d, refusal).await),
+        Err(Stop::Throttled(refusal)) => Err(summarise(app, d, client, route, refusal)),
+        Err(Stop::Failed(e)) => Err(e),
+    }
 }
 
 fn count_result(app: &App, action: &str, status: &str) {

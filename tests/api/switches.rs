@@ -172,3 +172,126 @@ async fn disabling_an_unknown_executor_is_an_error_naming_the_known_ones() {
     );
     assert!(switch_events(&app).await.is_empty(), "nothing was switched");
 }
+
+/// POST /v1/executors/{name}/{verb} with `body`, as `key`.
+async fn switch_over_http(
+    app: &TestApp,
+    key: &str,
+    name: &str,
+    verb: &str,
+    body: &str,
+) -> (u16, String, Value) {
+    let resp = app
+        .client
+        .post(app.url(&format!("/v1/executors/{name}/{verb}")))
+        .header("x-api-key", key)
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    let trace = resp.headers()["x-trace-id"].to_str().unwrap().to_owned();
+    let (status, answer) = reasons(resp).await;
+    (status, trace, answer)
+}
+
+#[tokio::test]
+async fn an_admin_switches_an_executor_over_http_and_the_switch_is_in_the_request_s_story() {
+    // Arrange
+    let app = spawn_app().await;
+    let admin = app.admin_key().await;
+    assert_eq!(app.process(Some(&admin), &echo("x")).await.status(), 200);
+
+    // Act
+    let (status, trace, answer) = switch_over_http(
+        &app,
+        &admin,
+        "echo",
+        "disable",
+        r#"{"reason": "incident 43"}"#,
+    )
+    .await;
+    let disabled = Instant::now();
+
+    // Assert: switched, answered with the bound, refused within it.
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["state"], "disabled");
+    assert_eq!(answer["reason"], "incident 43");
+    let bound = app.app.auth.keys().bound();
+    assert_eq!(answer["bound_ms"], bound.as_millis() as u64);
+    let admin_id = crate::helpers::key_id(&admin);
+    assert_eq!(answer["changed_by"], format!("key:{admin_id}"));
+    let (_, refused) = status_within_bound(&app, &admin, &echo("x"), 503, disabled).await;
+    assert_eq!(refused["reason_codes"], json!(["EXECUTOR_DISABLED"]));
+
+    // The switch request's own story: the ALLOW and the switch durable before it took effect.
+    let story = app.events(&trace).await;
+    let types: Vec<&str> = story
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "REQUEST_START",
+            "DECISION",
+            "EXECUTOR_SWITCHED",
+            "REQUEST_END"
+        ]
+    );
+    assert_eq!(story[0]["method"], "POST");
+    assert_eq!(story[1]["effect"], "allow");
+    assert_eq!(story[2]["actor"], format!("key:{admin_id}"));
+    assert_eq!(story[3]["status"], 200);
+
+    // And on again.
+    let (status, _, _) = switch_over_http(&app, &admin, "echo", "enable", "").await;
+    assert_eq!(status, 200);
+    status_within_bound(&app, &admin, &echo("x"), 200, Instant::now()).await;
+}
+
+#[tokio::test]
+async fn switching_over_http_is_refused_without_the_permission_a_reason_or_a_known_executor() {
+    let app = spawn_app().await;
+    let admin = app.admin_key().await;
+    let analyst = app
+        .key(crate::helpers::KeySpec {
+            role: "analyst",
+            ..crate::helpers::KeySpec::default()
+        })
+        .await;
+
+    // An analyst may not: 403, recorded as a DENY.
+    let (status, trace, answer) =
+        switch_over_http(&app, &analyst, "echo", "disable", r#"{"reason": "x"}"#).await;
+    assert_eq!(status, 403, "{answer}");
+    assert_eq!(app.decision(&trace).await["effect"], "deny");
+
+    // Disabling needs a reason: 400 before any gate.
+    let (status, _, answer) = switch_over_http(&app, &admin, "echo", "disable", "{}").await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["reason_codes"], json!(["MALFORMED_REQUEST"]));
+
+    // An unknown executor: 404, and the request is still in the trail.
+    let (status, trace, answer) =
+        switch_over_http(&app, &admin, "nope", "disable", r#"{"reason": "x"}"#).await;
+    assert_eq!(status, 404, "{answer}");
+    let types: Vec<Value> = app
+        .events(&trace)
+        .await
+        .iter()
+        .map(|e| e["event_type"].clone())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            json!("REQUEST_START"),
+            json!("DECISION"),
+            json!("REQUEST_END")
+        ]
+    );
+
+    // Nothing was switched.
+    assert!(switch_events(&app).await.is_empty());
+    assert_eq!(app.process(Some(&admin), &echo("x")).await.status(), 200);
+}
