@@ -84,19 +84,55 @@ pub fn timestamp(t: OffsetDateTime) -> String {
 }
 
 /// An event as the service layer makes it: id, time and content fixed, chain position not yet known.
+///
+/// Its type-specific fields are put in canonical form here, in the task that makes the event, one
+/// `"key":value` member each: sealing (in the one writer task) then only merges them with the envelope's
+/// members in canonical key order, hashes, and never walks the event's JSON again.
 #[derive(Debug, Clone)]
 pub struct PendingEvent {
     pub event_id: Uuid,
     pub event_type: EventType,
     pub trace_id: Option<TraceId>,
     pub occurred_at: OffsetDateTime,
-    /// Type-specific fields; must not use the envelope's names.
-    pub fields: Map<String, Value>,
+    /// Type-specific fields; envelope names are dropped.
+    fields: Map<String, Value>,
+    /// `fields` as canonical members, or why they have no canonical form.
+    members: Result<Vec<Member>, CanonicalError>,
+}
+
+/// One `"key":value` of a canonical object, with the key it sorts by.
+#[derive(Debug, Clone)]
+struct Member {
+    key: String,
+    text: String,
+}
+
+/// RFC 8785 orders an object's members by their keys' UTF-16 code units.
+fn jcs_key_order(a: &str, b: &str) -> std::cmp::Ordering {
+    a.encode_utf16().cmp(b.encode_utf16())
+}
+
+/// A string as RFC 8785 writes it. serde_json escapes exactly what RFC 8785 (ECMAScript's
+/// `JSON.stringify`) escapes, in the same form (`\b \t \n \f \r \" \\`, other controls as lowercase
+/// `\u00xx`, nothing else); `a_string_is_written_as_the_canonicalizer_writes_it` holds it to that.
+fn jcs_string(text: &str) -> String {
+    serde_json::to_string(text).unwrap_or_else(|_| unreachable!("a str always serialises"))
+}
+
+fn member(key: &str, value: &Value) -> Result<Member, CanonicalError> {
+    let value = canonical_text(value)?;
+    let mut text = jcs_string(key);
+    text.push(':');
+    text.push_str(&value);
+    Ok(Member {
+        key: key.to_owned(),
+        text,
+    })
 }
 
 impl PendingEvent {
     pub fn new(event_type: EventType, trace_id: Option<&TraceId>, fields: Value) -> Self {
-        let fields = match fields {
+        let mut fields = match fields {
             Value::Object(map) => map,
             Value::Null => Map::new(),
             other => {
@@ -105,13 +141,25 @@ impl PendingEvent {
                 m
             }
         };
+        for name in ENVELOPE {
+            if fields.remove(name).is_some() {
+                tracing::error!(field = name, "event field shadows the envelope; dropped");
+            }
+        }
+        let members = fields.iter().map(|(k, v)| member(k, v)).collect();
         Self {
             event_id: Uuid::now_v7(),
             event_type,
             trace_id: trace_id.cloned(),
             occurred_at: OffsetDateTime::now_utc(),
             fields,
+            members,
         }
+    }
+
+    /// The type-specific fields.
+    pub fn fields(&self) -> &Map<String, Value> {
+        &self.fields
     }
 }
 
@@ -152,7 +200,8 @@ const ENVELOPE: [&str; 9] = [
     "instance_id",
 ];
 
-/// Seals `pending` as event `seq` of `chain_id` after `prev_hash`.
+/// Seals `pending` as event `seq` of `chain_id` after `prev_hash`: its canonical JSON (the envelope's
+/// members merged with the prepared ones in key order) and the hash that links it.
 pub fn seal(
     pending: PendingEvent,
     chain_id: &str,
@@ -160,36 +209,47 @@ pub fn seal(
     seq: i64,
     prev_hash: &str,
 ) -> Result<SealedEvent, CanonicalError> {
-    let mut obj = pending.fields;
-    for name in ENVELOPE {
-        if obj.remove(name).is_some() {
-            tracing::error!(field = name, "event field shadows the envelope; dropped");
-        }
-    }
+    let mut members = pending.members?;
     let event_id = pending.event_id.to_string();
     let occurred_at = timestamp(pending.occurred_at);
     let trace_id = pending.trace_id.map(|t| t.as_str().to_owned());
-    obj.insert("event_id".into(), Value::String(event_id.clone()));
-    obj.insert("chain_id".into(), Value::String(chain_id.to_owned()));
-    obj.insert("seq".into(), Value::from(seq));
-    obj.insert("prev_hash".into(), Value::String(prev_hash.to_owned()));
-    obj.insert(
-        "event_type".into(),
-        Value::String(pending.event_type.as_str().to_owned()),
-    );
-    obj.insert(
-        "trace_id".into(),
-        trace_id.clone().map_or(Value::Null, Value::String),
-    );
-    obj.insert("occurred_at".into(), Value::String(occurred_at.clone()));
-    obj.insert("instance_id".into(), Value::String(instance_id.to_owned()));
-    let body = canonical_text(&Value::Object(obj))?;
+    let event_type = pending.event_type.as_str();
+    let envelope = |key: &str, text: String| Member {
+        key: key.to_owned(),
+        text: format!("\"{key}\":{text}"),
+    };
+    members.extend([
+        envelope("event_id", jcs_string(&event_id)),
+        envelope("chain_id", jcs_string(chain_id)),
+        envelope("seq", seq.to_string()),
+        envelope("prev_hash", jcs_string(prev_hash)),
+        envelope("event_type", jcs_string(event_type)),
+        envelope(
+            "trace_id",
+            trace_id
+                .as_deref()
+                .map_or_else(|| "null".to_owned(), jcs_string),
+        ),
+        envelope("occurred_at", jcs_string(&occurred_at)),
+        envelope("instance_id", jcs_string(instance_id)),
+    ]);
+    members.sort_unstable_by(|a, b| jcs_key_order(&a.key, &b.key));
+    let mut body =
+        String::with_capacity(members.iter().map(|m| m.text.len() + 1).sum::<usize>() + 2);
+    body.push('{');
+    for (i, m) in members.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&m.text);
+    }
+    body.push('}');
     let hash = chain_hash(prev_hash, &body);
     Ok(SealedEvent {
         chain_id: chain_id.to_owned(),
         seq,
         event_id,
-        event_type: pending.event_type.as_str().to_owned(),
+        event_type: event_type.to_owned(),
         trace_id,
         occurred_at,
         instance_id: instance_id.to_owned(),
@@ -218,7 +278,7 @@ impl SealedEvent {
 }
 
 /// A JSON value that has no RFC 8785 canonical form, so no digest can stand for it.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("the value cannot be put in canonical JSON: {0}")]
 pub struct CanonicalError(String);
 
@@ -292,6 +352,65 @@ mod tests {
         let s = seal(e, "c", "i", 1, GENESIS_HASH).unwrap();
         let parsed: Value = serde_json::from_str(&s.body).unwrap();
         assert_eq!(parsed["seq"], 1);
+    }
+
+    /// The body sealing builds from prepared members is byte for byte the canonical JSON of the whole
+    /// event, as the canonicalizer writes it (what `audit verify` recomputes).
+    #[test]
+    fn a_sealed_body_is_the_canonical_json_of_the_whole_event() {
+        let trace = TraceId::generate();
+        let cases = [
+            serde_json::json!({}),
+            serde_json::json!({"z": 1, "a": {"y": [3, {"b": null, "a": true}], "x": "é\u{1F600}\n\u{1}"},
+                               "mid": -12, "éclair": "ü", "\u{10000}": 1, "\u{FFFF}": 2, "Z": 0.5, "f": 1e-7}),
+            serde_json::json!({"payload": {"size_bytes": 41, "sha256": "ab"}, "gates": [{"gate": "auth", "us": 12}]}),
+        ];
+        for (i, fields) in cases.into_iter().enumerate() {
+            let e = PendingEvent::new(EventType::Decision, Some(&trace), fields.clone());
+            let (event_id, occurred_at) = (e.event_id.to_string(), timestamp(e.occurred_at));
+            let chain = format!("inst\u{e9}-{i}.0190");
+            let s = seal(e, &chain, "inst\u{e9}", 42, GENESIS_HASH).unwrap();
+            let mut whole = fields.as_object().unwrap().clone();
+            for (k, v) in [
+                ("event_id", Value::from(event_id)),
+                ("chain_id", Value::from(chain.clone())),
+                ("seq", Value::from(42)),
+                ("prev_hash", Value::from(GENESIS_HASH)),
+                ("event_type", Value::from("DECISION")),
+                ("trace_id", Value::from(trace.as_str())),
+                ("occurred_at", Value::from(occurred_at)),
+                ("instance_id", Value::from("inst\u{e9}")),
+            ] {
+                whole.insert(k.to_owned(), v);
+            }
+            assert_eq!(
+                s.body,
+                canonical_text(&Value::Object(whole)).unwrap(),
+                "case {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_string_is_written_as_the_canonicalizer_writes_it() {
+        let mut every: String = (0u32..0x3000).filter_map(char::from_u32).collect();
+        every.extend([
+            '\u{2028}',
+            '\u{2029}',
+            '\u{FEFF}',
+            '\u{FFFF}',
+            '\u{10FFFF}',
+            '\u{1F600}',
+        ]);
+        for c in every.chars() {
+            let text = format!("a{c}b\"\\{c}");
+            assert_eq!(
+                jcs_string(&text),
+                canonical_text(&Value::String(text.clone())).unwrap(),
+                "U+{:04X}",
+                c as u32
+            );
+        }
     }
 
     #[test]

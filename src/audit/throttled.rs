@@ -138,14 +138,14 @@ mod tests {
         );
         let events = ledger.drain();
         assert_eq!(events.len(), 2);
-        let first = &events[0].fields;
+        let first = &events[0].fields();
         assert_eq!(first["client_addr"], "192.0.2.1");
         assert_eq!(first["count"], 1000);
         assert_eq!(first["first_trace_id"], "trace-0000");
         assert_eq!(first["last_trace_id"], "trace-0999");
         assert_eq!(first["reason_codes"]["RATE_LIMITED"], 1000);
         assert_eq!(first["routes"]["/process"], 1000);
-        assert_eq!(events[1].fields["client_addr"], "192.0.2.2");
+        assert_eq!(events[1].fields()["client_addr"], "192.0.2.2");
         assert!(ledger.drain().is_empty(), "a drain empties the ledger");
     }
 
@@ -165,8 +165,8 @@ mod tests {
         assert_eq!(events.len(), MAX_ADDRESSES + 1);
         let other = events
             .iter()
-            .find(|e| e.fields["client_addr"] == "other")
+            .find(|e| e.fields()["client_addr"] == "other")
             .unwrap();
-        assert_eq!(other.fields["count"], 50);
+        assert_eq!(other.fields()["count"], 50);
     }
 }
