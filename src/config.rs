@@ -80,6 +80,9 @@ impl fmt::Display for Mode {
     }
 }
 
+/// How often each gateway reads the key revision and the executor switches (`key_refresh_ms`).
+pub const DEFAULT_KEY_REFRESH: Duration = Duration::from_millis(100);
+
 /// How the process log is written on stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -389,7 +392,7 @@ impl Config {
             argon2_concurrency: file.argon2_concurrency.unwrap_or(2),
             key_refresh: file
                 .key_refresh_ms
-                .map_or(crate::watch::DEFAULT_REFRESH, Duration::from_millis),
+                .map_or(DEFAULT_KEY_REFRESH, Duration::from_millis),
             throttle_summary_interval: Duration::from_secs(
                 file.throttle_summary_secs.unwrap_or(10),
             ),

@@ -13,7 +13,7 @@ use crate::store::StoreError;
 /// store themselves (and fail closed with it), so a stalled watcher cannot stretch the bound.
 pub const STALE_AFTER_REFRESHES: u32 = 3;
 /// How often watched state is read unless `key_refresh_ms` says otherwise.
-pub const DEFAULT_REFRESH: Duration = Duration::from_millis(100);
+pub use crate::config::DEFAULT_KEY_REFRESH as DEFAULT_REFRESH;
 
 /// State read again from the store every interval.
 #[async_trait]

@@ -8,11 +8,9 @@ use anyhow::Context as _;
 
 use super::{ExecutorsCommand, executor_env};
 use crate::app;
-use crate::audit::{AuditLog, WriterOptions};
 use crate::config::Config;
 use crate::executors::Kinds;
 use crate::executors::switches;
-use crate::metrics::Metrics;
 
 /// Who switched: the CLI and the operating-system user running it.
 fn actor() -> String {
@@ -66,17 +64,7 @@ pub(super) async fn executors_command(
     if reason.trim().is_empty() {
         anyhow::bail!("--reason must say why");
     }
-    let (audit, writer) = AuditLog::start(
-        store.clone(),
-        Metrics::new()?,
-        WriterOptions {
-            instance_id: &config.instance_id,
-            queue_capacity: 16,
-            batch_max: 16,
-            files_dir: Some(&config.audit_dir),
-        },
-    )
-    .await?;
+    let (audit, writer) = super::command_audit(&config, store.clone()).await?;
     let actor = actor();
     let result = switches::switch(store.as_ref(), &audit, &name, disabled, &actor, &reason).await;
     drop(audit);

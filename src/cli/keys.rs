@@ -7,12 +7,11 @@ use anyhow::Context as _;
 
 use super::{KeysCommand, executor_env};
 use crate::app;
-use crate::audit::{AuditLog, WriterOptions, WriterTask};
+use crate::audit::{AuditLog, WriterTask};
 use crate::config::Config;
 use crate::domain::{ContextId, KeyId, RoleName, TierName};
 use crate::executors::Kinds;
 use crate::keys::{self, KeyView, NewKey};
-use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::store::Store;
 
@@ -22,17 +21,7 @@ async fn key_context(
 ) -> anyhow::Result<(Arc<dyn Store>, Policy, AuditLog, WriterTask)> {
     let store = app::open_store(config).await?;
     let (_, policy) = app::load_policy(config, &Kinds::builtin(), &executor_env(config))?;
-    let (audit, writer) = AuditLog::start(
-        store.clone(),
-        Metrics::new()?,
-        WriterOptions {
-            instance_id: &config.instance_id,
-            queue_capacity: 16,
-            batch_max: 16,
-            files_dir: Some(&config.audit_dir),
-        },
-    )
-    .await?;
+    let (audit, writer) = super::command_audit(config, store.clone()).await?;
     Ok((store, policy, audit, writer))
 }
 

@@ -179,6 +179,24 @@ fn init_logging(filter: &str, format: LogFormat) {
     };
 }
 
+/// An audit writer with a chain of its own for a command that changes governed state (keys, switches).
+async fn command_audit(
+    config: &Config,
+    store: std::sync::Arc<dyn crate::store::Store>,
+) -> anyhow::Result<(crate::audit::AuditLog, crate::audit::WriterTask)> {
+    crate::audit::AuditLog::start(
+        store,
+        crate::metrics::Metrics::new()?,
+        crate::audit::WriterOptions {
+            instance_id: &config.instance_id,
+            queue_capacity: 16,
+            batch_max: 16,
+            files_dir: Some(&config.audit_dir),
+        },
+    )
+    .await
+}
+
 /// What commands that load executor files without serving give them: no database or metrics, the
 /// configuration's overrides (so `policy check` builds executors exactly as `serve` would).
 fn executor_env(config: &Config) -> ExecutorEnv {

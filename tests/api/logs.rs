@@ -21,18 +21,12 @@ fn failing_limiter(dir: &std::path::Path, format: &str) -> (Cli, String) {
     (cli, key["key"].as_str().unwrap().to_owned())
 }
 
-#[tokio::test]
-async fn json_logs_are_one_object_per_line_and_lines_of_a_request_carry_its_trace_id() {
-    // Arrange
-    let dir = tempfile::tempdir().unwrap();
-    let (cli, key) = failing_limiter(dir.path(), "json");
-    let serve = Serve::start(&cli);
-
-    // Act: a request whose handling logs the limiter's failure.
+/// Sends a `/process` request under `trace` (refused 503: the limiter is down) and waits for its log line.
+async fn send_logging_request(serve: &Serve, key: &str, trace: &str) {
     let resp = reqwest::Client::new()
         .post(serve.url("/process"))
-        .header("x-api-key", &key)
-        .header("x-trace-id", "logs-trace-0001")
+        .header("x-api-key", key)
+        .header("x-trace-id", trace)
         .json(&echo("x"))
         .send()
         .await
@@ -41,6 +35,17 @@ async fn json_logs_are_one_object_per_line_and_lines_of_a_request_carry_its_trac
     serve.wait_for_stderr("the limiter's failure", |e| {
         e.contains("rate limiter unavailable")
     });
+}
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line_and_lines_of_a_request_carry_its_trace_id() {
+    // Arrange
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, key) = failing_limiter(dir.path(), "json");
+    let serve = Serve::start(&cli);
+
+    // Act: a request whose handling logs the limiter's failure.
+    send_logging_request(&serve, &key, "logs-trace-0001").await;
     let (_, stderr) = serve.stop();
 
     // Assert: every line is a JSON object; the request's lines name its trace id.
@@ -70,18 +75,7 @@ async fn text_logs_written_to_a_pipe_have_no_colour_codes() {
     let serve = Serve::start(&cli);
 
     // Act
-    let resp = reqwest::Client::new()
-        .post(serve.url("/process"))
-        .header("x-api-key", &key)
-        .header("x-trace-id", "logs-trace-0002")
-        .json(&echo("x"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 503);
-    serve.wait_for_stderr("the limiter's failure", |e| {
-        e.contains("rate limiter unavailable")
-    });
+    send_logging_request(&serve, &key, "logs-trace-0002").await;
 
     // Assert: stderr is a pipe here, so not one escape sequence; the trace id is on the line.
     let raw = serve.raw_stderr();
