@@ -254,8 +254,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Largest accepted `/process` body; 1 MiB holds any realistic procurement text while bounding memory.
     pub body_limit_bytes: usize,
-    /// How long a verified key skips argon2; short so a revoked or rotated key stops being trusted soon
-    /// even on instances that did not see the revoke (the key row is still read on every request).
+    /// How long a verified key skips argon2. Revocation does not depend on it: the key row (and its
+    /// `revoked_at`) is kept fresh by the key directory within `key_refresh`'s bound.
     pub auth_cache_ttl: Duration,
     /// Failed key verifications allowed per client address per minute before argon2 stops running for it.
     pub auth_failures_per_minute: u32,

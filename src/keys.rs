@@ -325,7 +325,8 @@ pub async fn create(
     Ok((key, record))
 }
 
-/// Revokes a key; it is refused from the very next request on, on every instance.
+/// Revokes a key; every instance refuses it within the key directory's bound
+/// (see `crate::gates::key_directory`).
 pub async fn revoke(
     store: &dyn Store,
     audit: &AuditLog,
