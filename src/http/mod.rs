@@ -146,7 +146,7 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
         (status = 422, description = "INPUT_SCHEMA_INVALID, with violations", body = ErrorBody),
         (status = 429, description = "RATE_LIMITED: the key's quota, or too many failed keys from this address", body = ErrorBody),
         (status = 502, description = "EXECUTOR_FAILED", body = ErrorBody),
-        (status = 503, description = "AUDIT_UNAVAILABLE, RATE_LIMIT_UNAVAILABLE, or TOO_MANY_CONNECTIONS (any route, at the connection cap)", body = ErrorBody),
+        (status = 503, description = "AUDIT_UNAVAILABLE, RATE_LIMIT_UNAVAILABLE, EXECUTOR_DISABLED (the action's executor is switched off), or TOO_MANY_CONNECTIONS (any route, at the connection cap)", body = ErrorBody),
         (status = 504, description = "EXECUTOR_TIMEOUT", body = ErrorBody)
     )
 )]
