@@ -70,6 +70,14 @@ async fn an_executor_disabled_from_the_cli_is_refused_within_the_bound_then_enab
     // Assert: refused within the bound, 503 EXECUTOR_DISABLED with the reason, recorded as a DENY and
     // with no ALLOW or execution in the request's story.
     let (trace, body) = status_within_bound(&app, &key, &echo("x"), 503, disabled).await;
+    let resp = app.process(Some(&key), &echo("x")).await;
+    assert_eq!(
+        resp.headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap()),
+        Some("60"),
+        "a refused client is told when to ask again"
+    );
     assert_eq!(body["reason_codes"], json!(["EXECUTOR_DISABLED"]), "{body}");
     assert!(
         body["message"].as_str().unwrap().contains("incident 42"),

@@ -238,6 +238,28 @@ mod tests {
     }
 
     #[test]
+    fn a_review_notice_is_trimmed_blank_means_none_and_a_long_one_is_an_error() {
+        let notice = |text: &str| {
+            resolve(
+                &table(&format!("review_notice = {text:?}")),
+                &ExecutorOverrides::default(),
+                &no_env,
+            )
+            .map(|s| s.review_notice)
+        };
+        assert_eq!(notice("  revise  ").unwrap().as_deref(), Some("revise"));
+        assert_eq!(notice("   ").unwrap(), None);
+        assert_eq!(
+            notice(&"é".repeat(1_000))
+                .unwrap()
+                .map(|n| n.chars().count()),
+            Some(1_000)
+        );
+        let err = notice(&"é".repeat(1_001)).unwrap_err();
+        assert!(err.contains("at most 1000 characters"), "{err}");
+    }
+
+    #[test]
     fn defaults_are_two_retries_half_a_second_of_backoff_and_thirty_seconds_per_attempt() {
         let s = resolve(&table(""), &ExecutorOverrides::default(), &no_env).unwrap();
         assert_eq!(s.base_url, "http://127.0.0.1:9/v1");
