@@ -204,16 +204,18 @@ PY
 # cut by SIGKILL too. How many of its events the restart copied from the database is printed (read from
 # the restarted gateway's log).
 python3 - "$WORK/catraca.db" "$WORK/audit" "$WORK/server2.log" <<'PY' || fail "the JSON Lines files do not hold exactly the database's events"
-import collections, json, os, re, sqlite3, sys
+import collections, gzip, json, os, re, sqlite3, sys
 db, folder, log = sys.argv[1], sys.argv[2], sys.argv[3]
 con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
 in_db = collections.defaultdict(list)
 for chain, seq, digest in con.execute("SELECT chain_id, seq, hash FROM audit_events ORDER BY chain_id, seq"):
     in_db[chain].append((seq, digest))
-names = sorted(n for n in os.listdir(folder) if n.endswith(".jsonl")) if os.path.isdir(folder) else []
+# Live files and rotated parts, compressed or not (a part is removed once its .gz is in place).
+names = sorted(n for n in os.listdir(folder) if n.endswith((".jsonl", ".jsonl.gz"))) if os.path.isdir(folder) else []
+names = [n for n in names if not (n.endswith(".jsonl") and n + ".gz" in names)]
 in_files = collections.defaultdict(list)
 for name in names:
-    with open(os.path.join(folder, name), encoding="utf-8") as f:
+    with (gzip.open if name.endswith(".gz") else open)(os.path.join(folder, name), "rt", encoding="utf-8") as f:
         for line in f:
             if line.strip():
                 e = json.loads(line)

@@ -175,15 +175,16 @@ if ! "$BIN" audit verify --quiet; then
   exit 1
 fi
 python3 - "$DISK/catraca.db" "$DISK/audit" <<'PY' || { echo "DISK FULL TEST FAILED: the JSON Lines files differ from the database"; exit 1; }
-import collections, json, os, sqlite3, sys
+import collections, gzip, json, os, sqlite3, sys
 con = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
 db = collections.defaultdict(list)
 for chain, seq, digest in con.execute("SELECT chain_id, seq, hash FROM audit_events ORDER BY chain_id, seq"):
     db[chain].append((seq, digest))
 files = collections.defaultdict(list)
-for name in sorted(os.listdir(sys.argv[2])):
-    if name.endswith(".jsonl"):
-        for line in open(os.path.join(sys.argv[2], name), encoding="utf-8"):
+names = sorted(n for n in os.listdir(sys.argv[2]) if n.endswith((".jsonl", ".jsonl.gz")))
+for name in names:
+    if not (name.endswith(".jsonl") and name + ".gz" in names):
+        for line in (gzip.open if name.endswith(".gz") else open)(os.path.join(sys.argv[2], name), "rt", encoding="utf-8"):
             e = json.loads(line)
             files[e["chain_id"]].append((e["seq"], e["hash"]))
 bad = [c for c in set(db) | set(files) if db[c] != files[c]]

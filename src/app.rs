@@ -95,6 +95,7 @@ pub async fn build(config: Config, kinds: &Kinds) -> anyhow::Result<(Arc<App>, W
             queue_capacity: config.audit_queue_capacity,
             batch_max: config.audit_batch_max,
             files_dir: Some(&config.audit_dir),
+            file_max_bytes: config.audit_file_max_bytes,
         },
     )
     .await

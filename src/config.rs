@@ -80,6 +80,9 @@ impl fmt::Display for Mode {
     }
 }
 
+/// Size at which the live JSON Lines file of the trail is rotated and compressed (`audit_file_max_bytes`).
+pub const DEFAULT_AUDIT_FILE_MAX_BYTES: u64 = 64 * 1024 * 1024;
+
 /// How often each gateway reads the key revision and the executor switches (`key_refresh_ms`).
 pub const DEFAULT_KEY_REFRESH: Duration = Duration::from_millis(100);
 
@@ -190,6 +193,7 @@ struct FileConfig {
     auth_failures_per_minute: Option<u32>,
     audit_queue_capacity: Option<usize>,
     audit_batch_max: Option<usize>,
+    audit_file_max_bytes: Option<u64>,
     rate_limit_fail_open: Option<bool>,
     argon2_concurrency: Option<usize>,
     key_refresh_ms: Option<u64>,
@@ -263,6 +267,8 @@ pub struct Config {
     pub audit_queue_capacity: usize,
     /// Most events one group commit writes in a single transaction.
     pub audit_batch_max: usize,
+    /// Size at which the live JSON Lines file is rotated and its part compressed (gzip).
+    pub audit_file_max_bytes: u64,
     /// Whether a shared rate limiter that cannot be reached lets requests through (default: deny).
     pub rate_limit_fail_open: bool,
     /// Executor settings overridden from the environment; executors get them through `ExecutorEnv`.
@@ -387,6 +393,9 @@ impl Config {
             auth_failures_per_minute: file.auth_failures_per_minute.unwrap_or(30),
             audit_queue_capacity: file.audit_queue_capacity.unwrap_or(10_000),
             audit_batch_max: file.audit_batch_max.unwrap_or(1_000),
+            audit_file_max_bytes: file
+                .audit_file_max_bytes
+                .unwrap_or(DEFAULT_AUDIT_FILE_MAX_BYTES),
             rate_limit_fail_open: file.rate_limit_fail_open.unwrap_or(false),
             executor_overrides: ExecutorOverrides::from_env(&env),
             argon2_concurrency: file.argon2_concurrency.unwrap_or(2),

@@ -260,6 +260,33 @@ pub fn seal(
 }
 
 impl SealedEvent {
+    /// An event read back from a store that keeps only its position, hash and hashed bytes: the other
+    /// envelope fields are read from `body`. Bytes that are not an event's JSON leave them empty (a
+    /// verifier then reports the damage; nothing here fails).
+    pub fn from_stored(chain_id: String, seq: i64, hash: String, body: String) -> Self {
+        let envelope: StoredEnvelope<'_> = serde_json::from_str(&body).unwrap_or_default();
+        let text =
+            |v: Option<std::borrow::Cow<'_, str>>| v.map(|c| c.into_owned()).unwrap_or_default();
+        let event_id = text(envelope.event_id);
+        let event_type = text(envelope.event_type);
+        let trace_id = envelope.trace_id.map(|c| c.into_owned());
+        let occurred_at = text(envelope.occurred_at);
+        let instance_id = text(envelope.instance_id);
+        let prev_hash = text(envelope.prev_hash);
+        Self {
+            chain_id,
+            seq,
+            event_id,
+            event_type,
+            trace_id,
+            occurred_at,
+            instance_id,
+            prev_hash,
+            hash,
+            body,
+        }
+    }
+
     /// The JSON Lines form: the stored bytes with `"hash"` appended as the last member (no re-parsing on
     /// the hot path; a verifier drops `hash` and re-canonicalises, which gives back `body`).
     pub fn json_line(&self) -> String {
@@ -275,6 +302,25 @@ impl SealedEvent {
         }
         v
     }
+}
+
+/// The envelope members of an event's body, borrowed where no unescaping is needed; the type-specific
+/// members are skipped without being built.
+#[derive(Default, serde::Deserialize)]
+#[serde(default)]
+struct StoredEnvelope<'a> {
+    #[serde(borrow)]
+    event_id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    event_type: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    trace_id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    occurred_at: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    instance_id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    prev_hash: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// A JSON value that has no RFC 8785 canonical form, so no digest can stand for it.

@@ -129,18 +129,23 @@ mod tests {
         assert_eq!(csv_field("two\nlines"), "\"two\nlines\"");
     }
 
+    /// An event at `at` (stores may read the envelope from the body, so it names the time too).
     fn event(chain: &str, seq: i64, at: &str) -> SealedEvent {
+        let occurred_at = format!("2026-11-22T{at}.000000Z");
+        let event_id = format!("{chain}-{seq}");
         SealedEvent {
             chain_id: chain.into(),
             seq,
-            event_id: format!("{chain}-{seq}"),
+            body: format!(
+                r#"{{"chain_id":"{chain}","event_id":"{event_id}","event_type":"REQUEST_START","instance_id":"i","occurred_at":"{occurred_at}","prev_hash":"","seq":{seq},"trace_id":null}}"#
+            ),
+            event_id,
             event_type: "REQUEST_START".into(),
             trace_id: None,
-            occurred_at: format!("2026-11-22T{at}.000000Z"),
+            occurred_at,
             instance_id: "i".into(),
             prev_hash: String::new(),
             hash: String::new(),
-            body: "{}".into(),
         }
     }
 

@@ -382,11 +382,11 @@ pub fn event_from_line(line: &str) -> Result<SealedEvent, String> {
     Ok(event)
 }
 
-/// Verifies one JSON Lines file. Chains are checked in file order; a chain may begin mid-way (it
+/// Verifies one JSON Lines file (a rotated part may be gzip-compressed: `.jsonl.gz`). Chains are checked in file order; a chain may begin mid-way (it
 /// continues from the previous day's file), and links to chains outside the file are not checked.
 pub fn verify_file(path: &Path, mut progress: impl FnMut(u64)) -> std::io::Result<Report> {
     let started = Instant::now();
-    let file = std::io::BufReader::new(std::fs::File::open(path)?);
+    let file = super::files::open_lines(path)?;
     let mut checkers: BTreeMap<String, ChainChecker> = BTreeMap::new();
     let mut report = Report::default();
     let mut last_progress = Instant::now();

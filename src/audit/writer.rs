@@ -75,6 +75,8 @@ pub struct WriterOptions<'a> {
     pub batch_max: usize,
     /// Folder for `audit.<date>.jsonl`; `None` writes no files.
     pub files_dir: Option<&'a Path>,
+    /// Size at which the live JSON Lines file is rotated and compressed.
+    pub file_max_bytes: u64,
 }
 
 /// Keeps the writer task alive; awaiting it writes everything queued and syncs the files.
@@ -148,7 +150,10 @@ impl AuditLog {
             next_seq: 1,
             prev_hash: previous.map_or_else(|| GENESIS_HASH.to_owned(), |p| p.hash),
         };
-        let mut files = opts.files_dir.map(TrailFiles::open).transpose()?;
+        let mut files = opts
+            .files_dir
+            .map(|dir| TrailFiles::open(dir, opts.file_max_bytes))
+            .transpose()?;
         if let (Some(files), Some(previous)) = (files.as_mut(), previous_tail.as_ref()) {
             level_files(files, store.as_ref(), &previous.chain_id, previous.seq).await?;
         }
@@ -309,7 +314,7 @@ impl Writer {
             }
         }
         if let Some(files) = self.files.as_mut()
-            && let Err(e) = files.sync()
+            && let Err(e) = files.finish()
         {
             tracing::error!(error = %e, "audit files could not be synced at shutdown");
         }

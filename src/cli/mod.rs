@@ -192,6 +192,7 @@ async fn command_audit(
             queue_capacity: 16,
             batch_max: 16,
             files_dir: Some(&config.audit_dir),
+            file_max_bytes: config.audit_file_max_bytes,
         },
     )
     .await

@@ -1,5 +1,6 @@
 //! SQLite store: the embedded default. WAL with `synchronous=FULL`, so a committed batch survives a crash.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -25,11 +26,22 @@ pub struct SqliteStore {
     pool: SqlitePool,
     /// The audit writer's own connection: no pool hand-off per group commit and no contention with
     /// readers (SQLite has one writer at a time anyway).
-    writer: tokio::sync::Mutex<SqliteConnection>,
+    writer: tokio::sync::Mutex<TrailWriter>,
+}
+
+/// The writer's connection and the numbers of the chains it has written to.
+struct TrailWriter {
+    conn: SqliteConnection,
+    /// `chain_id` → `audit_chains.chain_no`, filled once a chain's row is committed.
+    chain_nos: HashMap<String, i64>,
 }
 
 fn migrator() -> Migrator {
-    Migrator::with_migrations(vec![
+    Migrator::with_migrations(migrations())
+}
+
+fn migrations() -> Vec<Migration> {
+    vec![
         Migration::new(
             1,
             "init".into(),
@@ -72,27 +84,53 @@ fn migrator() -> Migrator {
             include_str!("../../migrations/sqlite/0006_collector_run_trace.sql").into_sql_str(),
             false,
         ),
-    ])
+        Migration::new(
+            7,
+            "compact trail".into(),
+            MigrationType::Simple,
+            include_str!("../../migrations/sqlite/0007_compact_trail.sql").into_sql_str(),
+            false,
+        ),
+    ]
 }
 
-/// `INSERT INTO audit_events ... VALUES (...), (...)` for `events` (at most [`INSERT_CHUNK`]).
-fn insert_statement(events: &[SealedEvent]) -> QueryBuilder<Sqlite> {
-    let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
-        "INSERT INTO audit_events (chain_id, seq, event_id, event_type, trace_id, occurred_at, instance_id, prev_hash, hash, body) ",
-    );
+/// `INSERT INTO audit_trail ... VALUES (...), (...)` for `events` (at most [`INSERT_CHUNK`]) of the
+/// chain numbered `chain_no`.
+fn insert_statement(chain_no: i64, events: &[SealedEvent]) -> QueryBuilder<Sqlite> {
+    let mut qb: QueryBuilder<Sqlite> =
+        QueryBuilder::new("INSERT INTO audit_trail (chain_no, seq, hash, body) ");
     qb.push_values(events, |mut b, e| {
-        b.push_bind(e.chain_id.clone())
+        // A hash that is not hex (never one the writer made) is kept as its text's bytes.
+        let hash = hex::decode(&e.hash).unwrap_or_else(|_| e.hash.as_bytes().to_vec());
+        b.push_bind(chain_no)
             .push_bind(e.seq)
-            .push_bind(e.event_id.clone())
-            .push_bind(e.event_type.clone())
-            .push_bind(e.trace_id.clone())
-            .push_bind(e.occurred_at.clone())
-            .push_bind(e.instance_id.clone())
-            .push_bind(e.prev_hash.clone())
-            .push_bind(e.hash.clone())
+            .push_bind(hash)
             .push_bind(e.body.clone());
     });
     qb
+}
+
+/// A read of the trail: `SELECT` of [`TrailRow`]'s columns from the trail joined with its chains (`t`,
+/// `c`), followed by the rest of the query.
+macro_rules! select_trail {
+    ($rest:literal) => {
+        concat!(
+            "SELECT c.chain_id, t.seq, t.hash, t.body \
+             FROM audit_trail t JOIN audit_chains c ON c.chain_no = t.chain_no ",
+            $rest
+        )
+    };
+}
+
+/// A stored event: its position, hash and hashed bytes (the rest of the envelope is in the bytes).
+type TrailRow = (String, i64, Vec<u8>, String);
+
+fn events_of(rows: Vec<TrailRow>) -> Vec<SealedEvent> {
+    rows.into_iter()
+        .map(|(chain_id, seq, hash, body)| {
+            SealedEvent::from_stored(chain_id, seq, hex::encode(hash), body)
+        })
+        .collect()
 }
 
 impl SqliteStore {
@@ -120,19 +158,67 @@ impl SqliteStore {
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options.clone())
             .await?;
-        let writer = tokio::sync::Mutex::new(options.connect().await?);
+        let writer = tokio::sync::Mutex::new(TrailWriter {
+            conn: options.connect().await?,
+            chain_nos: HashMap::new(),
+        });
         Ok(Self { pool, writer })
     }
+}
 
-    async fn insert_events<'c>(
-        tx: &mut sqlx::Transaction<'c, Sqlite>,
+impl TrailWriter {
+    /// Inserts `events` in a transaction, registering chains not seen before; returns the chains it
+    /// registered, to be remembered once the transaction commits.
+    async fn insert_events(
+        known: &HashMap<String, i64>,
+        tx: &mut sqlx::Transaction<'_, Sqlite>,
         events: &[SealedEvent],
-    ) -> Result<(), StoreError> {
-        for chunk in events.chunks(INSERT_CHUNK) {
-            insert_statement(chunk).build().execute(&mut **tx).await?;
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        let mut registered: Vec<(String, i64)> = Vec::new();
+        for run in events.chunk_by(|a, b| a.chain_id == b.chain_id) {
+            let first = &run[0];
+            let chain_no = match known.get(&first.chain_id) {
+                Some(&n) => n,
+                None => match registered.iter().find(|(id, _)| *id == first.chain_id) {
+                    Some(&(_, n)) => n,
+                    None => {
+                        let n = register_chain(tx, first).await?;
+                        registered.push((first.chain_id.clone(), n));
+                        n
+                    }
+                },
+            };
+            for chunk in run.chunks(INSERT_CHUNK) {
+                insert_statement(chain_no, chunk)
+                    .build()
+                    .execute(&mut **tx)
+                    .await?;
+            }
         }
-        Ok(())
+        Ok(registered)
     }
+}
+
+/// The number of `first`'s chain, naming the chain in `audit_chains` if it is new.
+async fn register_chain(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    first: &SealedEvent,
+) -> Result<i64, StoreError> {
+    sqlx::query(
+        "INSERT INTO audit_chains (chain_id, instance_id, opened_at) VALUES (?, ?, ?) \
+         ON CONFLICT (chain_id) DO NOTHING",
+    )
+    .bind(&first.chain_id)
+    .bind(&first.instance_id)
+    .bind(&first.occurred_at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(
+        sqlx::query_scalar("SELECT chain_no FROM audit_chains WHERE chain_id = ?")
+            .bind(&first.chain_id)
+            .fetch_one(&mut **tx)
+            .await?,
+    )
 }
 
 #[async_trait]
@@ -291,25 +377,36 @@ impl Store for SqliteStore {
 
     #[tracing::instrument(level = "debug", skip_all, fields(events = events.len()))]
     async fn append_events(&self, events: &[SealedEvent]) -> Result<(), StoreError> {
-        // One multi-row INSERT is atomic by itself: a batch that fits in one statement needs no
-        // BEGIN/COMMIT round trips (the group commit's common case).
-        let mut conn = self.writer.lock().await;
-        if events.len() <= INSERT_CHUNK {
-            insert_statement(events).build().execute(&mut *conn).await?;
+        let mut guard = self.writer.lock().await;
+        let w = &mut *guard;
+        // The group commit's common case, a batch of a known chain that fits in one statement, needs
+        // no BEGIN/COMMIT round trips: one multi-row INSERT is atomic by itself.
+        if let (Some(first), Some(last)) = (events.first(), events.last())
+            && first.chain_id == last.chain_id
+            && events.len() <= INSERT_CHUNK
+            && events.iter().all(|e| e.chain_id == first.chain_id)
+            && let Some(&chain_no) = w.chain_nos.get(&first.chain_id)
+        {
+            insert_statement(chain_no, events)
+                .build()
+                .execute(&mut w.conn)
+                .await?;
             return Ok(());
         }
-        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        Self::insert_events(&mut tx, events).await?;
+        let mut tx = sqlx::Connection::begin(&mut w.conn).await?;
+        let registered = TrailWriter::insert_events(&w.chain_nos, &mut tx, events).await?;
         tx.commit().await?;
+        w.chain_nos.extend(registered);
         Ok(())
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn probe_write(&self) -> Result<(), StoreError> {
-        let mut conn = self.writer.lock().await;
-        // The audit table still takes a row (its triggers and constraints), rolled back...
-        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        Self::insert_events(&mut tx, &[probe_event()]).await?;
+        let mut guard = self.writer.lock().await;
+        let w = &mut *guard;
+        // The audit tables still take a row (their triggers and constraints), rolled back...
+        let mut tx = sqlx::Connection::begin(&mut w.conn).await?;
+        TrailWriter::insert_events(&w.chain_nos, &mut tx, &[probe_event()]).await?;
         tx.rollback().await?;
         // ...and a committed write reaches the disk.
         sqlx::query(
@@ -317,42 +414,46 @@ impl Store for SqliteStore {
              ON CONFLICT (id) DO UPDATE SET probed_at = excluded.probed_at",
         )
         .bind(crate::event::timestamp(time::OffsetDateTime::now_utc()))
-        .execute(&mut *conn)
+        .execute(&mut w.conn)
         .await?;
         Ok(())
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(instance_id = instance_id))]
     async fn latest_chain_tail(&self, instance_id: &str) -> Result<Option<ChainTail>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT e.chain_id, e.seq, e.hash FROM audit_events e \
-             WHERE e.chain_id = (SELECT chain_id FROM audit_events \
-                                 WHERE instance_id = ? AND event_type = 'CHAIN_OPENED' \
-                                 ORDER BY occurred_at DESC, chain_id DESC LIMIT 1) \
-             ORDER BY e.seq DESC LIMIT 1",
+        let tail: Option<(String, i64, Vec<u8>)> = sqlx::query_as(
+            "SELECT c.chain_id, t.seq, t.hash FROM audit_trail t JOIN audit_chains c ON c.chain_no = t.chain_no \
+             WHERE t.chain_no = (SELECT chain_no FROM audit_chains WHERE instance_id = ? \
+                                 ORDER BY opened_at DESC, chain_id DESC LIMIT 1) \
+             ORDER BY t.seq DESC LIMIT 1",
         )
         .bind(instance_id)
         .fetch_optional(&self.pool)
-        .await?)
+        .await?;
+        Ok(tail.map(|(chain_id, seq, hash)| ChainTail {
+            chain_id,
+            seq,
+            hash: hex::encode(hash),
+        }))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(trace_id = trace_id))]
     async fn events_for_trace(&self, trace_id: &str) -> Result<Vec<SealedEvent>, StoreError> {
-        let events: Vec<SealedEvent> = sqlx::query_as(
-            "SELECT chain_id, seq, event_id, event_type, trace_id, occurred_at, instance_id, prev_hash, hash, body \
-             FROM audit_events WHERE trace_id = ? ORDER BY occurred_at, chain_id, seq",
-        )
+        let rows: Vec<TrailRow> = sqlx::query_as(select_trail!(
+            "WHERE t.trace_id = ? ORDER BY t.occurred_at, c.chain_id, t.seq"
+        ))
         .bind(trace_id)
         .fetch_all(&self.pool)
         .await?;
-        Ok(events)
+        Ok(events_of(rows))
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn chains(&self) -> Result<Vec<ChainInfo>, StoreError> {
         Ok(sqlx::query_as(
-            "SELECT chain_id, COUNT(*) AS events, MIN(occurred_at) AS first_at FROM audit_events \
-             GROUP BY chain_id ORDER BY MIN(occurred_at), chain_id",
+            "SELECT c.chain_id, COUNT(*) AS events, c.opened_at AS first_at \
+             FROM audit_chains c JOIN audit_trail t ON t.chain_no = c.chain_no \
+             GROUP BY c.chain_no ORDER BY c.opened_at, c.chain_id",
         )
         .fetch_all(&self.pool)
         .await?)
@@ -365,16 +466,16 @@ impl Store for SqliteStore {
         after_seq: i64,
         limit: i64,
     ) -> Result<Vec<SealedEvent>, StoreError> {
-        let events: Vec<SealedEvent> = sqlx::query_as(
-            "SELECT chain_id, seq, event_id, event_type, trace_id, occurred_at, instance_id, prev_hash, hash, body \
-             FROM audit_events WHERE chain_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-        )
+        let rows: Vec<TrailRow> = sqlx::query_as(select_trail!(
+            "WHERE t.chain_no = (SELECT chain_no FROM audit_chains WHERE chain_id = ?) AND t.seq > ? \
+             ORDER BY t.seq LIMIT ?"
+        ))
         .bind(chain_id)
         .bind(after_seq)
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        Ok(events)
+        Ok(events_of(rows))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(source = source, query_key = query_key, run_id = run_id))]
@@ -547,12 +648,10 @@ impl Store for SqliteStore {
         limit: i64,
     ) -> Result<Vec<SealedEvent>, StoreError> {
         let (at, chain, seq) = after.unwrap_or(("", "", i64::MIN));
-        let events: Vec<SealedEvent> = sqlx::query_as(
-            "SELECT chain_id, seq, event_id, event_type, trace_id, occurred_at, instance_id, prev_hash, hash, body \
-             FROM audit_events \
-             WHERE occurred_at >= ? AND occurred_at < ? AND (occurred_at, chain_id, seq) > (?, ?, ?) \
-             ORDER BY occurred_at, chain_id, seq LIMIT ?",
-        )
+        let rows: Vec<TrailRow> = sqlx::query_as(select_trail!(
+            "WHERE t.occurred_at >= ? AND t.occurred_at < ? AND (t.occurred_at, c.chain_id, t.seq) > (?, ?, ?) \
+             ORDER BY t.occurred_at, c.chain_id, t.seq LIMIT ?"
+        ))
         .bind(since)
         .bind(until)
         .bind(at)
@@ -561,6 +660,96 @@ impl Store for SqliteStore {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        Ok(events)
+        Ok(events_of(rows))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::verify::verify_store;
+    use crate::domain::TraceId;
+    use crate::event::{EventType, GENESIS_HASH, PendingEvent, seal};
+
+    fn chain(chain_id: &str, n: i64, trace: &TraceId) -> Vec<SealedEvent> {
+        let mut prev = GENESIS_HASH.to_owned();
+        (1..=n)
+            .map(|seq| {
+                let (kind, trace) = if seq == 1 {
+                    (EventType::ChainOpened, None)
+                } else {
+                    (EventType::RequestStart, Some(trace))
+                };
+                let e =
+                    PendingEvent::new(kind, trace, serde_json::json!({"n": seq, "text": "é\"x"}));
+                let s = seal(e, chain_id, "old", seq, &prev).unwrap();
+                prev.clone_from(&s.hash);
+                s
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_trail_in_the_old_layout_is_carried_over_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/old.db", dir.path().display());
+        let store = SqliteStore::connect(&url).await.unwrap();
+        let before_compaction = migrations().into_iter().filter(|m| m.version < 7);
+        Migrator::with_migrations(before_compaction.collect())
+            .run(&store.pool)
+            .await
+            .unwrap();
+        let trace = TraceId::generate();
+        let (a, b) = (chain("old.a", 4, &trace), chain("old.b", 2, &trace));
+        for e in a.iter().chain(&b) {
+            sqlx::query(
+                "INSERT INTO audit_events (chain_id, seq, event_id, event_type, trace_id, occurred_at, \
+                 instance_id, prev_hash, hash, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&e.chain_id)
+            .bind(e.seq)
+            .bind(&e.event_id)
+            .bind(&e.event_type)
+            .bind(&e.trace_id)
+            .bind(&e.occurred_at)
+            .bind(&e.instance_id)
+            .bind(&e.prev_hash)
+            .bind(&e.hash)
+            .bind(&e.body)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        }
+
+        store.migrate().await.unwrap();
+
+        assert_eq!(store.chain_events("old.a", 0, 10).await.unwrap(), a);
+        assert_eq!(store.chain_events("old.b", 0, 10).await.unwrap(), b);
+        let traced: Vec<SealedEvent> = a[1..].iter().chain(&b[1..]).cloned().collect();
+        assert_eq!(
+            store.events_for_trace(trace.as_str()).await.unwrap(),
+            traced
+        );
+        let tail = store.latest_chain_tail("old").await.unwrap().unwrap();
+        assert_eq!((tail.chain_id.as_str(), tail.seq), ("old.b", 2));
+        assert_eq!(tail.hash, b[1].hash);
+        // The old columns live on as a view.
+        let (hash, prev_hash, event_type): (String, String, String) = sqlx::query_as(
+            "SELECT hash, prev_hash, event_type FROM audit_events WHERE chain_id = 'old.a' AND seq = 3",
+        )
+        .fetch_one(&store.pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            (hash, prev_hash),
+            (a[2].hash.clone(), a[2].prev_hash.clone())
+        );
+        assert_eq!(event_type, "REQUEST_START");
+        let report = verify_store(&store, |_| {}).await.unwrap();
+        assert_eq!((report.finding, report.events), (None, 6));
+        // The new chain continues on the new layout.
+        let next = chain("new.c", 3, &trace);
+        store.append_events(&next).await.unwrap();
+        assert_eq!(store.chain_events("new.c", 1, 10).await.unwrap(), next[1..]);
     }
 }

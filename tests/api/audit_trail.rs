@@ -164,7 +164,7 @@ async fn when_the_audit_store_cannot_write_nothing_executes_and_ready_fails_unti
         .await
         .unwrap();
     sqlx::query(
-        "CREATE TRIGGER test_store_full BEFORE INSERT ON audit_events \
+        "CREATE TRIGGER test_store_full BEFORE INSERT ON audit_trail \
          BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END",
     )
     .execute(&mut conn)
@@ -212,12 +212,12 @@ async fn the_audit_table_rejects_update_and_delete() {
     let mut conn = sqlx::SqliteConnection::connect(&app.db_url())
         .await
         .unwrap();
-    let update = sqlx::query("UPDATE audit_events SET body = '{}'")
+    let update = sqlx::query("UPDATE audit_trail SET body = '{}'")
         .execute(&mut conn)
         .await
         .unwrap_err();
     assert!(update.to_string().contains("append-only"), "{update}");
-    let delete = sqlx::query("DELETE FROM audit_events")
+    let delete = sqlx::query("DELETE FROM audit_trail")
         .execute(&mut conn)
         .await
         .unwrap_err();
@@ -474,8 +474,8 @@ async fn when_the_outcome_cannot_be_recorded_after_the_executor_ran_the_client_g
         .await
         .unwrap();
     sqlx::query(
-        "CREATE TRIGGER test_outcome_refused BEFORE INSERT ON audit_events \
-         WHEN NEW.event_type = 'ACTION_EXECUTED' \
+        "CREATE TRIGGER test_outcome_refused BEFORE INSERT ON audit_trail \
+         WHEN NEW.body ->> '$.event_type' = 'ACTION_EXECUTED' \
          BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END",
     )
     .execute(&mut conn)

@@ -90,11 +90,11 @@ async fn verify(url: &str) -> Option<(Problem, String, i64)> {
 /// The first chain (the one a later chain links to) and a connection with the triggers dropped.
 async fn intruder(url: &str) -> (SqliteConnection, String) {
     let mut conn = SqliteConnection::connect(url).await.unwrap();
-    sqlx::query("DROP TRIGGER audit_events_no_update")
+    sqlx::query("DROP TRIGGER audit_trail_no_update")
         .execute(&mut conn)
         .await
         .unwrap();
-    sqlx::query("DROP TRIGGER audit_events_no_delete")
+    sqlx::query("DROP TRIGGER audit_trail_no_delete")
         .execute(&mut conn)
         .await
         .unwrap();
@@ -149,7 +149,7 @@ async fn one_flipped_byte_is_a_hash_mismatch_at_that_event() {
     bytes[middle] ^= 0x01;
     let flipped = String::from_utf8(bytes).unwrap();
     assert_eq!(flipped.len(), body.len());
-    sqlx::query("UPDATE audit_events SET body = ? WHERE chain_id = ? AND seq = 6")
+    sqlx::query("UPDATE audit_trail SET body = ? WHERE chain_no = (SELECT chain_no FROM audit_chains WHERE chain_id = ?) AND seq = 6")
         .bind(flipped)
         .bind(&chain)
         .execute(&mut conn)
@@ -162,7 +162,7 @@ async fn one_flipped_byte_is_a_hash_mismatch_at_that_event() {
 async fn a_deleted_event_is_a_gap_named_where_it_was() {
     let (_dir, url) = trail().await;
     let (mut conn, chain) = intruder(&url).await;
-    sqlx::query("DELETE FROM audit_events WHERE chain_id = ? AND seq = 8")
+    sqlx::query("DELETE FROM audit_trail WHERE chain_no = (SELECT chain_no FROM audit_chains WHERE chain_id = ?) AND seq = 8")
         .bind(&chain)
         .execute(&mut conn)
         .await
@@ -176,7 +176,7 @@ async fn two_swapped_events_are_a_reordering() {
     let (mut conn, chain) = intruder(&url).await;
     // Move event 5 to position 6 and event 6 to position 5, every column but seq travelling along.
     for (from, to) in [(5, -5), (6, 5), (-5, 6)] {
-        sqlx::query("UPDATE audit_events SET seq = ? WHERE chain_id = ? AND seq = ?")
+        sqlx::query("UPDATE audit_trail SET seq = ? WHERE chain_no = (SELECT chain_no FROM audit_chains WHERE chain_id = ?) AND seq = ?")
             .bind(to)
             .bind(&chain)
             .bind(from)
@@ -196,7 +196,7 @@ async fn a_truncated_tail_is_caught_by_the_next_chain_s_link() {
         .fetch_one(&mut conn)
         .await
         .unwrap();
-    sqlx::query("DELETE FROM audit_events WHERE chain_id = ? AND seq > ?")
+    sqlx::query("DELETE FROM audit_trail WHERE chain_no = (SELECT chain_no FROM audit_chains WHERE chain_id = ?) AND seq > ?")
         .bind(&chain)
         .bind(last - 3)
         .execute(&mut conn)
@@ -226,7 +226,7 @@ async fn a_forged_event_with_a_correct_own_hash_breaks_the_link_after_it() {
     forged["reason_codes"] = json!([]);
     let forged = serde_json_canonicalizer::to_string(&forged).unwrap();
     let hash = chain_hash(&prev_hash, &forged);
-    sqlx::query("UPDATE audit_events SET body = ?, hash = ? WHERE chain_id = ? AND seq = ?")
+    sqlx::query("UPDATE audit_trail SET body = ?, hash = unhex(?) WHERE chain_no = (SELECT chain_no FROM audit_chains WHERE chain_id = ?) AND seq = ?")
         .bind(forged)
         .bind(hash)
         .bind(&chain)
@@ -260,7 +260,7 @@ async fn the_cli_passes_each_json_lines_file_of_an_untouched_trail() {
 async fn a_chain_that_lost_its_head_is_a_truncation_at_its_first_remaining_event() {
     let (_dir, url) = trail().await;
     let (mut conn, chain) = intruder(&url).await;
-    sqlx::query("DELETE FROM audit_events WHERE chain_id = ? AND seq <= 2")
+    sqlx::query("DELETE FROM audit_trail WHERE chain_no = (SELECT chain_no FROM audit_chains WHERE chain_id = ?) AND seq <= 2")
         .bind(&chain)
         .execute(&mut conn)
         .await
@@ -277,7 +277,7 @@ async fn a_vanished_predecessor_of_the_newest_chain_is_a_truncation_naming_it() 
         .fetch_one(&mut conn)
         .await
         .unwrap();
-    sqlx::query("DELETE FROM audit_events WHERE chain_id = ?")
+    sqlx::query("DELETE FROM audit_trail WHERE chain_no = (SELECT chain_no FROM audit_chains WHERE chain_id = ?)")
         .bind(&first)
         .execute(&mut conn)
         .await
@@ -320,10 +320,9 @@ async fn a_chain_opened_event_naming_the_wrong_predecessor_is_a_broken_link() {
         let body = serde_json_canonicalizer::to_string(&event).unwrap();
         let hash = chain_hash(&prev, &body);
         sqlx::query(
-            "UPDATE audit_events SET body = ?, prev_hash = ?, hash = ? WHERE chain_id = ? AND seq = ?",
+            "UPDATE audit_trail SET body = ?, hash = unhex(?) WHERE chain_no = (SELECT chain_no FROM audit_chains WHERE chain_id = ?) AND seq = ?",
         )
         .bind(&body)
-        .bind(&prev)
         .bind(&hash)
         .bind(&second)
         .bind(seq)
