@@ -9,6 +9,7 @@
 #                                         # postgres://postgres@127.0.0.1:5432/test), a fresh database
 #   CONNECTIONS=64 DURATION=20s bash scripts/bench.sh
 #   CATRACA_BIN=/path/to/catraca bash scripts/bench.sh   # measure another build
+#   CATRACA_BENCH_SQLITE=/path/to/catraca.db bash scripts/bench.sh   # an existing (seeded) database
 #
 # Needs wrk (Debian package `wrk`; installed here when running as root) and python3.
 set -euo pipefail
@@ -57,7 +58,8 @@ if [ "$BACKEND" = postgres ]; then
   psql "$PG_ADMIN" -qc "CREATE DATABASE $PG_DB" >/dev/null
   export CATRACA_DATABASE_URL="${PG_ADMIN%/*}/$PG_DB"
 else
-  export CATRACA_DATABASE_URL="sqlite://$WORK/catraca.db"
+  DB_FILE=${CATRACA_BENCH_SQLITE:-$WORK/catraca.db}
+  export CATRACA_DATABASE_URL="sqlite://$DB_FILE"
 fi
 # The refusal runs come from one address: without a large budget the 401s would be throttled after 30
 # and summarised, and the bench would measure the throttle instead of a governed refusal.
@@ -106,10 +108,17 @@ db_bytes() {
   if [ "$BACKEND" = postgres ]; then
     psql "$CATRACA_DATABASE_URL" -Atc "SELECT pg_database_size(current_database())"
   else
-    du -cb "$WORK"/catraca.db* | tail -1 | cut -f1
+    du -cb "$DB_FILE"* | tail -1 | cut -f1
   fi
 }
 file_bytes() { du -sb "$WORK/audit" 2>/dev/null | cut -f1 || echo 0; }
+# Rotated parts are compressed in the background; measure once none is left uncompressed.
+compressed() {
+  for _ in $(seq 1 300); do
+    compgen -G "$WORK/audit/audit.*.[0-9][0-9][0-9][0-9].jsonl" >/dev/null || return 0
+    sleep 0.1
+  done
+}
 
 run() { # name, extra wrk args...
   local name=$1; shift
@@ -122,6 +131,7 @@ run health "http://$CATRACA_LISTEN/health"
 DB0=$(db_bytes) FILES0=$(file_bytes)
 CATRACA_BENCH_KEY=$KEY run process -s "$WORK/process.lua" "http://$CATRACA_LISTEN/process"
 sleep 1 # the last group commit reaches the files
+compressed
 DB1=$(db_bytes) FILES1=$(file_bytes)
 run nokey -s "$WORK/nokey.lua" "http://$CATRACA_LISTEN/process"
 CATRACA_BENCH_KEY=$KEY run unknown -s "$WORK/unknown.lua" "http://$CATRACA_LISTEN/process"

@@ -81,7 +81,7 @@ impl fmt::Display for Mode {
 }
 
 /// Size at which the live JSON Lines file of the trail is rotated and compressed (`audit_file_max_bytes`).
-pub const DEFAULT_AUDIT_FILE_MAX_BYTES: u64 = 64 * 1024 * 1024;
+pub const DEFAULT_AUDIT_FILE_MAX_BYTES: u64 = 16 * 1024 * 1024;
 
 /// How often each gateway reads the key revision and the executor switches (`key_refresh_ms`).
 pub const DEFAULT_KEY_REFRESH: Duration = Duration::from_millis(100);

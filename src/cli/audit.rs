@@ -34,11 +34,12 @@ pub(super) async fn audit_command(config: &Config, cmd: AuditCommand) -> anyhow:
                     )
                 }
             };
+            let seconds = report.elapsed.as_secs_f64();
             let summary = format!(
-                "{} chains, {} events, {:.2}s ({what})",
+                "{} chains, {} events, {seconds:.2}s, {:.0} events/s ({what})",
                 report.chains,
                 report.events,
-                report.elapsed.as_secs_f64()
+                report.events as f64 / seconds.max(1e-9)
             );
             match report.finding {
                 None => {

@@ -5,6 +5,7 @@ mod audit;
 mod executors;
 mod keys;
 mod policy;
+mod seed;
 mod serve;
 
 use std::path::PathBuf;
@@ -45,6 +46,14 @@ enum Command {
     /// The kill switch: disable or enable an executor on every gateway (each switch is audited).
     #[command(subcommand)]
     Executors(ExecutorsCommand),
+    /// Fill an EMPTY store with synthetic keys (none can sign in) and request stories, through the audit
+    /// writer, to reproduce the trail's scale figures (scripts/scale.sh). Refused on a store in use.
+    Seed {
+        #[arg(long, default_value_t = 100_000)]
+        keys: usize,
+        #[arg(long, default_value_t = 10_000_000)]
+        events: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -222,5 +231,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Policy(cmd) => policy::policy_command(&config, cmd),
         Command::Audit(cmd) => audit::audit_command(&config, cmd).await,
         Command::Executors(cmd) => executors::executors_command(config, cmd).await,
+        Command::Seed { keys, events } => seed::seed(&config, keys, events).await,
     }
 }
