@@ -408,7 +408,10 @@ pub async fn verify_store(
             };
             let read_next = async {
                 match next_after {
-                    Some(after) => store.chain_events(&info.chain_id, after, PAGE).await.map(Some),
+                    Some(after) => store
+                        .chain_events(&info.chain_id, after, PAGE)
+                        .await
+                        .map(Some),
                     None => Ok(None),
                 }
             };

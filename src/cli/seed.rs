@@ -29,7 +29,9 @@ const KEYS_REPORT: usize = 10_000;
 pub(super) async fn seed(config: &Config, keys: usize, events: u64) -> anyhow::Result<ExitCode> {
     let store = app::open_store(config).await?;
     if store.count_keys().await? > 0 || !store.chains().await?.is_empty() {
-        bail!("catraca seed fills an empty store only; this one already holds keys or audit events");
+        bail!(
+            "catraca seed fills an empty store only; this one already holds keys or audit events"
+        );
     }
     let started = Instant::now();
     let key_ids = seed_keys(store.as_ref(), keys).await?;
@@ -139,9 +141,7 @@ fn story(trace: &TraceId, key_id: &str, n: u64) -> Vec<PendingEvent> {
         Some(trace),
         json!({"method": "POST", "route": "/process", "client_addr": "127.0.0.1", "content_length": 71}),
     );
-    let gate = |name: &str, us: u64| {
-        json!({"gate": name, "verdict": "allow", "reason_codes": [], "duration_us": us})
-    };
+    let gate = |name: &str, us: u64| json!({"gate": name, "verdict": "allow", "reason_codes": [], "duration_us": us});
     let decision = PendingEvent::new(
         EventType::Decision,
         Some(trace),

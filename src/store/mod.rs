@@ -99,6 +99,8 @@ pub struct ExecutorSwitch {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChainInfo {
     pub chain_id: String,
+    /// Events in the chain (SQLite reads it as the chain's last `seq`, which is the same number for an
+    /// intact chain; verification finds any difference itself).
     pub events: i64,
     pub first_at: String,
 }

@@ -257,6 +257,59 @@ async fn the_cli_passes_each_json_lines_file_of_an_untouched_trail() {
 }
 
 #[tokio::test]
+async fn the_cli_verifies_a_compressed_part_and_names_a_byte_altered_inside_it() {
+    use std::io::Write as _;
+    let (dir, _url) = trail().await;
+    let audit = dir.path().join("audit");
+    let plain = std::fs::read_dir(&audit)
+        .unwrap()
+        .map(|f| f.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .unwrap();
+    let text = std::fs::read_to_string(&plain).unwrap();
+    let gzip = |name: &str, content: &str| {
+        let path = audit.join(name);
+        let mut encoder = flate2::write::GzEncoder::new(
+            std::fs::File::create(&path).unwrap(),
+            flate2::Compression::fast(),
+        );
+        encoder.write_all(content.as_bytes()).unwrap();
+        encoder.finish().unwrap();
+        path
+    };
+    let verify = |path: &std::path::Path| {
+        Cli::new().output(&[
+            "audit",
+            "verify",
+            "--quiet",
+            "--file",
+            path.to_str().unwrap(),
+        ])
+    };
+
+    let intact = gzip("audit.2026-11-22.0001.jsonl.gz", &text);
+    let out = verify(&intact);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let lines = text.lines().count();
+    assert!(
+        printed(&out).contains(&format!("{lines} events")),
+        "{}",
+        printed(&out)
+    );
+
+    // One byte of the third line altered (its year), then compressed.
+    let mut altered: Vec<String> = text.lines().map(str::to_owned).collect();
+    assert!(altered[2].contains("\"occurred_at\":\"2"));
+    altered[2] = altered[2].replacen("\"occurred_at\":\"2", "\"occurred_at\":\"3", 1);
+    let altered = gzip(
+        "audit.2026-11-22.0002.jsonl.gz",
+        &(altered.join("\n") + "\n"),
+    );
+    let out = verify(&altered);
+    assert_eq!(out.status.code(), Some(3), "{}", printed(&out));
+}
+
+#[tokio::test]
 async fn a_chain_that_lost_its_head_is_a_truncation_at_its_first_remaining_event() {
     let (_dir, url) = trail().await;
     let (mut conn, chain) = intruder(&url).await;

@@ -385,3 +385,53 @@ fn parse_csv(text: &str) -> Vec<Vec<String>> {
     }
     rows
 }
+
+#[test]
+fn seed_fills_an_empty_store_with_a_verifiable_trail_and_refuses_one_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/seeded.db", dir.path().display());
+    let cli = Cli::on(&url, dir.path(), "seed-test");
+
+    let out = cli.output(&["seed", "--keys", "25", "--events", "1000"]);
+    assert_eq!(out.status.code(), Some(0), "{}", printed(&out));
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["events"], 1000);
+    assert_eq!(summary["keys"], 25);
+    let keys: Value = serde_json::from_str(&cli.stdout(&["keys", "list", "--json"])).unwrap();
+    assert_eq!(keys.as_array().unwrap().len(), 25);
+    // Stories of five events, one trace each, in a chain that verifies (CHAIN_OPENED + 1000 events).
+    let trace = summary["sample_trace_id"].as_str().unwrap();
+    let story: Value =
+        serde_json::from_str(&cli.stdout(&["audit", "trace", trace, "--json"])).unwrap();
+    let types: Vec<&str> = story["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "REQUEST_START",
+            "DECISION",
+            "EXECUTOR_SELECTED",
+            "ACTION_EXECUTED",
+            "REQUEST_END"
+        ]
+    );
+    let verify = cli.output(&["audit", "verify", "--quiet"]);
+    assert_eq!(verify.status.code(), Some(0), "{}", printed(&verify));
+    assert!(
+        printed(&verify).contains("1001 events"),
+        "{}",
+        printed(&verify)
+    );
+
+    let again = cli.output(&["seed", "--keys", "1", "--events", "5"]);
+    assert_eq!(again.status.code(), Some(1), "{}", printed(&again));
+    assert!(
+        printed(&again).contains("empty store"),
+        "{}",
+        printed(&again)
+    );
+}
