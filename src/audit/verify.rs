@@ -415,8 +415,19 @@ pub async fn verify_store(
                     None => Ok(None),
                 }
             };
-            let check_this = async { checker.check_page(&page, &mut report.events) };
-            let (next, checked) = tokio::join!(read_next, check_this);
+            let mut seen = report.events;
+            let check_this = tokio::task::spawn_blocking(move || {
+                let checked = checker.check_page(&page, &mut seen);
+                (checker, seen, checked)
+            });
+            let next = read_next.await;
+            let (back, seen, checked) = match check_this.await {
+                Ok(done) => done,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(e) => return Err(StoreError::Corrupt(format!("verification stopped: {e}"))),
+            };
+            checker = back;
+            report.events = seen;
             if let Err(f) = checked {
                 report.finding = Some(f);
                 report.elapsed = started.elapsed();

@@ -8,14 +8,9 @@ use catraca::audit::{SealedEvent, chain_hash};
 use serde_json::{Value, json};
 use sqlx::Connection;
 
-use crate::helpers::{TestApp, captured_logs, echo, reasons, spawn_app, spawn_app_with};
-
-fn types(events: &[Value]) -> Vec<&str> {
-    events
-        .iter()
-        .map(|e| e["event_type"].as_str().unwrap())
-        .collect()
-}
+use crate::helpers::{
+    TestApp, captured_logs, echo, event_types as types, reasons, spawn_app, spawn_app_with,
+};
 
 /// Checks hashes and links over `events` (consecutive events of one chain).
 fn assert_linked(events: &[Value]) {

@@ -10,7 +10,7 @@ use time::OffsetDateTime;
 use time::macros::datetime;
 
 use crate::binary::{Cli, printed};
-use crate::helpers::{copy_dir, echo, repo, spawn_app};
+use crate::helpers::{copy_dir, echo, event_types, repo, spawn_app};
 
 #[tokio::test]
 async fn keys_are_audited_and_requests_can_be_traced_and_exported() {
@@ -403,14 +403,8 @@ fn seed_fills_an_empty_store_with_a_verifiable_trail_and_refuses_one_in_use() {
     let trace = summary["sample_trace_id"].as_str().unwrap();
     let story: Value =
         serde_json::from_str(&cli.stdout(&["audit", "trace", trace, "--json"])).unwrap();
-    let types: Vec<&str> = story["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["event_type"].as_str().unwrap())
-        .collect();
     assert_eq!(
-        types,
+        event_types(story["events"].as_array().unwrap()),
         [
             "REQUEST_START",
             "DECISION",

@@ -3,7 +3,7 @@
 use serde_json::{Value, json};
 
 use crate::collector::{Reply, envelope, fixture, records};
-use crate::helpers::{CHAIN_COMPOSITE, KeySpec, spawn_app_with};
+use crate::helpers::{CHAIN_COMPOSITE, KeySpec, event_types, spawn_app_with};
 
 /// A composite whose only step runs the composite itself.
 const LOOP_COMPOSITE: &str = r#"
@@ -73,10 +73,7 @@ async fn digest_story(recs: Vec<Value>) {
     );
 
     let events = app.events(&trace).await;
-    let types: Vec<&str> = events
-        .iter()
-        .map(|e| e["event_type"].as_str().unwrap())
-        .collect();
+    let types = event_types(&events);
     assert_eq!(
         types,
         [

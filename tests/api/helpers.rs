@@ -160,6 +160,14 @@ pub struct TestApp {
 }
 
 /// Copies a folder tree (policies, executors) into a test's own folder.
+/// The `event_type` of each event of a story, in order.
+pub fn event_types(events: &[Value]) -> Vec<&str> {
+    events
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap())
+        .collect()
+}
+
 pub fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {

@@ -8,7 +8,7 @@ use catraca::executors::switches;
 use serde_json::{Value, json};
 
 use crate::binary::Cli;
-use crate::helpers::{TestApp, echo, reasons, spawn_app};
+use crate::helpers::{TestApp, echo, event_types, reasons, spawn_app};
 
 /// Sends `body` until the answer's status is `want`; no request sent later than `changed` + the bound
 /// may get another status. Returns the answer's trace id and body.
@@ -234,10 +234,7 @@ async fn an_admin_switches_an_executor_over_http_and_the_switch_is_in_the_reques
 
     // The switch request's own story: the ALLOW and the switch durable before it took effect.
     let story = app.events(&trace).await;
-    let types: Vec<&str> = story
-        .iter()
-        .map(|e| e["event_type"].as_str().unwrap())
-        .collect();
+    let types = event_types(&story);
     assert_eq!(
         types,
         [
