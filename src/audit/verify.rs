@@ -362,8 +362,18 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// Verifies every chain in the store. `progress` is called about once a second with the events so far.
 pub async fn verify_store(
     store: &dyn Store,
+    progress: impl FnMut(u64),
+) -> Result<Report, StoreError> {
+    verify_store_in_pages(store, PAGE, progress).await
+}
+
+/// [`verify_store`], reading at most `page` events at a time (the result does not depend on it).
+pub async fn verify_store_in_pages(
+    store: &dyn Store,
+    page: i64,
     mut progress: impl FnMut(u64),
 ) -> Result<Report, StoreError> {
+    let page = page.max(1);
     let started = Instant::now();
     let chains = store.chains().await?;
     // First pass: every chain's CHAIN_OPENED claim, so the second pass knows which positions to keep.
@@ -399,29 +409,24 @@ pub async fn verify_store(
                 .cloned()
                 .unwrap_or_default(),
         );
-        let mut page = store.chain_events(&info.chain_id, 0, PAGE).await?;
+        let mut batch = read_pair(store, &info.chain_id, 0, page).await?;
         loop {
-            // The next page is read (on the store's side) while this one is checked.
-            let next_after = match page.last() {
-                Some(last) if page.len() as i64 == PAGE => Some(last.seq),
-                _ => None,
-            };
+            // The next two pages are read (two reads at once, on the store's side) while these are
+            // checked on a blocking thread.
+            let Batch { events, next } = batch;
             let read_next = async {
-                match next_after {
-                    Some(after) => store
-                        .chain_events(&info.chain_id, after, PAGE)
-                        .await
-                        .map(Some),
+                match next {
+                    Some(lo) => read_pair(store, &info.chain_id, lo, page).await.map(Some),
                     None => Ok(None),
                 }
             };
             let mut seen = report.events;
-            let check_this = tokio::task::spawn_blocking(move || {
-                let checked = checker.check_page(&page, &mut seen);
+            let check_these = tokio::task::spawn_blocking(move || {
+                let checked = checker.check_page(&events, &mut seen);
                 (checker, seen, checked)
             });
-            let next = read_next.await;
-            let (back, seen, checked) = match check_this.await {
+            let following = read_next.await;
+            let (back, seen, checked) = match check_these.await {
                 Ok(done) => done,
                 Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
                 Err(e) => return Err(StoreError::Corrupt(format!("verification stopped: {e}"))),
@@ -437,8 +442,8 @@ pub async fn verify_store(
                 progress(report.events);
                 last_progress = Instant::now();
             }
-            match next? {
-                Some(next) => page = next,
+            match following? {
+                Some(following) => batch = following,
                 None => break,
             }
         }
@@ -447,6 +452,70 @@ pub async fn verify_store(
     report.finding = check_claims(&claims, &checkers);
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// Two consecutive ranges of a chain's events, and where the next two start (`None`: the chain ends).
+struct Batch {
+    events: Vec<SealedEvent>,
+    next: Option<i64>,
+}
+
+/// The events with `lo < seq <= lo + 2 × page`, read as two ranges at once. Empty ranges before far-off
+/// events (a forged seq) are skipped rather than walked.
+async fn read_pair(
+    store: &dyn Store,
+    chain_id: &str,
+    lo: i64,
+    page: i64,
+) -> Result<Batch, StoreError> {
+    let mid = lo.saturating_add(page);
+    let (first, second) = tokio::join!(
+        read_range(store, chain_id, lo, page),
+        read_range(store, chain_id, mid, page)
+    );
+    let (mut events, _) = first?;
+    let (rest, beyond) = second?;
+    events.extend(rest);
+    let next = beyond.map(|b| b.resume_at(mid.saturating_add(page)));
+    Ok(Batch { events, next })
+}
+
+/// What lies past a range: a stored event (its seq) or, when the range filled its read, possibly more.
+enum Beyond {
+    At(i64),
+    Unknown,
+}
+
+impl Beyond {
+    /// Where reading goes on after a range ending at `hi`.
+    fn resume_at(self, hi: i64) -> i64 {
+        match self {
+            Self::At(seq) => hi.max(seq - 1),
+            Self::Unknown => hi,
+        }
+    }
+}
+
+/// The events with `lo < seq <= lo + page`, and what lies past them (`None`: nothing).
+async fn read_range(
+    store: &dyn Store,
+    chain_id: &str,
+    lo: i64,
+    page: i64,
+) -> Result<(Vec<SealedEvent>, Option<Beyond>), StoreError> {
+    // At most `page` distinct positions fall in the range, so a read of `page` events from `lo` holds
+    // them all (stores return a chain's events in seq order).
+    let mut events = store.chain_events(chain_id, lo, page).await?;
+    let hi = lo.saturating_add(page);
+    let full = events.len() as i64 == page;
+    let inside = events.partition_point(|e| e.seq <= hi);
+    let beyond = match events.get(inside) {
+        Some(e) => Some(Beyond::At(e.seq)),
+        None if full => Some(Beyond::Unknown),
+        None => None,
+    };
+    events.truncate(inside);
+    Ok((events, beyond))
 }
 
 /// Rebuilds a stored event from a JSON Lines record: the hashed bytes are the canonical JSON of the

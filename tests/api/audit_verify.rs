@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use catraca::audit::chain_hash;
-use catraca::audit::verify::{Problem, verify_store};
+use catraca::audit::verify::{Problem, verify_store, verify_store_in_pages};
 use catraca::config::DatabaseUrl;
 use catraca::store::{SqliteStore, Store};
 use serde_json::{Value, json};
@@ -67,6 +67,14 @@ async fn verify(url: &str) -> Option<(Problem, String, i64)> {
     let report = verify_store(store.as_ref(), |_| {}).await.unwrap();
     assert!(report.events > 0);
     let found = report.finding.map(|f| (f.problem, f.chain_id, f.seq));
+    // Reading in small pages (several reads per chain, two at a time) finds the same thing.
+    for page in [1, 2, 3, 7] {
+        let paged = verify_store_in_pages(store.as_ref(), page, |_| {})
+            .await
+            .unwrap();
+        let paged = paged.finding.map(|f| (f.problem, f.chain_id, f.seq));
+        assert_eq!(paged, found, "in pages of {page}");
+    }
     let out = verify_cli(url);
     match &found {
         None => assert_eq!(out.status.code(), Some(0), "{}", printed(&out)),
