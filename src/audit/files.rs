@@ -10,12 +10,21 @@
 //! start the previous chain of the instance is brought level with the database, which covers what a
 //! crash between the commit and the write, or a machine that lost power, left behind: after any crash the
 //! files and the database hold the same events. A compression cut short by a crash is redone at start.
+//!
+//! Several processes may write to one folder (the CLI's commands while a gateway runs, or gateways that
+//! share it). Appends are whole `O_APPEND` writes; rotation happens under an exclusive lock on
+//! `.audit.rotate.lock`, after checking that the live file is still the one this process holds; a writer
+//! that finds the live file rotated by another process reopens it; a part is compressed only after a
+//! grace period, so a write that began before the rename is in it; a compression is claimed by creating
+//! its temporary file exclusively.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead as _, BufReader, Read as _, Seek as _, SeekFrom, Write as _};
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use flate2::Compression;
 use flate2::read::MultiGzDecoder;
@@ -28,19 +37,31 @@ use crate::event::SealedEvent;
 const TAIL_CHUNK: u64 = 64 * 1024;
 /// Suffix of a compression in progress; a leftover one (a crash) is removed and the part redone.
 const PARTIAL: &str = ".partial";
+/// Time between a part's rotation and its compression: a write that another process began before the
+/// rename lands in the part first.
+const GRACE: Duration = Duration::from_secs(2);
+/// A temporary compression file older than this was left by a crash.
+const STALE_PARTIAL: Duration = Duration::from_secs(600);
+/// Held (exclusively) while the live file is rotated; made at the first rotation.
+const ROTATE_LOCK: &str = ".audit.rotate.lock";
 
 /// The live file and where rotated parts go to be compressed.
 pub struct TrailFiles {
     dir: PathBuf,
     max_bytes: u64,
     open: Option<LiveFile>,
-    compressor: Option<(mpsc::Sender<PathBuf>, JoinHandle<()>)>,
+    compressor: Option<Compressor>,
 }
+
+/// The compressing thread and its queue of rotated parts (with when each was rotated).
+type Compressor = (mpsc::Sender<(PathBuf, Instant)>, JoinHandle<()>);
 
 struct LiveFile {
     day: String,
     file: File,
-    len: u64,
+    /// Device and inode of the open file: the live name pointing elsewhere means another process
+    /// rotated it.
+    id: (u64, u64),
 }
 
 /// The UTC day of `at`, `YYYY-MM-DD`.
@@ -84,11 +105,12 @@ impl TrailFiles {
     /// past days) and starts the compressing thread; files are opened on the first append.
     pub fn open(dir: &Path, max_bytes: u64) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let (tx, rx) = mpsc::channel::<PathBuf>();
+        let (tx, rx) = mpsc::channel::<(PathBuf, Instant)>();
         let worker = std::thread::Builder::new()
             .name("catraca-audit-gzip".into())
             .spawn(move || {
-                for path in rx {
+                for (path, rotated_at) in rx {
+                    std::thread::sleep(GRACE.saturating_sub(rotated_at.elapsed()));
                     if let Err(e) = compress(&path) {
                         tracing::warn!(file = %path.display(), error = %e, "rotated audit file not compressed; retried at the next start");
                     }
@@ -105,15 +127,32 @@ impl TrailFiles {
     }
 
     fn finish_rotations(&mut self) -> io::Result<()> {
+        let today = day_of(OffsetDateTime::now_utc());
+        let left = |name: &str| {
+            name.ends_with(PARTIAL)
+                || (name.ends_with(".jsonl") && (part_of(name).is_some() || !name.contains(&today)))
+        };
+        let any_left = std::fs::read_dir(&self.dir)?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .any(|n| n.starts_with("audit.") && left(&n));
+        if !any_left {
+            return Ok(());
+        }
+        let lock = self.rotation_lock()?;
         for entry in std::fs::read_dir(&self.dir)? {
-            let Ok(name) = entry?.file_name().into_string() else {
+            let entry = entry?;
+            let Ok(name) = entry.file_name().into_string() else {
                 continue;
             };
-            if name.starts_with("audit.") && name.ends_with(PARTIAL) {
-                std::fs::remove_file(self.dir.join(&name))?;
+            let stale = entry
+                .metadata()?
+                .modified()?
+                .elapsed()
+                .is_ok_and(|age| age > STALE_PARTIAL);
+            if name.starts_with("audit.") && name.ends_with(PARTIAL) && stale {
+                remove_if_present(&self.dir.join(&name))?;
             }
         }
-        let today = day_of(OffsetDateTime::now_utc());
         let mut names = trail_names(&self.dir)?;
         names.sort_unstable();
         for name in &names {
@@ -127,16 +166,29 @@ impl TrailFiles {
                 let path = self.dir.join(name);
                 if names.contains(&format!("{name}.gz")) {
                     // Compressed and synced before the crash; only the removal was left.
-                    std::fs::remove_file(&path)?;
+                    remove_if_present(&path)?;
                 } else {
                     self.send(path);
                 }
             }
         }
+        drop(lock);
         Ok(())
     }
 
-    /// Renames `day`'s live file to the day's next part and queues it for compression.
+    /// The folder's rotation lock, held until the returned file is dropped.
+    fn rotation_lock(&self) -> io::Result<File> {
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.dir.join(ROTATE_LOCK))?;
+        lock.lock()?;
+        Ok(lock)
+    }
+
+    /// Renames `day`'s live file to the day's next part and queues it for compression (with the
+    /// rotation lock held). Another process having rotated it first is not an error.
     fn retire(&mut self, day: &str) -> io::Result<()> {
         let next = trail_names(&self.dir)?
             .iter()
@@ -145,7 +197,10 @@ impl TrailFiles {
             .unwrap_or(0)
             + 1;
         let part = self.dir.join(format!("audit.{day}.{next:04}.jsonl"));
-        std::fs::rename(self.dir.join(live_name(day)), &part)?;
+        match std::fs::rename(self.dir.join(live_name(day)), &part) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            other => other?,
+        }
         File::open(&self.dir)?.sync_all()?;
         self.send(part);
         Ok(())
@@ -153,7 +208,7 @@ impl TrailFiles {
 
     fn send(&self, path: PathBuf) {
         if let Some((tx, _)) = &self.compressor {
-            let _ = tx.send(path);
+            let _ = tx.send((path, Instant::now()));
         }
     }
 
@@ -169,13 +224,50 @@ impl TrailFiles {
             lines.push_str(&e.json_line());
         }
         let day = day_of(OffsetDateTime::now_utc());
-        let rotate = self.open.as_ref().is_some_and(|live| {
-            live.day != day || (live.len > 0 && live.len + lines.len() as u64 > self.max_bytes)
-        });
-        if rotate && let Some(live) = self.open.take() {
-            live.file.sync_data()?;
-            drop(live.file);
-            self.retire(&live.day)?;
+        // Where the live name points now: another process may have rotated the file this one holds.
+        let current = match std::fs::metadata(self.dir.join(live_name(&day))) {
+            Ok(m) => Some(m),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        let holds_live = |live: &LiveFile| {
+            live.day == day
+                && current
+                    .as_ref()
+                    .is_some_and(|m| (m.dev(), m.ino()) == live.id)
+        };
+        if self.open.as_ref().is_some_and(|live| !holds_live(live)) {
+            if let Some(live) = self.open.take()
+                && live.day != day
+            {
+                // The day ended: its live file becomes a part (unless another process did it).
+                live.file.sync_data()?;
+                let lock = self.rotation_lock()?;
+                self.retire(&live.day)?;
+                drop(lock);
+            }
+            return self.append(sealed);
+        }
+        let size = current.as_ref().map_or(0, std::fs::Metadata::len);
+        if self.open.is_some() && size > 0 && size + lines.len() as u64 > self.max_bytes {
+            let lock = self.rotation_lock()?;
+            // Decided again under the lock: another process may have rotated it meanwhile.
+            let still = std::fs::metadata(self.dir.join(live_name(&day)))
+                .ok()
+                .filter(|m| {
+                    self.open
+                        .as_ref()
+                        .is_some_and(|l| (m.dev(), m.ino()) == l.id)
+                });
+            if still.is_some_and(|m| m.len() + lines.len() as u64 > self.max_bytes)
+                && let Some(live) = self.open.take()
+            {
+                live.file.sync_data()?;
+                self.retire(&day)?;
+            }
+            drop(lock);
+            self.open = None;
+            return self.append(sealed);
         }
         if self.open.is_none() {
             let mut file = OpenOptions::new()
@@ -186,21 +278,34 @@ impl TrailFiles {
             if !ends_with_newline(&mut file)? {
                 file.write_all(b"\n")?;
             }
-            let len = file.metadata()?.len();
-            self.open = Some(LiveFile { day, file, len });
+            let m = file.metadata()?;
+            self.open = Some(LiveFile {
+                day: day.clone(),
+                file,
+                id: (m.dev(), m.ino()),
+            });
+            if m.len() > 0 && m.len() + lines.len() as u64 > self.max_bytes {
+                // Opened full (another process filled it): rotate before writing.
+                return self.append(sealed);
+            }
         }
         let Some(live) = self.open.as_mut() else {
             unreachable!("opened above");
         };
+        let before = live.file.metadata()?.len();
         if let Err(e) = live.file.write_all(lines.as_bytes()) {
-            // A write cut short (a full disk) is taken back, so no half line stays behind; should that
-            // fail too, the next append reopens the file and ends the half line first.
-            if live.file.set_len(live.len).is_err() {
+            // A write cut short (a full disk) is taken back, so no half line stays behind, unless
+            // another process wrote after it; the next append then reopens the file and ends the half
+            // line first.
+            let untouched = live
+                .file
+                .metadata()
+                .is_ok_and(|m| m.len() <= before + lines.len() as u64);
+            if !untouched || live.file.set_len(before).is_err() {
                 self.open = None;
             }
             return Err(e);
         }
-        live.len += lines.len() as u64;
         Ok(())
     }
 
@@ -249,7 +354,8 @@ impl TrailFiles {
 }
 
 /// Compresses a rotated part to `<part>.gz` (written under a temporary name, synced, then renamed) and
-/// removes the part.
+/// removes the part. A part another process is compressing (its temporary file exists) or has compressed
+/// (the part is gone) is left to it.
 pub fn compress(part: &Path) -> io::Result<()> {
     let mut gz_name = part.as_os_str().to_owned();
     gz_name.push(".gz");
@@ -257,14 +363,40 @@ pub fn compress(part: &Path) -> io::Result<()> {
     let mut partial_name = gz.as_os_str().to_owned();
     partial_name.push(PARTIAL);
     let partial = PathBuf::from(partial_name);
-    let mut encoder = GzEncoder::new(File::create(&partial)?, Compression::fast());
-    io::copy(&mut File::open(part)?, &mut encoder)?;
-    encoder.finish()?.sync_all()?;
-    std::fs::rename(&partial, &gz)?;
+    let mut source = match File::open(part) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        other => other?,
+    };
+    let claimed = match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&partial)
+    {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+        other => other?,
+    };
+    let written = (|| {
+        let mut encoder = GzEncoder::new(claimed, Compression::fast());
+        io::copy(&mut source, &mut encoder)?;
+        encoder.finish()?.sync_all()?;
+        std::fs::rename(&partial, &gz)
+    })();
+    if let Err(e) = written {
+        // Not left claimed: the next start (or rotation) tries again.
+        let _ = std::fs::remove_file(&partial);
+        return Err(e);
+    }
     if let Some(dir) = part.parent() {
         File::open(dir)?.sync_all()?;
     }
-    std::fs::remove_file(part)
+    remove_if_present(part)
+}
+
+fn remove_if_present(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
 }
 
 /// A reader of a trail file's lines, decompressing `.gz` files.
@@ -455,20 +587,64 @@ mod tests {
                 .collect::<String>(),
         )
         .unwrap();
-        std::fs::write(
-            dir.path()
-                .join(format!("audit.{day}.0002.jsonl.gz.partial")),
-            b"torn",
-        )
-        .unwrap();
+        // A temporary file of a compression a crash cut short (old: no process is writing it).
+        let torn = dir
+            .path()
+            .join(format!("audit.{day}.0002.jsonl.gz.partial"));
+        std::fs::write(&torn, b"torn").unwrap();
+        let an_hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+        File::options()
+            .write(true)
+            .open(&torn)
+            .unwrap()
+            .set_modified(an_hour_ago)
+            .unwrap();
         let mut files = TrailFiles::open(dir.path(), 4096).unwrap();
         files.finish().unwrap();
         let mut names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n != ROTATE_LOCK)
             .collect();
         names.sort_unstable();
         assert_eq!(names, vec![format!("audit.{day}.0001.jsonl.gz")]);
         assert_eq!(files.last_seq_of("a.1").unwrap(), Some(2));
+    }
+
+    #[test]
+    fn two_writers_sharing_a_folder_lose_and_repeat_nothing_across_their_rotations() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (chain("a.1", 60), chain("b.1", 60));
+        // Two processes' writers: each rotates files the other holds open.
+        let mut first = TrailFiles::open(dir.path(), 3000).unwrap();
+        let mut second = TrailFiles::open(dir.path(), 3000).unwrap();
+        for (x, y) in a.chunks(2).zip(b.chunks(2)) {
+            first.append(x).unwrap();
+            second.append(y).unwrap();
+        }
+        first.finish().unwrap();
+        second.finish().unwrap();
+
+        let mut names = trail_names(dir.path()).unwrap();
+        names.sort_unstable();
+        assert!(names.len() > 4, "{names:?}");
+        assert!(
+            names
+                .iter()
+                .all(|n| n.ends_with(".gz") || part_of(n).is_none()),
+            "{names:?}"
+        );
+        let mut seen: std::collections::HashMap<String, Vec<i64>> = Default::default();
+        for name in &names {
+            for line in open_lines(&dir.path().join(name)).unwrap().lines() {
+                let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+                seen.entry(v["chain_id"].as_str().unwrap().to_owned())
+                    .or_default()
+                    .push(v["seq"].as_i64().unwrap());
+            }
+        }
+        let all: Vec<i64> = (1..=60).collect();
+        assert_eq!(seen["a.1"], all);
+        assert_eq!(seen["b.1"], all);
     }
 }

@@ -429,10 +429,9 @@ async fn a_tampered_json_lines_file_fails_verification() {
     let (dir, _url) = trail().await;
     let path = std::fs::read_dir(dir.path().join("audit"))
         .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+        .map(|f| f.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
     let mut lines: Vec<&str> = text.lines().collect();
     lines.remove(5);
