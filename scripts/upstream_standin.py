@@ -7,7 +7,9 @@
                                          the PNCP-shaped pages in --fixtures; point CATRACA_PNCP_BASE_URL
                                          at http://HOST:PORT/api/consulta
   GET  /health                           200, for readiness checks
-  GET  /hits                             {"llm": n, "pncp": n}: upstream requests answered so far
+  GET  /hits                             {"llm": n, "pncp": n, "traceparents": {"llm": [...],
+                                         "pncp": [...]}}: upstream requests answered so far, and the
+                                         W3C traceparent headers they carried (the last 100 each)
 
 The PNCP stand-in answers like the real API where the fixtures show how: a query without
 dataInicial, dataFinal, codigoModalidadeContratacao or pagina, or with a date that is not a calendar day
@@ -48,6 +50,7 @@ def main() -> int:
     pages = {name: json.loads((Path(args.fixtures) / file).read_text()) for name, file in PNCP_PAGES.items()}
     lock = threading.Lock()
     hits = {"llm": 0, "pncp": 0}
+    traceparents = {"llm": [], "pncp": []}
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "catraca-upstream-standin/1"
@@ -66,6 +69,10 @@ def main() -> int:
         def _count(self, upstream: str) -> None:
             with lock:
                 hits[upstream] += 1
+                if self.headers.get("traceparent"):
+                    seen = traceparents[upstream]
+                    seen.append(self.headers["traceparent"])
+                    del seen[:-100]
 
         def _spring_400(self, path: str, message: str) -> None:
             self._reply(400, {
@@ -82,7 +89,7 @@ def main() -> int:
                 return self._reply(200, {"status": "ok"})
             if url.path == "/hits":
                 with lock:
-                    return self._reply(200, dict(hits))
+                    return self._reply(200, dict(hits, traceparents=traceparents))
             endpoint = url.path.removeprefix(PNCP_PREFIX)
             if not url.path.startswith(PNCP_PREFIX) or endpoint not in pages:
                 return self._reply(404, {"status": 404, "error": "Not Found", "path": url.path})

@@ -21,6 +21,7 @@ use crate::keys::{self, NewKey};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::store::{self, Store};
+use crate::telemetry::Telemetry;
 
 /// Everything a request needs. Built once; the policy can be swapped by a dev-mode reload.
 pub struct App {
@@ -36,6 +37,8 @@ pub struct App {
     /// Executors switched off by an operator, fresh within the key bound.
     pub switches: Arc<ExecutorSwitches>,
     pub metrics: Metrics,
+    /// OpenTelemetry export, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+    pub telemetry: Option<Arc<Telemetry>>,
 }
 
 impl App {
@@ -146,6 +149,7 @@ pub async fn build(config: Config, kinds: &Kinds) -> anyhow::Result<(Arc<App>, W
         throttled: ThrottledLedger::default(),
         switches,
         metrics,
+        telemetry: Telemetry::from_env(&config.instance_id)?,
         config,
     };
     Ok((Arc::new(app), writer))

@@ -13,7 +13,7 @@ use serde_json::json;
 use time::OffsetDateTime;
 
 use crate::audit::{AuditError, AuditLog, EventType, PendingEvent, timestamp};
-use crate::domain::{ApiKey, ContextId, KeyId, RoleName, TierName};
+use crate::domain::{ApiKey, ContextId, KeyId, RoleName, TierName, TraceId};
 use crate::policy::Policy;
 use crate::store::{KeyRecord, Store, StoreError};
 
@@ -301,10 +301,16 @@ fn created_event(record: &KeyRecord, actor: &str) -> PendingEvent {
     )
 }
 
-fn revoked_event(key_id: &KeyId, reason: &str, actor: &str) -> PendingEvent {
+/// KEY_REVOKED: which key, why and by whom (`cli`, or `key:<key_id>` under the request's trace id).
+pub fn revoked_event(
+    key_id: &KeyId,
+    reason: &str,
+    actor: &str,
+    trace_id: Option<&TraceId>,
+) -> PendingEvent {
     PendingEvent::new(
         EventType::KeyRevoked,
-        None,
+        trace_id,
         json!({ "key_id": key_id, "reason": reason, "actor": actor }),
     )
 }
@@ -338,7 +344,7 @@ pub async fn revoke(
         _ => return Err(KeyError::NotFound(key_id.clone())),
     }
     audit
-        .append(vec![revoked_event(key_id, "revoked", actor)])
+        .append(vec![revoked_event(key_id, "revoked", actor, None)])
         .await?;
     let now = timestamp(OffsetDateTime::now_utc());
     if !store.revoke_key(key_id, &now).await? {
@@ -377,7 +383,7 @@ pub async fn rotate(
     audit
         .append(vec![
             created_event(&record, actor),
-            revoked_event(&old.key_id, "rotated", actor),
+            revoked_event(&old.key_id, "rotated", actor, None),
         ])
         .await?;
     if !store

@@ -25,5 +25,6 @@ pub mod reason;
 pub mod serve;
 pub mod startup;
 pub mod store;
+pub mod telemetry;
 pub mod turnstile;
 pub mod watch;

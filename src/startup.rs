@@ -70,6 +70,14 @@ impl Server {
         }
         // Refusals counted since the last interval are written before the trail closes.
         app::flush_throttled(&app).await;
+        // Spans of the last requests reach the collector (bounded: a dead collector does not hold the
+        // shutdown).
+        if let Some(telemetry) = app.telemetry.clone() {
+            let _ = tokio::task::spawn_blocking(move || {
+                telemetry.shutdown(std::time::Duration::from_secs(5));
+            })
+            .await;
+        }
         // The last handle to the audit log goes with the app; the writer then drains and stops.
         drop(app);
         writer.finish().await;

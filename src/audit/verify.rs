@@ -10,9 +10,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use time::OffsetDateTime;
 
+use crate::audit::timestamp;
 use crate::event::{GENESIS_HASH, SealedEvent, chain_hash, map_in_two};
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, Verification};
 
 /// Kinds of damage, each with its own exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +70,29 @@ pub struct Report {
     pub elapsed: Duration,
     /// `None` when everything is intact.
     pub finding: Option<Finding>,
+}
+
+impl Report {
+    /// What the store keeps of this report (the console's last verification).
+    pub fn summary(&self, source: &str) -> Verification {
+        Verification {
+            verified_at: timestamp(OffsetDateTime::now_utc()),
+            ok: self.finding.is_none(),
+            chains: i64::try_from(self.chains).unwrap_or(i64::MAX),
+            events: i64::try_from(self.events).unwrap_or(i64::MAX),
+            duration_ms: i64::try_from(self.elapsed.as_millis()).unwrap_or(i64::MAX),
+            finding: self.finding.as_ref().map(|f| {
+                format!(
+                    "{} at chain {} seq {}: {}",
+                    f.problem.as_str(),
+                    f.chain_id,
+                    f.seq,
+                    f.message
+                )
+            }),
+            source: source.to_owned(),
+        }
+    }
 }
 
 /// A chain's claim, in its CHAIN_OPENED, about where its predecessor ended.

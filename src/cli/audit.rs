@@ -28,10 +28,14 @@ pub(super) async fn audit_command(config: &Config, cmd: AuditCommand) -> anyhow:
                 ),
                 None => {
                     let store = app::open_store(config).await?;
-                    (
-                        config.database_url.to_string(),
-                        verify::verify_store(store.as_ref(), progress).await?,
-                    )
+                    let report = verify::verify_store(store.as_ref(), progress).await?;
+                    // Kept for the console's chains page; a verdict that cannot be kept is still printed.
+                    if let Err(e) = store.record_verification(&report.summary("cli")).await {
+                        eprintln!(
+                            "audit verify: the result could not be recorded in the store: {e}"
+                        );
+                    }
+                    (config.database_url.to_string(), report)
                 }
             };
             let seconds = report.elapsed.as_secs_f64();

@@ -7,6 +7,7 @@ mod echo;
 mod llm;
 pub mod switches;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,12 +16,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::Value;
+use tracing::Instrument as _;
 
 use crate::config::ExecutorOverrides;
 use crate::domain::{ActionName, ContextId, TraceId};
 use crate::metrics::Metrics;
 use crate::reason::ReasonCode;
 use crate::store::Store;
+use crate::telemetry;
+use opentelemetry::KeyValue;
 
 /// What an executor is asked to do.
 #[derive(Clone)]
@@ -308,8 +312,36 @@ impl ExecutorDef {
 
     /// Runs the executor in its own task under its timeout; on timeout the task is aborted.
     pub async fn run(&self, call: ExecutorCall) -> Result<Value, ExecutorError> {
+        let span = telemetry::Open::new();
+        let action = span.traced().then(|| call.action.to_string());
+        let result = self.run_traced(call, span.inside()).await;
+        span.end(
+            || Cow::Owned(format!("executor {}", self.name)),
+            || {
+                vec![
+                    KeyValue::new("catraca.executor", self.name.clone()),
+                    KeyValue::new("catraca.executor.kind", self.kind.clone()),
+                    KeyValue::new("catraca.action", action.unwrap_or_default()),
+                ]
+            },
+            result.as_ref().err().map(|e| e as &dyn std::fmt::Display),
+        );
+        result
+    }
+
+    /// The executor's own task, under its timeout; its upstream calls carry `traceparent` when
+    /// `inside` is a traced span.
+    async fn run_traced(
+        &self,
+        call: ExecutorCall,
+        inside: Option<telemetry::Current>,
+    ) -> Result<Value, ExecutorError> {
         let executor = self.executor.clone();
-        let task = tokio::spawn(async move { executor.execute(call).await });
+        // The task carries the request's log span (its lines keep the trace id) and its trace.
+        let task = tokio::spawn(telemetry::within(
+            inside,
+            async move { executor.execute(call).await }.in_current_span(),
+        ));
         let abort = task.abort_handle();
         match tokio::time::timeout(self.timeout, task).await {
             Ok(Ok(result)) => result,
@@ -326,6 +358,18 @@ impl ExecutorDef {
             }
         }
     }
+}
+
+/// `traceparent` naming the running executor's span, for its upstream calls (empty when the request
+/// is not traced).
+pub fn upstream_trace_headers() -> reqwest::header::HeaderMap {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(value) =
+        telemetry::traceparent().and_then(|t| reqwest::header::HeaderValue::from_str(&t).ok())
+    {
+        headers.insert("traceparent", value);
+    }
+    headers
 }
 
 #[cfg(test)]

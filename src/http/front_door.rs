@@ -96,3 +96,27 @@ where
         }
     }
 }
+
+/// axum's `Query`, refusing with the documented JSON body: 400 `MALFORMED_REQUEST` for a query string
+/// that does not read as the parameters (an unknown value, a number that is not one).
+pub struct QueryParams<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for QueryParams<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let trace_id = parts.extensions.get::<TraceId>().cloned();
+        extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|extract::Query(value)| Self(value))
+            .map_err(|rejection| ApiError::Rejected {
+                reason: ReasonCode::MalformedRequest,
+                message: format!("the query string cannot be read: {}", rejection.body_text()),
+                trace_id,
+            })
+    }
+}

@@ -12,6 +12,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
+use opentelemetry::KeyValue;
 use serde::Serialize;
 use serde_json::{Value, json};
 use tower_http::catch_panic::CatchPanicLayer;
@@ -24,10 +25,13 @@ use crate::domain::TraceId;
 use crate::error::{ApiError, ErrorBody};
 use crate::gates::client::client_address;
 use crate::gates::trace;
+use crate::telemetry;
 use crate::turnstile::{self, ActionResult, Incoming};
-use front_door::PathParam;
 
+mod audit;
+mod console;
 mod front_door;
+mod keys;
 pub mod openapi;
 mod switches;
 
@@ -53,9 +57,15 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
-        .route("/v1/audit/traces/{trace_id}", get(get_trace))
+        .route("/v1/audit/traces/{trace_id}", get(audit::get_trace))
+        .route("/v1/audit/decisions", get(audit::decisions))
+        .route("/v1/audit/chains", get(audit::chains))
         .route("/v1/executors/{name}/disable", post(switches::disable))
         .route("/v1/executors/{name}/enable", post(switches::enable))
+        .route("/v1/keys", get(keys::list))
+        .route("/v1/keys/{key_id}/revoke", post(keys::revoke))
+        .route("/console", get(console::index))
+        .route("/console/{file}", get(console::file))
         .route("/openapi.json", get(openapi_json))
         .fallback(front_door::not_found)
         // After every route: it applies to the routes registered before it.
@@ -80,8 +90,14 @@ async fn observe(State(app): State<Arc<App>>, mut req: Request, next: Next) -> R
             "/ready" => "/ready",
             "/metrics" => "/metrics",
             "/v1/audit/traces/{trace_id}" => "/v1/audit/traces/{trace_id}",
+            "/v1/audit/decisions" => "/v1/audit/decisions",
+            "/v1/audit/chains" => "/v1/audit/chains",
             "/v1/executors/{name}/disable" => "/v1/executors/{name}/disable",
             "/v1/executors/{name}/enable" => "/v1/executors/{name}/enable",
+            "/v1/keys" => "/v1/keys",
+            "/v1/keys/{key_id}/revoke" => "/v1/keys/{key_id}/revoke",
+            "/console" => "/console",
+            "/console/{file}" => "/console/{file}",
             "/openapi.json" => "/openapi.json",
             _ => "other",
         });
@@ -96,14 +112,38 @@ async fn observe(State(app): State<Arc<App>>, mut req: Request, next: Next) -> R
         _ => "other",
     };
     req.extensions_mut().insert(trace_id.clone());
-    // Every log line written while serving the request carries its trace id.
-    let span = tracing::info_span!("request", trace_id = trace_id.as_str());
-    let mut response = next.run(req).instrument(span).await;
+    // Every log line written while serving the request carries its trace id: the span is at ERROR
+    // level so that no log filter that lets a line through drops the span (at INFO, `CATRACA_LOG=warn`
+    // wrote the request's warnings without it).
+    let span = tracing::error_span!("request", trace_id = trace_id.as_str());
+    // Probes and scrapes are not traced: they would bury the requests in spans.
+    let probe = matches!(route, "/health" | "/ready" | "/metrics");
+    let traced = app.telemetry.as_ref().filter(|_| !probe).map(|t| {
+        let traceparent = req
+            .headers()
+            .get(trace::TRACEPARENT)
+            .and_then(|v| v.to_str().ok());
+        (t, t.start(&trace_id, traceparent))
+    });
+    let mut response = match &traced {
+        None => next.run(req).instrument(span).await,
+        Some((_, current)) => {
+            telemetry::within(Some(current.clone()), next.run(req).instrument(span)).await
+        }
+    };
     if response.extensions().get::<Panicked>().is_some() {
         response = ApiError::internal("a handler panicked", Some(&trace_id)).into_response();
     }
     if let Ok(v) = HeaderValue::from_str(trace_id.as_str()) {
         response.headers_mut().insert(trace::X_TRACE_ID, v);
+    }
+    if let Some((telemetry, current)) = &traced {
+        let attributes = vec![
+            KeyValue::new("http.request.method", method),
+            KeyValue::new("http.route", route),
+        ];
+        let status = response.status().as_u16();
+        telemetry.finish(current, format!("{method} {route}"), attributes, status);
     }
     app.metrics
         .requests_total
@@ -222,40 +262,6 @@ async fn metrics(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
         text,
     )
         .into_response())
-}
-
-/// Events of one request, in chain order; needs a key whose role may `audit.read`.
-#[utoipa::path(
-    get,
-    path = "/v1/audit/traces/{trace_id}",
-    security(("api_key" = []), ("bearer" = [])),
-    params(("trace_id" = String, Path, description = "The request's trace id", pattern = "^[A-Za-z0-9._-]{8,64}$")),
-    responses(
-        (status = 200, description = "The events, in chain order", body = Object),
-        (status = 400, description = "MALFORMED_REQUEST: the path cannot be read", body = ErrorBody),
-        (status = 401, description = "AUTH_MISSING_KEY, AUTH_INVALID_KEY, AUTH_KEY_REVOKED, AUTH_KEY_EXPIRED", body = ErrorBody),
-        (status = 403, description = "The key's role may not audit.read", body = ErrorBody),
-        (status = 404, description = "NOT_FOUND: no events for this trace id", body = ErrorBody),
-        (status = 429, description = "RATE_LIMITED: the key's quota, or too many failed keys from this address", body = ErrorBody),
-        (status = 503, description = "AUDIT_UNAVAILABLE or RATE_LIMIT_UNAVAILABLE", body = ErrorBody)
-    )
-)]
-async fn get_trace(
-    State(app): State<Arc<App>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Extension(trace_id): Extension<TraceId>,
-    PathParam(wanted): PathParam<String>,
-    headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
-    crate::audit_read::trace_events(
-        &app,
-        &trace_id,
-        &headers,
-        client_address(peer.ip(), &headers, &app.config.trusted_proxies),
-        &wanted,
-    )
-    .await
-    .map(Json)
 }
 
 /// This document, for the policy in force.

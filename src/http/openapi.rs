@@ -29,9 +29,15 @@ const BEARER_SCHEME: &str = "bearer";
         super::health,
         super::ready,
         super::metrics,
-        super::get_trace,
+        super::audit::get_trace,
+        super::audit::decisions,
+        super::audit::chains,
         super::switches::disable,
         super::switches::enable,
+        super::keys::list,
+        super::keys::revoke,
+        super::console::index,
+        super::console::file,
         super::openapi_json
     ),
     components(schemas(
@@ -39,7 +45,15 @@ const BEARER_SCHEME: &str = "bearer";
         ErrorBody,
         super::Health,
         super::Readiness,
-        super::switches::SwitchAnswer
+        super::switches::SwitchAnswer,
+        super::switches::ReasonBody,
+        super::keys::KeyList,
+        super::keys::Revoked,
+        crate::audit_read::DecisionPage,
+        crate::audit_read::DecisionRow,
+        crate::audit_read::ChainsState,
+        crate::audit_read::ChainRow,
+        crate::audit_read::VerificationRow
     )),
     modifiers(&SecuritySchemes)
 )]

@@ -30,6 +30,19 @@ const SWITCH_ACTION: &str = "executors.switch";
 /// Largest body read: a reason, not a document.
 const MAX_BODY: usize = 16 * 1024;
 
+/// The body of a change that must say why (disabling an executor, revoking a key). Describes the body
+/// in the OpenAPI document; [`reason_of`] reads it, with a message for each way it can be wrong.
+#[derive(Debug, ToSchema)]
+#[expect(
+    dead_code,
+    reason = "a schema for the document; the body is read by reason_of"
+)]
+pub struct ReasonBody {
+    /// Why; at least one character that is not a space, at most 500.
+    #[schema(min_length = 1, max_length = 500, pattern = "\\S")]
+    pub reason: String,
+}
+
 /// A switch made, and when every gateway honours it at the latest.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SwitchAnswer {
@@ -45,8 +58,12 @@ pub struct SwitchAnswer {
     pub trace_id: String,
 }
 
-/// The reason in `{"reason": "..."}`; required to disable.
-async fn reason_of(body: Body, required: bool, trace_id: &TraceId) -> Result<String, ApiError> {
+/// The reason in `{"reason": "..."}`; required to disable (and to revoke a key).
+pub(super) async fn reason_of(
+    body: Body,
+    required: bool,
+    trace_id: &TraceId,
+) -> Result<String, ApiError> {
     let rejected = |message: String| ApiError::Rejected {
         reason: ReasonCode::MalformedRequest,
         message,
@@ -133,7 +150,7 @@ async fn switch(
     path = "/v1/executors/{name}/disable",
     security(("api_key" = []), ("bearer" = [])),
     params(("name" = String, Path, description = "A loaded executor's name")),
-    request_body(content = Object, description = r#"{"reason": "why"} (required)"#, content_type = "application/json"),
+    request_body(content = ReasonBody, description = "Why (required)", content_type = "application/json"),
     responses(
         (status = 200, description = "Switched; every gateway refuses its actions within bound_ms", body = SwitchAnswer),
         (status = 400, description = "MALFORMED_REQUEST: the body is not {\"reason\": \"...\"} or the path cannot be read", body = crate::error::ErrorBody),

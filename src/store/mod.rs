@@ -105,6 +105,20 @@ pub struct ChainInfo {
     pub first_at: String,
 }
 
+/// What one `catraca audit verify` of the store found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verification {
+    pub verified_at: String,
+    pub ok: bool,
+    pub chains: i64,
+    pub events: i64,
+    pub duration_ms: i64,
+    /// The first problem found; `None` when the trail is intact.
+    pub finding: Option<String>,
+    /// Who ran it (`cli`).
+    pub source: String,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Applies the embedded migrations of this backend.
@@ -138,6 +152,17 @@ pub trait Store: Send + Sync + 'static {
     async fn latest_chain_tail(&self, instance_id: &str) -> Result<Option<ChainTail>, StoreError>;
     /// Events of one request, in chain order.
     async fn events_for_trace(&self, trace_id: &str) -> Result<Vec<SealedEvent>, StoreError>;
+    /// Events before the position `(occurred_at, chain_id, seq)` (from the newest when `None`), newest
+    /// first, at most `limit` (for reading recent decisions page by page).
+    async fn events_before(
+        &self,
+        before: Option<(&str, &str, i64)>,
+        limit: i64,
+    ) -> Result<Vec<SealedEvent>, StoreError>;
+    /// Keeps what a verification of the store found.
+    async fn record_verification(&self, found: &Verification) -> Result<(), StoreError>;
+    /// The most recent verification of the store, if any.
+    async fn last_verification(&self) -> Result<Option<Verification>, StoreError>;
     /// Every chain, oldest first.
     async fn chains(&self) -> Result<Vec<ChainInfo>, StoreError>;
     /// Events of `chain_id` with `seq > after_seq`, in order, at most `limit`.

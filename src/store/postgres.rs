@@ -10,7 +10,7 @@ use sqlx::{PgPool, Postgres, QueryBuilder, SqlSafeStr};
 use super::rows::{KeyRow, Sightings};
 use super::{
     ChainInfo, ChainTail, CollectorRun, ExecutorSwitch, KeyRecord, LockHolder, SNAPSHOT_CHUNK,
-    SnapshotRow, Store, StoreError, contexts_to_text, probe_event,
+    SnapshotRow, Store, StoreError, Verification, contexts_to_text, probe_event,
 };
 use crate::domain::KeyId;
 use crate::event::SealedEvent;
@@ -64,6 +64,13 @@ fn migrator() -> Migrator {
             "collector run trace".into(),
             MigrationType::Simple,
             include_str!("../../migrations/postgres/0006_collector_run_trace.sql").into_sql_str(),
+            false,
+        ),
+        Migration::new(
+            7,
+            "verifications".into(),
+            MigrationType::Simple,
+            include_str!("../../migrations/postgres/0007_verifications.sql").into_sql_str(),
             false,
         ),
     ])
@@ -322,6 +329,54 @@ impl Store for PgStore {
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
+    async fn events_before(
+        &self,
+        before: Option<(&str, &str, i64)>,
+        limit: i64,
+    ) -> Result<Vec<SealedEvent>, StoreError> {
+        // "9" sorts after every timestamp this century; the first bound lets the time index do the work.
+        let (at, chain, seq) = before.unwrap_or(("9", "", 0));
+        let events: Vec<SealedEvent> = sqlx::query_as(
+            "SELECT chain_id, seq, event_id, event_type, trace_id, occurred_at, instance_id, prev_hash, hash, body \
+             FROM audit_events \
+             WHERE occurred_at <= $1 AND (occurred_at, chain_id, seq) < ($1, $2, $3) \
+             ORDER BY occurred_at DESC, chain_id DESC, seq DESC LIMIT $4",
+        )
+        .bind(at)
+        .bind(chain)
+        .bind(seq)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(events)
+    }
+
+    async fn record_verification(&self, found: &Verification) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO audit_verifications (verified_at, ok, chains, events, duration_ms, finding, source) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&found.verified_at)
+        .bind(found.ok)
+        .bind(found.chains)
+        .bind(found.events)
+        .bind(found.duration_ms)
+        .bind(&found.finding)
+        .bind(&found.source)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn last_verification(&self) -> Result<Option<Verification>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT verified_at, ok, chains, events, duration_ms, finding, source \
+             FROM audit_verifications ORDER BY id DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
     async fn chains(&self) -> Result<Vec<ChainInfo>, StoreError> {
         Ok(sqlx::query_as(
             "SELECT chain_id, COUNT(*) AS events, MIN(occurred_at) AS first_at FROM audit_events \

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use sqlx::{ColumnIndex, Decode, FromRow, Row, Type};
 
-use super::{ChainInfo, ChainTail, KeyRecord, LockHolder, SnapshotRow, StoreError};
+use super::{ChainInfo, ChainTail, KeyRecord, LockHolder, SnapshotRow, StoreError, Verification};
 use crate::domain::{ContextId, KeyId, RoleName, TierName};
 use crate::event::SealedEvent;
 
@@ -132,6 +132,26 @@ where
             chain_id: row.try_get("chain_id")?,
             events: row.try_get("events")?,
             first_at: row.try_get("first_at")?,
+        })
+    }
+}
+
+impl<'r, R: Row> FromRow<'r, R> for Verification
+where
+    &'r str: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    bool: Decode<'r, R::Database> + Type<R::Database>,
+{
+    fn from_row(row: &'r R) -> sqlx::Result<Self> {
+        Ok(Self {
+            verified_at: row.try_get("verified_at")?,
+            ok: row.try_get("ok")?,
+            chains: row.try_get("chains")?,
+            events: row.try_get("events")?,
+            duration_ms: row.try_get("duration_ms")?,
+            finding: row.try_get("finding")?,
+            source: row.try_get("source")?,
         })
     }
 }

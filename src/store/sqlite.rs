@@ -12,7 +12,7 @@ use sqlx::{ConnectOptions, QueryBuilder, SqlSafeStr, Sqlite, SqliteConnection, S
 use super::rows::{KeyRow, Sightings};
 use super::{
     ChainInfo, ChainTail, CollectorRun, ExecutorSwitch, KeyRecord, LockHolder, SNAPSHOT_CHUNK,
-    SnapshotRow, Store, StoreError, contexts_to_text, probe_event,
+    SnapshotRow, Store, StoreError, Verification, contexts_to_text, probe_event,
 };
 use crate::domain::KeyId;
 use crate::event::{SealedEvent, map_in_two};
@@ -89,6 +89,13 @@ fn migrations() -> Vec<Migration> {
             "compact trail".into(),
             MigrationType::Simple,
             include_str!("../../migrations/sqlite/0007_compact_trail.sql").into_sql_str(),
+            false,
+        ),
+        Migration::new(
+            8,
+            "verifications".into(),
+            MigrationType::Simple,
+            include_str!("../../migrations/sqlite/0008_verifications.sql").into_sql_str(),
             false,
         ),
     ]
@@ -476,6 +483,53 @@ impl Store for SqliteStore {
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
+    async fn events_before(
+        &self,
+        before: Option<(&str, &str, i64)>,
+        limit: i64,
+    ) -> Result<Vec<SealedEvent>, StoreError> {
+        // "9" sorts after every timestamp this century; the first bound lets the time index do the work.
+        let (at, chain, seq) = before.unwrap_or(("9", "", 0));
+        let rows: Vec<TrailRow> = sqlx::query_as(select_trail!(
+            "WHERE t.occurred_at <= ? AND (t.occurred_at, c.chain_id, t.seq) < (?, ?, ?) \
+             ORDER BY t.occurred_at DESC, c.chain_id DESC, t.seq DESC LIMIT ?"
+        ))
+        .bind(at)
+        .bind(at)
+        .bind(chain)
+        .bind(seq)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(events_of(rows))
+    }
+
+    async fn record_verification(&self, found: &Verification) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO audit_verifications (verified_at, ok, chains, events, duration_ms, finding, source) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&found.verified_at)
+        .bind(found.ok)
+        .bind(found.chains)
+        .bind(found.events)
+        .bind(found.duration_ms)
+        .bind(&found.finding)
+        .bind(&found.source)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn last_verification(&self) -> Result<Option<Verification>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT verified_at, ok, chains, events, duration_ms, finding, source \
+             FROM audit_verifications ORDER BY id DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
     async fn chains(&self) -> Result<Vec<ChainInfo>, StoreError> {
         Ok(sqlx::query_as(
             // The last seq of each chain, one index lookup each: counting rows would read the whole

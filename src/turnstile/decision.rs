@@ -1,6 +1,7 @@
 //! A request's story as the turnstile builds it: each gate's verdict (counted in the metrics as it is
 //! recorded), who asked for what, and the events that make it durable.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,6 +15,8 @@ use crate::gates::auth::AuthenticatedKey;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::reason::{Gate, ReasonCode};
+use crate::telemetry;
+use opentelemetry::KeyValue;
 
 /// Longest request-supplied text kept in an audit event (e.g. an unknown action name).
 const MAX_AUDITED_TEXT: usize = 128;
@@ -66,6 +69,25 @@ impl Verdicts {
                 }
             }
         }
+        telemetry::record(
+            || Cow::Owned(format!("gate {}", gate.as_str())),
+            started,
+            || {
+                let mut attributes = vec![
+                    KeyValue::new("catraca.gate", gate.as_str()),
+                    KeyValue::new(
+                        "catraca.verdict",
+                        if denied.is_some() { "deny" } else { "allow" },
+                    ),
+                ];
+                if let Some(codes) = denied {
+                    let codes: Vec<&str> = codes.iter().map(ReasonCode::as_str).collect();
+                    attributes.push(KeyValue::new("catraca.reason_codes", codes.join(",")));
+                }
+                attributes
+            },
+            None,
+        );
         self.0.push(Verdict {
             gate,
             allowed: denied.is_none(),

@@ -31,9 +31,11 @@ use crate::gates::input;
 use crate::gates::rate_limit::RateDecision;
 use crate::policy::Principal;
 use crate::reason::{Gate, ReasonCode};
+use crate::telemetry;
 use authorize::{Ask, Granted, Refusal, Stop, authorize, input_refused};
 use decision::{Decision, micros};
 use execution::{count_execution, executor_of, with_digest};
+use opentelemetry::KeyValue;
 use steps::StepContext;
 
 /// How long a client is asked to wait when the shared rate limiter cannot be reached.
@@ -419,6 +421,17 @@ enum Moment {
     Read,
 }
 
+impl Moment {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Outcome => "outcome",
+            Self::Denial => "denial",
+            Self::Read => "read",
+        }
+    }
+}
+
 /// Appends `events` durably, or answers 503: nothing is acknowledged that the trail does not hold.
 async fn commit(
     app: &App,
@@ -426,7 +439,24 @@ async fn commit(
     events: Vec<PendingEvent>,
     moment: Moment,
 ) -> Result<(), ApiError> {
-    app.audit.append(events).await.map_err(|e| {
+    let started = Instant::now();
+    let count = events.len();
+    let written = app.audit.append(events).await;
+    telemetry::record(
+        || "audit commit".into(),
+        started,
+        || {
+            vec![
+                KeyValue::new("catraca.audit.moment", moment.as_str()),
+                KeyValue::new(
+                    "catraca.audit.events",
+                    i64::try_from(count).unwrap_or(i64::MAX),
+                ),
+            ]
+        },
+        written.as_ref().err().map(|e| e as &dyn std::fmt::Display),
+    );
+    written.map_err(|e| {
         tracing::error!(error = %e, ?moment, "events not durable; answering 503");
         count_result(app, d.action_label(), "unavailable");
         ApiError::AuditUnavailable {

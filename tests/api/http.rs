@@ -28,6 +28,12 @@ async fn openapi_is_generated_and_describes_every_route() {
         "/ready",
         "/metrics",
         "/v1/audit/traces/{trace_id}",
+        "/v1/audit/decisions",
+        "/v1/audit/chains",
+        "/v1/keys",
+        "/v1/keys/{key_id}/revoke",
+        "/console",
+        "/console/{file}",
         "/openapi.json",
     ] {
         assert!(doc["paths"].get(path).is_some(), "{path} missing");
@@ -48,10 +54,16 @@ async fn openapi_names_both_ways_of_presenting_a_key_on_the_routes_that_need_one
     assert_eq!(schemes["bearer"]["scheme"], "bearer");
     let either = json!([{ "api_key": [] }, { "bearer": [] }]);
     assert_eq!(doc["paths"]["/process"]["post"]["security"], either);
-    assert_eq!(
-        doc["paths"]["/v1/audit/traces/{trace_id}"]["get"]["security"],
-        either
-    );
+    for (path, method) in [
+        ("/v1/audit/traces/{trace_id}", "get"),
+        ("/v1/audit/decisions", "get"),
+        ("/v1/audit/chains", "get"),
+        ("/v1/keys", "get"),
+        ("/v1/keys/{key_id}/revoke", "post"),
+    ] {
+        assert_eq!(doc["paths"][path][method]["security"], either, "{path}");
+    }
+    assert!(doc["paths"]["/console"]["get"].get("security").is_none());
     assert!(doc["paths"]["/health"]["get"].get("security").is_none());
 }
 

@@ -87,3 +87,52 @@ async fn text_logs_written_to_a_pipe_have_no_colour_codes() {
     assert!(line.contains("trace_id=logs-trace-0002"), "{line}");
     serve.stop();
 }
+
+// Multi-threaded: the request is sent by a task while this thread waits for the log line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_executors_log_lines_carry_the_trace_id_of_the_request_it_serves() {
+    // Arrange: a collector whose upstream refuses connections, so its first page logs a retry from
+    // inside the executor's own task.
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("catraca.db").display());
+    let cli = Cli::on(&db, dir.path(), "logs")
+        .env("CATRACA_MODE", "staging")
+        // Warnings only (but the line that says where it listens): the collector's own spans, at
+        // info, are filtered out, so the trace id can only come from the request's span.
+        .env("CATRACA_LOG", "catraca::cli=info,warn")
+        .env("CATRACA_LOG_FORMAT", "json")
+        .env("CATRACA_PNCP_BASE_URL", "http://127.0.0.1:1/api/consulta");
+    let created = cli.stdout(&[
+        "keys", "create", "--name", "logs", "--role", "operator", "--json",
+    ]);
+    let key: Value = serde_json::from_str(&created).unwrap();
+    let serve = Serve::start(&cli);
+
+    // Act: the collection runs (its answer comes only after the retries; it is not waited for).
+    let request = reqwest::Client::new()
+        .post(serve.url("/process"))
+        .header("x-api-key", key["key"].as_str().unwrap())
+        .header("x-trace-id", "logs-trace-0003")
+        .json(
+            &serde_json::json!({"action": "licitacoes.collect", "context_id": "work", "payload": {
+            "source": "pncp", "endpoint": "publicacao", "data_inicial": "2026-01-01",
+            "data_final": "2026-01-02", "modalidade": 6}}),
+        )
+        .send();
+    let pending = tokio::spawn(request);
+    serve.wait_for_stderr("the collector's retry", |e| {
+        e.contains("page failed; retrying")
+    });
+    pending.abort();
+    // Read now: a graceful stop would wait for the collection's retries.
+    let stderr = serve.stderr();
+    drop(serve);
+
+    // Assert
+    let retry: Value = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["fields"]["message"] == "page failed; retrying")
+        .unwrap_or_else(|| panic!("no retry line:\n{stderr}"));
+    assert_eq!(retry["span"]["trace_id"], "logs-trace-0003", "{retry}");
+}

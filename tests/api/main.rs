@@ -15,6 +15,7 @@ mod auth;
 mod cli;
 mod collector;
 mod composite;
+mod console;
 mod front_door;
 mod front_door_http;
 mod gates;

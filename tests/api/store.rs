@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use catraca::audit::{EventType, GENESIS_HASH, PendingEvent, SealedEvent, seal};
 use catraca::domain::{ApiKey, KeyId, RoleName, TierName};
-use catraca::store::{CollectorRun, KeyRecord, PgStore, SnapshotRow, SqliteStore, Store};
+use catraca::store::{
+    CollectorRun, KeyRecord, PgStore, SnapshotRow, SqliteStore, Store, Verification,
+};
 use serde_json::json;
 use sqlx::Connection;
 
@@ -141,6 +143,48 @@ async fn events_append_read_back_and_stream(store: Arc<dyn Store>) {
 
     // A duplicate position is refused: the chain cannot be overwritten.
     assert!(store.append_events(&events[..1]).await.is_err());
+}
+
+async fn recent_events_page_backwards_and_verifications_are_kept(store: Arc<dyn Store>) {
+    let mut events = chain("c3", 12);
+    store.append_events(&events).await.unwrap();
+
+    // Newest first, pages of 5 following each other through the last position read.
+    events.reverse();
+    let mut seen = Vec::new();
+    let mut cursor: Option<(String, String, i64)> = None;
+    loop {
+        let page = store
+            .events_before(
+                cursor
+                    .as_ref()
+                    .map(|(a, c, s)| (a.as_str(), c.as_str(), *s)),
+                5,
+            )
+            .await
+            .unwrap();
+        let Some(last) = page.last() else { break };
+        cursor = Some((last.occurred_at.clone(), last.chain_id.clone(), last.seq));
+        seen.extend(page);
+    }
+    assert_eq!(seen, events);
+
+    assert_eq!(store.last_verification().await.unwrap(), None);
+    let mut found = Verification {
+        verified_at: "2026-11-23T01:00:00.000000Z".into(),
+        ok: true,
+        chains: 1,
+        events: 12,
+        duration_ms: 3,
+        finding: None,
+        source: "cli".into(),
+    };
+    store.record_verification(&found).await.unwrap();
+    found.verified_at = "2026-11-23T02:00:00.000000Z".into();
+    found.ok = false;
+    found.finding = Some("hash at chain c3 seq 4: altered".into());
+    store.record_verification(&found).await.unwrap();
+    assert_eq!(store.last_verification().await.unwrap(), Some(found));
 }
 
 async fn trace_lookup_returns_chain_order(store: Arc<dyn Store>) {
@@ -347,6 +391,10 @@ mod sqlite_and_postgres {
     store_story!(
         events_append_read_back_and_stream,
         events_append_read_back_and_stream_on_postgres
+    );
+    store_story!(
+        recent_events_page_backwards_and_verifications_are_kept,
+        recent_events_page_backwards_and_verifications_are_kept_on_postgres
     );
     store_story!(
         trace_lookup_returns_chain_order,

@@ -65,7 +65,13 @@ impl HttpSource {
 #[async_trait]
 impl PageSource for HttpSource {
     async fn get(&self, url: &str, query: &[(String, String)]) -> Result<Fetched, FetchError> {
-        let sent = self.client.get(url).query(query).send().await;
+        let sent = self
+            .client
+            .get(url)
+            .query(query)
+            .headers(crate::executors::upstream_trace_headers())
+            .send()
+            .await;
         let mut resp = match sent {
             Ok(r) => r,
             Err(e) if e.is_timeout() => return Err(FetchError::Timeout(self.timeout_ms)),

@@ -17,7 +17,7 @@ use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY
 use serde_json::Value;
 
 use super::settings::{ApiKey, REDACTED, Settings};
-use crate::executors::ExecutorError;
+use crate::executors::{ExecutorError, upstream_trace_headers};
 
 /// No single wait (computed backoff or the upstream's `Retry-After`) exceeds this: a longer pause
 /// is better spent failing and letting the client decide.
@@ -143,6 +143,7 @@ impl HttpChat {
             .post(&self.url)
             .headers(self.headers.clone())
             .header(CONTENT_TYPE, "application/json")
+            .headers(upstream_trace_headers())
             .body(body.to_vec())
             .send()
             .await
