@@ -112,12 +112,17 @@ async fn observe(State(app): State<Arc<App>>, mut req: Request, next: Next) -> R
         _ => "other",
     };
     req.extensions_mut().insert(trace_id.clone());
+    // Probes and scrapes log nothing and are not traced: they would bury the requests in spans, and
+    // a log span costs a few hundred nanoseconds of a /health answer's few microseconds.
+    let probe = matches!(route, "/health" | "/ready" | "/metrics");
     // Every log line written while serving the request carries its trace id: the span is at ERROR
     // level so that no log filter that lets a line through drops the span (at INFO, `CATRACA_LOG=warn`
     // wrote the request's warnings without it).
-    let span = tracing::error_span!("request", trace_id = trace_id.as_str());
-    // Probes and scrapes are not traced: they would bury the requests in spans.
-    let probe = matches!(route, "/health" | "/ready" | "/metrics");
+    let span = if probe {
+        tracing::Span::none()
+    } else {
+        tracing::error_span!("request", trace_id = trace_id.as_str())
+    };
     let traced = app.telemetry.as_ref().filter(|_| !probe).map(|t| {
         let traceparent = req
             .headers()
