@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use opentelemetry::KeyValue;
 use serde::Deserialize;
 use serde_json::Value;
 use tracing::Instrument as _;
@@ -24,7 +25,6 @@ use crate::metrics::Metrics;
 use crate::reason::ReasonCode;
 use crate::store::Store;
 use crate::telemetry;
-use opentelemetry::KeyValue;
 
 /// What an executor is asked to do.
 #[derive(Clone)]

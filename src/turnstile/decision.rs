@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
+use opentelemetry::KeyValue;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -16,7 +17,6 @@ use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::reason::{Gate, ReasonCode};
 use crate::telemetry;
-use opentelemetry::KeyValue;
 
 /// Longest request-supplied text kept in an audit event (e.g. an unknown action name).
 const MAX_AUDITED_TEXT: usize = 128;

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{HeaderMap, StatusCode};
+use opentelemetry::KeyValue;
 use serde::Serialize;
 use serde_json::{Value, json};
 use utoipa::ToSchema;
@@ -35,7 +36,6 @@ use crate::telemetry;
 use authorize::{Ask, Granted, Refusal, Stop, authorize, input_refused};
 use decision::{Decision, micros};
 use execution::{count_execution, executor_of, with_digest};
-use opentelemetry::KeyValue;
 use steps::StepContext;
 
 /// How long a client is asked to wait when the shared rate limiter cannot be reached.
