@@ -2,20 +2,18 @@
 //! events, recent decisions and the chains' state. Each read is audited like any request; the work is
 //! in `crate::audit_read`.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{ConnectInfo, State};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use serde_json::Value;
 
-use super::front_door::{PathParam, QueryParams};
+use super::front_door::{Client, PathParam, QueryParams};
 use crate::app::App;
 use crate::audit_read::{self, ChainsState, DecisionPage, DecisionQuery};
 use crate::domain::TraceId;
 use crate::error::{ApiError, ErrorBody};
-use crate::gates::client::client_address;
 
 /// Events of one request, in chain order, with the timeline `catraca audit trace` prints; needs a key
 /// whose role may `audit.read`.
@@ -36,12 +34,11 @@ use crate::gates::client::client_address;
 )]
 pub(super) async fn get_trace(
     State(app): State<Arc<App>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Client(client): Client,
     axum::Extension(trace_id): axum::Extension<TraceId>,
     PathParam(wanted): PathParam<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    let client = client_address(peer.ip(), &headers, &app.config.trusted_proxies);
     audit_read::trace_events(&app, &trace_id, &headers, client, &wanted)
         .await
         .map(Json)
@@ -65,12 +62,11 @@ pub(super) async fn get_trace(
 )]
 pub(super) async fn decisions(
     State(app): State<Arc<App>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Client(client): Client,
     axum::Extension(trace_id): axum::Extension<TraceId>,
     QueryParams(query): QueryParams<DecisionQuery>,
     headers: HeaderMap,
 ) -> Result<Json<DecisionPage>, ApiError> {
-    let client = client_address(peer.ip(), &headers, &app.config.trusted_proxies);
     audit_read::decisions(&app, &trace_id, &headers, client, &query)
         .await
         .map(Json)
@@ -92,11 +88,10 @@ pub(super) async fn decisions(
 )]
 pub(super) async fn chains(
     State(app): State<Arc<App>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Client(client): Client,
     axum::Extension(trace_id): axum::Extension<TraceId>,
     headers: HeaderMap,
 ) -> Result<Json<ChainsState>, ApiError> {
-    let client = client_address(peer.ip(), &headers, &app.config.trusted_proxies);
     audit_read::chains(&app, &trace_id, &headers, client)
         .await
         .map(Json)

@@ -2,15 +2,20 @@
 //! not take (405), headers past the front door's limits (431) and a path that cannot be read (400).
 //! Each answers with the documented JSON body and, through `observe`, the `X-Trace-Id` header.
 
-use axum::extract::{FromRequestParts, Request};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, extract};
 use serde::de::DeserializeOwned;
 
+use crate::app::App;
 use crate::domain::TraceId;
 use crate::error::ApiError;
+use crate::gates::client::client_address;
 use crate::reason::ReasonCode;
 
 /// Most header fields a request may carry. hyper refuses more than 100 by itself (its parser's fixed
@@ -118,5 +123,31 @@ where
                 message: format!("the query string cannot be read: {}", rejection.body_text()),
                 trace_id,
             })
+    }
+}
+
+/// The client's address as the gates see it: the socket's peer, or the first untrusted hop of
+/// `X-Forwarded-For` when the peer is a trusted proxy (see `crate::gates::client`).
+pub struct Client(pub IpAddr);
+
+impl FromRequestParts<Arc<App>> for Client {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        app: &Arc<App>,
+    ) -> Result<Self, Self::Rejection> {
+        let Some(ConnectInfo(peer)) = parts.extensions.get::<ConnectInfo<SocketAddr>>() else {
+            let trace_id = parts.extensions.get::<TraceId>();
+            return Err(ApiError::internal(
+                "no peer address on the connection",
+                trace_id,
+            ));
+        };
+        Ok(Self(client_address(
+            peer.ip(),
+            &parts.headers,
+            &app.config.trusted_proxies,
+        )))
     }
 }

@@ -4,24 +4,22 @@
 //! under the request's trace id) before it is stored, and every gateway refuses the key within the
 //! revocation bound, as after `catraca keys revoke`.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use serde::Serialize;
 use time::OffsetDateTime;
 use utoipa::ToSchema;
 
-use super::front_door::PathParam;
+use super::front_door::{Client, PathParam};
 use super::switches::reason_of;
 use crate::app::App;
 use crate::audit::timestamp;
 use crate::domain::{KeyId, TraceId};
 use crate::error::{ApiError, ErrorBody};
-use crate::gates::client::client_address;
 use crate::keys::{self, KeyView};
 use crate::turnstile;
 use crate::watch::STALE_AFTER_REFRESHES;
@@ -64,11 +62,10 @@ pub struct Revoked {
 )]
 pub(super) async fn list(
     State(app): State<Arc<App>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Client(client): Client,
     axum::Extension(trace_id): axum::Extension<TraceId>,
     headers: HeaderMap,
 ) -> Result<Json<KeyList>, ApiError> {
-    let client = client_address(peer.ip(), &headers, &app.config.trusted_proxies);
     turnstile::authorize_permission(&app, &trace_id, &headers, client, "/v1/keys", KEYS_ACTION)
         .await?;
     let records = app
@@ -100,14 +97,13 @@ pub(super) async fn list(
 )]
 pub(super) async fn revoke(
     State(app): State<Arc<App>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Client(client): Client,
     axum::Extension(trace_id): axum::Extension<TraceId>,
     PathParam(key_id): PathParam<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Revoked>, ApiError> {
     let reason = reason_of(body, true, &trace_id).await?;
-    let client = client_address(peer.ip(), &headers, &app.config.trusted_proxies);
     let route = "/v1/keys/{key_id}/revoke";
     let mut change =
         turnstile::authorize_change(&app, &trace_id, &headers, client, route, KEYS_ACTION).await?;

@@ -1,12 +1,11 @@
 //! HTTP routes. Handlers are thin: extract, call one service function, map the result. Refusals of the
 //! request itself live in [`front_door`]; the OpenAPI document in [`openapi`].
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -23,10 +22,10 @@ use crate::app::App;
 use crate::audit::timestamp;
 use crate::domain::TraceId;
 use crate::error::{ApiError, ErrorBody};
-use crate::gates::client::client_address;
 use crate::gates::trace;
 use crate::telemetry;
 use crate::turnstile::{self, ActionResult, Incoming};
+use front_door::Client;
 
 mod audit;
 mod console;
@@ -197,12 +196,11 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 )]
 async fn process_action(
     State(app): State<Arc<App>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Client(client): Client,
     Extension(trace_id): Extension<TraceId>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<ActionResult>, ApiError> {
-    let client = client_address(peer.ip(), &headers, &app.config.trusted_proxies);
     let incoming = Incoming {
         trace_id,
         headers,

@@ -4,23 +4,22 @@
 //! EXECUTOR_SWITCHED (actor `key:<key_id>`, under the request's trace id) before it is stored, honoured
 //! by every gateway within the watch bound.
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use super::front_door::PathParam;
+use super::front_door::{Client, PathParam};
 use crate::app::App;
 use crate::domain::TraceId;
 use crate::error::ApiError;
 use crate::executors::switches;
-use crate::gates::client::client_address;
 use crate::reason::ReasonCode;
 use crate::turnstile;
 use crate::watch::STALE_AFTER_REFRESHES;
@@ -95,14 +94,13 @@ pub(super) async fn reason_of(
 async fn switch(
     app: &Arc<App>,
     trace_id: &TraceId,
-    peer: SocketAddr,
+    client: IpAddr,
     headers: &HeaderMap,
     name: &str,
     disabled: bool,
     body: Body,
 ) -> Result<Json<SwitchAnswer>, ApiError> {
     let reason = reason_of(body, disabled, trace_id).await?;
-    let client = client_address(peer.ip(), headers, &app.config.trusted_proxies);
     let route = if disabled {
         "/v1/executors/{name}/disable"
     } else {
@@ -163,13 +161,13 @@ async fn switch(
 )]
 pub(super) async fn disable(
     State(app): State<Arc<App>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Client(client): Client,
     axum::Extension(trace_id): axum::Extension<TraceId>,
     PathParam(name): PathParam<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<SwitchAnswer>, ApiError> {
-    switch(&app, &trace_id, peer, &headers, &name, true, body).await
+    switch(&app, &trace_id, client, &headers, &name, true, body).await
 }
 
 /// Switch an executor on again; needs a key whose role may `executors.switch`.
@@ -191,11 +189,11 @@ pub(super) async fn disable(
 )]
 pub(super) async fn enable(
     State(app): State<Arc<App>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Client(client): Client,
     axum::Extension(trace_id): axum::Extension<TraceId>,
     PathParam(name): PathParam<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<SwitchAnswer>, ApiError> {
-    switch(&app, &trace_id, peer, &headers, &name, false, body).await
+    switch(&app, &trace_id, client, &headers, &name, false, body).await
 }
