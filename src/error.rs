@@ -146,8 +146,45 @@ pub struct ErrorBody {
     pub executor_id: Option<String>,
 }
 
+/// How an error is answered, apart from its body: the status and the headers that go with it.
+pub struct Head {
+    pub status: StatusCode,
+    /// `Retry-After`, in seconds.
+    pub retry_after: Option<u64>,
+    /// `WWW-Authenticate`, on a 401.
+    pub authenticate: Option<&'static str>,
+}
+
+impl Head {
+    /// The response: this status and these headers with `body` (the error's own, or a facade's shape
+    /// of it).
+    pub fn respond(self, body: impl IntoResponse) -> Response {
+        let mut response = (self.status, body).into_response();
+        let headers = response.headers_mut();
+        if let Some(secs) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Some(challenge) = self.authenticate {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
+        }
+        response
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let (head, body) = self.answer();
+        head.respond(Json(body))
+    }
+}
+
+impl ApiError {
+    /// How this error is answered; routes with a body shape of their own (the OpenAI facade) start
+    /// from here.
+    pub fn answer(self) -> (Head, ErrorBody) {
         let status = self.status();
         let mut retry_after = None;
         let mut authenticate = None;
@@ -254,18 +291,12 @@ impl IntoResponse for ApiError {
                 }
             }
         };
-        let mut response = (status, Json(body)).into_response();
-        let headers = response.headers_mut();
-        if let Some(secs) = retry_after {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        }
-        if let Some(challenge) = authenticate {
-            headers.insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static(challenge),
-            );
-        }
-        response
+        let head = Head {
+            status,
+            retry_after,
+            authenticate,
+        };
+        (head, body)
     }
 }
 

@@ -171,8 +171,16 @@ enum PolicyCommand {
 /// (stderr closed or full) is dropped, never an error of the request that logged it.
 fn init_logging(filter: &str, format: LogFormat) {
     use std::io::IsTerminal as _;
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+    let mut env_filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // The MCP SDK logs three INFO lines per stateless request; its warnings are what an operator
+    // needs, unless the filter asks for more of it by name.
+    if !filter.contains("rmcp")
+        && let Ok(quiet) = "rmcp=warn".parse()
+    {
+        env_filter = env_filter.add_directive(quiet);
+    }
+    let filter = env_filter;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -11,6 +11,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -37,6 +38,44 @@ pub struct ExecutorCall {
     /// Runs another action for the same principal and context, re-authorized and audited as a step
     /// (what composites are made of).
     pub steps: Option<Arc<dyn StepRunner>>,
+    /// Where to relay the answer's chunks as they come, when the client asked for a stream (the
+    /// OpenAI facade's `stream: true`). An executor that cannot stream ignores it and returns its
+    /// whole result.
+    pub stream: Option<ChunkSink>,
+}
+
+/// The client's end of a streamed answer: chunks go out as the executor produces them, under
+/// back-pressure (a bounded channel), and sending fails once the client has gone.
+#[derive(Clone, Debug)]
+pub struct ChunkSink {
+    chunks: tokio::sync::mpsc::Sender<Value>,
+    sent: Arc<AtomicUsize>,
+}
+
+impl ChunkSink {
+    /// A sink and the receiver its chunks arrive at; at most `capacity` chunks wait unread.
+    pub fn channel(capacity: usize) -> (Self, tokio::sync::mpsc::Receiver<Value>) {
+        let (chunks, rx) = tokio::sync::mpsc::channel(capacity.max(1));
+        let sink = Self {
+            chunks,
+            sent: Arc::new(AtomicUsize::new(0)),
+        };
+        (sink, rx)
+    }
+
+    /// Relays one chunk; fails once the client has closed the stream (the executor should stop).
+    pub async fn send(&self, chunk: Value) -> Result<(), ExecutorError> {
+        self.chunks.send(chunk).await.map_err(|_| {
+            ExecutorError::Failed("the client closed the stream before its end".to_owned())
+        })?;
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// How many chunks were relayed so far: once one was, the client has its answer's status (200).
+    pub fn sent(&self) -> usize {
+        self.sent.load(Ordering::Relaxed)
+    }
 }
 
 impl std::fmt::Debug for ExecutorCall {
@@ -151,6 +190,12 @@ pub trait Executor: Send + Sync + 'static {
     /// Facts about this executor the audit trail should carry in EXECUTOR_SELECTED and
     /// ACTION_EXECUTED (e.g. a prompt template's SHA-256 and the model); never secrets.
     fn audit_facts(&self) -> Option<Value> {
+        None
+    }
+
+    /// Facts about one call's `result` for its ACTION_EXECUTED event (e.g. the model that answered
+    /// and its token usage), read from the result the executor itself shaped; never secrets.
+    fn outcome_facts(&self, _result: &Value) -> Option<Value> {
         None
     }
 }
@@ -308,6 +353,11 @@ impl ExecutorDef {
     /// See [`Executor::audit_facts`].
     pub fn audit_facts(&self) -> Option<Value> {
         self.executor.audit_facts()
+    }
+
+    /// See [`Executor::outcome_facts`].
+    pub fn outcome_facts(&self, result: &Value) -> Option<Value> {
+        self.executor.outcome_facts(result)
     }
 
     /// Runs the executor in its own task under its timeout; on timeout the task is aborted.

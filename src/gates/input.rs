@@ -42,7 +42,7 @@ pub struct InputRefusal {
 }
 
 impl InputRefusal {
-    fn new(reason: ReasonCode, message: impl Into<String>) -> Self {
+    pub fn new(reason: ReasonCode, message: impl Into<String>) -> Self {
         Self {
             reason,
             message: message.into(),

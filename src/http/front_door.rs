@@ -128,6 +128,7 @@ where
 
 /// The client's address as the gates see it: the socket's peer, or the first untrusted hop of
 /// `X-Forwarded-For` when the peer is a trusted proxy (see `crate::gates::client`).
+#[derive(Debug, Clone, Copy)]
 pub struct Client(pub IpAddr);
 
 impl FromRequestParts<Arc<App>> for Client {

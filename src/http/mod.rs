@@ -31,6 +31,8 @@ mod audit;
 mod console;
 mod front_door;
 mod keys;
+mod mcp;
+mod openai;
 pub mod openapi;
 mod switches;
 
@@ -63,9 +65,12 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/executors/{name}/enable", post(switches::enable))
         .route("/v1/keys", get(keys::list))
         .route("/v1/keys/{key_id}/revoke", post(keys::revoke))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/models", get(openai::models))
         .route("/console", get(console::index))
         .route("/console/{file}", get(console::file))
         .route("/openapi.json", get(openapi_json))
+        .merge(mcp::router(app.clone()))
         .fallback(front_door::not_found)
         // After every route: it applies to the routes registered before it.
         .method_not_allowed_fallback(front_door::method_not_allowed)
@@ -95,6 +100,9 @@ async fn observe(State(app): State<Arc<App>>, mut req: Request, next: Next) -> R
             "/v1/executors/{name}/enable" => "/v1/executors/{name}/enable",
             "/v1/keys" => "/v1/keys",
             "/v1/keys/{key_id}/revoke" => "/v1/keys/{key_id}/revoke",
+            "/v1/chat/completions" => "/v1/chat/completions",
+            "/v1/models" => "/v1/models",
+            "/mcp" => "/mcp",
             "/console" => "/console",
             "/console/{file}" => "/console/{file}",
             "/openapi.json" => "/openapi.json",

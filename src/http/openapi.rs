@@ -38,6 +38,8 @@ const BEARER_SCHEME: &str = "bearer";
         super::keys::revoke,
         super::console::index,
         super::console::file,
+        super::openai::models,
+        super::openai::chat_completions,
         super::openapi_json
     ),
     components(schemas(
@@ -53,7 +55,11 @@ const BEARER_SCHEME: &str = "bearer";
         crate::audit_read::DecisionRow,
         crate::audit_read::ChainsState,
         crate::audit_read::ChainRow,
-        crate::audit_read::VerificationRow
+        crate::audit_read::VerificationRow,
+        super::openai::OpenAiError,
+        super::openai::OpenAiErrorDetail,
+        super::openai::ModelList,
+        super::openai::Model
     )),
     modifiers(&SecuritySchemes)
 )]
@@ -112,6 +118,13 @@ pub fn document(policy: &Policy) -> Result<Value, serde_json::Error> {
         {
             post.insert("requestBody".to_owned(), process_request_body());
         }
+        if let Some(post) = paths
+            .get_mut("/v1/chat/completions")
+            .and_then(|p| p.get_mut("post"))
+            .and_then(Value::as_object_mut)
+        {
+            post.insert("requestBody".to_owned(), chat_request_body());
+        }
     }
     if let Some(schemas) = doc
         .get_mut("components")
@@ -119,6 +132,7 @@ pub fn document(policy: &Policy) -> Result<Value, serde_json::Error> {
         .and_then(Value::as_object_mut)
     {
         schemas.extend(process_body_schemas(policy));
+        schemas.extend(chat_body_schemas(policy));
     }
     Ok(doc)
 }
@@ -269,6 +283,80 @@ fn process_request_body() -> Value {
             "application/json": { "schema": { "$ref": "#/components/schemas/ProcessBody" } }
         }
     })
+}
+
+fn chat_request_body() -> Value {
+    json!({
+        "description": "An OpenAI chat request for one of the models the loaded policy offers \
+            (actions with `model = true`): `model`, `stream`, `stream_options.include_usage`, and the \
+            fields of that action's payload schema (its messages and sampling parameters).",
+        "required": true,
+        "content": {
+            "application/json": { "schema": { "$ref": "#/components/schemas/ChatBody" } }
+        }
+    })
+}
+
+/// `ChatBody`: a `oneOf` with one branch per model (`Chat.<action>`): the action's payload schema with
+/// the facade's own fields added (`model`, its name; `stream`; `stream_options`).
+fn chat_body_schemas(policy: &Policy) -> Map<String, Value> {
+    let mut schemas = Map::new();
+    let facade = json!({
+        "stream": { "type": "boolean", "description": "Answer as server-sent events." },
+        "stream_options": {
+            "type": "object",
+            "properties": {
+                "include_usage": { "type": "boolean", "description": "A last chunk with the token usage." }
+            }
+        }
+    });
+    let mut branches = Vec::new();
+    for action in policy.actions().filter(|a| a.model && a.executor.is_some()) {
+        let name = action.name.as_str();
+        let mut schema = match &action.input_schema {
+            Some(Value::Object(schema)) => schema.clone(),
+            _ => json!({ "type": "object" })
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+        };
+        schema.remove("$schema");
+        schema.remove("examples");
+        let properties = schema
+            .entry("properties")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Value::Object(properties) = properties {
+            properties.insert("model".to_owned(), json!({ "const": name }));
+            if let Value::Object(extra) = &facade {
+                properties.extend(extra.clone());
+            }
+        }
+        let required = schema
+            .entry("required")
+            .or_insert_with(|| Value::Array(vec![]));
+        if let Value::Array(required) = required {
+            required.insert(0, Value::from("model"));
+        }
+        schema.insert(
+            "description".to_owned(),
+            Value::from(format!("model {name}: {}", action.description)),
+        );
+        let branch = format!("Chat.{name}");
+        branches.push(json!({ "$ref": format!("#/components/schemas/{branch}") }));
+        schemas.insert(branch, Value::Object(schema));
+    }
+    let body = if branches.is_empty() {
+        json!({
+            "type": "object",
+            "description": "The loaded policy offers no model.",
+            "properties": { "model": { "type": "string" } },
+            "required": ["model"]
+        })
+    } else {
+        json!({ "oneOf": branches })
+    };
+    schemas.insert("ChatBody".to_owned(), body);
+    schemas
 }
 
 /// `ProcessBody`: a `oneOf` with one branch per runnable action (`Process.<action>`, discriminated by

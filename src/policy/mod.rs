@@ -76,6 +76,10 @@ struct ActionFile {
     executor: Option<String>,
     /// Path of a JSON Schema (draft 2020-12) for the payload, relative to the policies folder.
     input_schema: Option<PathBuf>,
+    /// Exposed as a model of the OpenAI facade under the action's name (`GET /v1/models`,
+    /// `POST /v1/chat/completions`); needs an executor.
+    #[serde(default)]
+    model: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -112,6 +116,8 @@ pub struct Action {
     schema: Option<jsonschema::Validator>,
     /// The payload's JSON Schema as written, for the OpenAPI document; `None` takes any object.
     pub input_schema: Option<serde_json::Value>,
+    /// Exposed as a model of the OpenAI facade (`model = true`).
+    pub model: bool,
 }
 
 /// One schema violation: where in the request it is and what is wrong.
@@ -227,6 +233,11 @@ impl Policy {
                     "action {name} names executor {executor:?}, which is not defined in the executors folder"
                 ));
             }
+            if def.model && def.executor.is_none() {
+                return err(format!(
+                    "action {name} is exposed as a model but has no executor to run it"
+                ));
+            }
             let schema = match &def.input_schema {
                 Some(rel) => {
                     let path = dir.join(rel);
@@ -266,6 +277,7 @@ impl Policy {
                 executor: def.executor,
                 schema,
                 input_schema,
+                model: def.model,
             };
             actions.insert(name, Arc::new(action));
         }

@@ -6,6 +6,7 @@
 //! permission-only action; composite steps run through [`steps`]. All three authorize through
 //! [`authorize::authorize`] and make their events durable through [`commit`].
 
+mod admission;
 mod authorize;
 mod decision;
 mod execution;
@@ -33,10 +34,11 @@ use crate::gates::rate_limit::RateDecision;
 use crate::policy::Principal;
 use crate::reason::{Gate, ReasonCode};
 use crate::telemetry;
-use authorize::{Ask, Granted, Refusal, Stop, authorize, input_refused};
+use authorize::{Ask, Granted, Refusal, Stop, authorize};
 use decision::{Decision, micros};
-use execution::{count_execution, executor_of, with_digest};
-use steps::StepContext;
+use execution::executor_of;
+
+pub use admission::{Admitted, Allowed, Channel, Door, admit, recognize};
 
 /// How long a client is asked to wait when the shared rate limiter cannot be reached.
 const LIMITER_RETRY_AFTER: Duration = Duration::from_secs(5);
@@ -60,7 +62,7 @@ pub struct ActionResult {
     pub policy_revision: String,
 }
 
-/// What the HTTP layer hands to the turnstile.
+/// What the HTTP layer hands to the turnstile for `/process`.
 pub struct Incoming {
     pub trace_id: TraceId,
     pub headers: HeaderMap,
@@ -68,7 +70,9 @@ pub struct Incoming {
     pub body: Body,
 }
 
-/// Runs one `/process` request through the turnstile.
+/// Runs one `/process` request through the turnstile: G1 and G2 ([`admit`]), the envelope read and
+/// parsed (G3's first half), the policy's half of G3 and G4 ([`Admitted::authorize`]), then the
+/// executor ([`Allowed::execute`]).
 #[tracing::instrument(skip_all, fields(trace_id = %req.trace_id))]
 pub async fn process(app: &Arc<App>, req: Incoming) -> Result<ActionResult, ApiError> {
     let Incoming {
@@ -77,100 +81,40 @@ pub async fn process(app: &Arc<App>, req: Incoming) -> Result<ActionResult, ApiE
         client,
         body,
     } = req;
-    let content_length = headers
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let start = PendingEvent::new(
-        EventType::RequestStart,
-        Some(&trace_id),
-        json!({
-            "method": "POST",
-            "route": "/process",
-            "client_addr": client.to_string(),
-            "content_length": content_length,
-        }),
+    let door = Door::new(
+        trace_id,
+        headers,
+        client,
+        Channel::Process,
+        "POST",
+        "/process",
     );
-    let mut d = Decision::new(trace_id, start, app.policy());
-
-    let (key, mut granted) =
-        match pass_gates(app, &mut d, &headers, client, body, content_length).await {
-            Ok(passed) => passed,
-            Err(Stop::Refused(refusal)) => return Err(refuse(app, d, refusal).await),
-            Err(Stop::Throttled(refusal)) => {
-                return Err(summarise(app, d, client, "/process", refusal));
-            }
-            Err(Stop::Failed(e)) => return Err(e),
-        };
-    let executor = executor_for(app, &d, &granted)?;
-    if let Some(refusal) = switched_off(app, &d, executor).await? {
-        return Err(refuse(app, d, refusal).await);
-    }
-    commit_allow(app, &d, &granted, executor).await?;
-    let started = Instant::now();
-    // The payload goes to the executor; the trail already holds its digest.
-    let payload = std::mem::take(&mut granted.payload);
-    let call = StepContext::root(app, &d, principal_of(&key), &granted.context)
-        .call(&granted.action.name, payload);
-    let outcome = executor.run(call).await.and_then(with_digest);
-    let elapsed = started.elapsed();
-    let status = count_execution(app, &executor.name, &outcome, elapsed);
-    commit_outcome(app, &d, &granted, executor, &outcome, status, elapsed).await?;
-    count_result(app, d.action_label(), status);
-    answer(d, &granted, executor, outcome, elapsed)
-}
-
-/// G1 to G4 for a `/process` request: who asks, within its quota, for what, and whether the matrix
-/// allows it.
-#[tracing::instrument(level = "debug", skip_all)]
-async fn pass_gates(
-    app: &App,
-    d: &mut Decision,
-    headers: &HeaderMap,
-    client: IpAddr,
-    body: Body,
-    content_length: Option<u64>,
-) -> Result<(AuthenticatedKey, Granted), Stop> {
-    let key = identify(app, d, headers, client).await?;
-    let started = Instant::now();
-    let envelope = match input::check_media_type(headers) {
-        Ok(()) => match input::read_body(body, content_length, app.config.body_limit_bytes).await {
-            Ok(bytes) => input::parse_envelope(&bytes),
-            Err(refusal) => Err(refusal),
-        },
-        Err(refusal) => Err(refusal),
+    let admitted = admit(app, door).await?;
+    let (admitted, bytes) = admitted.read_json_body(body).await?;
+    let envelope = match input::parse_envelope(&bytes) {
+        Ok(envelope) => envelope,
+        Err(refusal) => return Err(admitted.refuse_input(refusal).await),
     };
-    let envelope = envelope.map_err(|refusal| {
-        input_refused(
-            &app.metrics,
-            &mut d.verdicts,
-            &mut d.facts,
-            started,
-            refusal,
-        )
-    })?;
-    let policy = d.policy.clone();
-    let ask = Ask::Run {
-        action: &envelope.action,
-        context: &envelope.context,
-        payload: envelope.payload,
-        started,
-    };
-    let granted = authorize(
-        &app.metrics,
-        &policy,
-        &d.trace_id.clone(),
-        &principal_of(&key),
-        ask,
-        &mut d.verdicts,
-        &mut d.facts,
-    )?;
-    Ok((key, granted))
+    let allowed = admitted
+        .authorize(&envelope.action, &envelope.context, envelope.payload)
+        .await?;
+    allowed.execute(None).await
 }
 
 /// G1 and G2, recorded in `d`: the caller's key, within its tier's quota.
 #[tracing::instrument(level = "debug", skip_all)]
 async fn identify(
+    app: &App,
+    d: &mut Decision,
+    headers: &HeaderMap,
+    client: IpAddr,
+) -> Result<AuthenticatedKey, Stop> {
+    let key = authenticate(app, d, headers, client).await?;
+    limit(app, d, key).await
+}
+
+/// G1 alone, recorded in `d`: the caller's key.
+async fn authenticate(
     app: &App,
     d: &mut Decision,
     headers: &HeaderMap,
@@ -182,7 +126,7 @@ async fn identify(
         Ok(key) => {
             d.verdicts.record(&app.metrics, Gate::Auth, started, None);
             d.principal = Some(key.clone());
-            return limit(app, d, key).await;
+            return Ok(key);
         }
         Err(AuthRefusal::Store(e)) => {
             return Err(Stop::Failed(ApiError::internal(e, Some(&d.trace_id))));
@@ -339,8 +283,13 @@ async fn commit_allow(
     .await
 }
 
-/// ACTION_EXECUTED and REQUEST_END, durable before the response.
+/// ACTION_EXECUTED and REQUEST_END, durable before the response (or, for a stream, before its end:
+/// `streamed` when a chunk already went out, so the client's status is 200 whatever happened next).
 #[tracing::instrument(level = "debug", skip_all)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one event from each part of the story"
+)]
 async fn commit_outcome(
     app: &App,
     d: &Decision,
@@ -349,7 +298,12 @@ async fn commit_outcome(
     outcome: &Result<(Value, Value), ExecutorError>,
     status: &str,
     elapsed: Duration,
+    streamed: bool,
 ) -> Result<(), ApiError> {
+    let outcome_facts = outcome
+        .as_ref()
+        .ok()
+        .and_then(|(result, _)| executor.outcome_facts(result));
     let executed = PendingEvent::new(
         EventType::ActionExecuted,
         Some(&d.trace_id),
@@ -362,10 +316,13 @@ async fn commit_outcome(
             "result": outcome.as_ref().ok().map(|(_, digest)| digest),
             "error": outcome.as_ref().err().map(ToString::to_string),
             "executor_facts": executor.audit_facts(),
+            "outcome_facts": outcome_facts,
         }),
     );
     let (http_status, end) = match outcome {
         Ok(_) => (StatusCode::OK, "SUCCESS"),
+        // A stream's status went out with its first chunk; a failure after it ends the stream.
+        Err(_) if streamed => (StatusCode::OK, "EXECUTION_FAILED"),
         Err(e) => (execution_status(e), "EXECUTION_FAILED"),
     };
     let events = vec![executed, d.end_event(http_status, end)];
@@ -628,7 +585,12 @@ async fn permission_gates(
     let start = PendingEvent::new(
         EventType::RequestStart,
         Some(trace_id),
-        json!({ "method": method, "route": route, "client_addr": client.to_string() }),
+        json!({
+            "method": method,
+            "route": route,
+            "channel": Channel::of_operator_route(route).as_str(),
+            "client_addr": client.to_string(),
+        }),
     );
     let policy = app.policy();
     let Some(action) = policy.action(action_name).cloned() else {

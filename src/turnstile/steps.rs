@@ -72,6 +72,7 @@ impl StepContext {
                 depth: self.depth + 1,
                 ..self.clone()
             })),
+            stream: None,
         }
     }
 

@@ -146,6 +146,7 @@ async fn openapi_describes_the_process_body_as_one_branch_per_runnable_action() 
     assert_eq!(
         actions,
         [
+            "assistant",
             "echo",
             "licitacoes.collect",
             "licitacoes.digest",

@@ -16,6 +16,7 @@ mod cli;
 mod collector;
 mod composite;
 mod console;
+mod facades;
 mod front_door;
 mod front_door_http;
 mod gates;

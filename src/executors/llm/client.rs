@@ -12,12 +12,15 @@ use std::time::Duration;
 use async_openai::config::{Config as _, OpenAIConfig};
 use async_openai::types::chat::{CreateChatCompletionRequest, CreateChatCompletionResponse};
 use async_trait::async_trait;
+use eventsource_stream::Eventsource as _;
+use futures_util::StreamExt as _;
 use reqwest::StatusCode;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
 use serde_json::Value;
 
 use super::settings::{ApiKey, REDACTED, Settings};
-use crate::executors::{ExecutorError, upstream_trace_headers};
+use super::stream::Assembly;
+use crate::executors::{ChunkSink, ExecutorError, upstream_trace_headers};
 
 /// No single wait (computed backoff or the upstream's `Retry-After`) exceeds this: a longer pause
 /// is better spent failing and letting the client decide.
@@ -42,6 +45,17 @@ pub trait ChatClient: fmt::Debug + Send + Sync {
         &self,
         request: &CreateChatCompletionRequest,
     ) -> Result<Answer, ExecutorError>;
+
+    /// Chat mode: sends `body` (a chat request as the executor shaped it) and returns the upstream's
+    /// completion as JSON. With `relay`, asks for a stream (with usage) and relays each chunk, its
+    /// `model` shown as `shown_model`, as it comes; the result is then the completion the chunks make.
+    /// Retries happen only before the first chunk is relayed.
+    async fn chat(
+        &self,
+        body: &Value,
+        relay: Option<&ChunkSink>,
+        shown_model: &str,
+    ) -> Result<Value, ExecutorError>;
 }
 
 /// What a successful completion yields.
@@ -138,26 +152,7 @@ impl HttpChat {
 
     /// One HTTP exchange under the client's per-attempt timeout.
     async fn attempt(&self, body: &[u8], asked_model: &str) -> Result<Answer, AttemptError> {
-        let resp = self
-            .http
-            .post(&self.url)
-            .headers(self.headers.clone())
-            .header(CONTENT_TYPE, "application/json")
-            .headers(upstream_trace_headers())
-            .body(body.to_vec())
-            .send()
-            .await
-            .map_err(transport_error)?;
-        let status = resp.status();
-        let retry_after = retry_after(resp.headers());
-        let bytes = read_body(resp).await?;
-        if !status.is_success() {
-            return Err(AttemptError::Status {
-                status,
-                detail: error_detail(&bytes),
-                retry_after,
-            });
-        }
+        let bytes = read_body(self.send(body).await?).await?;
         let completion: CreateChatCompletionResponse = serde_json::from_slice(&bytes)
             .map_err(|e| AttemptError::NotCompletion(shorten(&e.to_string())))?;
         let choice = completion
@@ -213,20 +208,27 @@ impl HttpChat {
     }
 }
 
-#[async_trait]
-impl ChatClient for HttpChat {
-    async fn complete(
+impl HttpChat {
+    /// Runs `attempt` until it succeeds, fails for good, or the retries are spent; `may_retry` says
+    /// whether a retry is still possible (not once a stream's chunk reached the client).
+    async fn retrying<T, F, Fut>(
         &self,
-        request: &CreateChatCompletionRequest,
-    ) -> Result<Answer, ExecutorError> {
-        let body = serde_json::to_vec(request)
-            .map_err(|e| ExecutorError::Failed(format!("encoding the chat request: {e}")))?;
+        mut attempt: F,
+        may_retry: impl Fn() -> bool,
+    ) -> Result<T, ExecutorError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, AttemptError>>,
+    {
         let mut attempts = 0u32;
-        let answer = loop {
+        loop {
             attempts += 1;
-            match self.attempt(&body, &request.model).await {
-                Ok(answer) => break answer,
-                Err(e) if e.retryable() && attempts <= self.max_retries => {
+            match attempt().await {
+                Ok(answer) => {
+                    tracing::debug!(attempts, "model server answered");
+                    return Ok(answer);
+                }
+                Err(e) if e.retryable() && attempts <= self.max_retries && may_retry() => {
                     let wait = self.wait_before(attempts, &e);
                     tracing::warn!(
                         attempt = attempts,
@@ -238,20 +240,134 @@ impl ChatClient for HttpChat {
                 }
                 Err(e) => return Err(self.failure(&e, attempts)),
             }
-        };
+        }
+    }
+
+    /// Sends `body` to the chat completions route under the per-attempt timeout.
+    async fn send(&self, body: &[u8]) -> Result<reqwest::Response, AttemptError> {
+        let resp = self
+            .http
+            .post(&self.url)
+            .headers(self.headers.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .headers(upstream_trace_headers())
+            .body(body.to_vec())
+            .send()
+            .await
+            .map_err(transport_error)?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let retry_after = retry_after(resp.headers());
+        let bytes = read_body(resp).await?;
+        Err(AttemptError::Status {
+            status,
+            detail: error_detail(&bytes),
+            retry_after,
+        })
+    }
+
+    /// One chat-mode exchange without a stream: the upstream's completion, which must have a choice.
+    async fn attempt_json(&self, body: &[u8]) -> Result<Value, AttemptError> {
+        let bytes = read_body(self.send(body).await?).await?;
+        let completion: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| AttemptError::NotCompletion(shorten(&e.to_string())))?;
+        if completion
+            .get("choices")
+            .and_then(Value::as_array)
+            .is_none_or(Vec::is_empty)
+        {
+            return Err(AttemptError::NotCompletion("it has no choices".into()));
+        }
+        Ok(completion)
+    }
+
+    /// One chat-mode exchange as a stream of server-sent events, each chunk relayed as it comes.
+    async fn attempt_stream(
+        &self,
+        body: &[u8],
+        relay: &ChunkSink,
+        shown_model: &str,
+    ) -> Result<Value, AttemptError> {
+        let resp = self.send(body).await?;
+        let mut events = resp.bytes_stream().eventsource();
+        let mut assembly = Assembly::default();
+        let mut received = 0usize;
+        while let Some(event) = events.next().await {
+            let event = event.map_err(|e| match e {
+                eventsource_stream::EventStreamError::Transport(e) => transport_error(e),
+                other => AttemptError::NotCompletion(shorten(&other.to_string())),
+            })?;
+            received += event.data.len();
+            if received > MAX_BODY_BYTES {
+                return Err(AttemptError::TooLarge);
+            }
+            if event.data.trim() == "[DONE]" {
+                return assembly.finish();
+            }
+            let mut chunk: Value = serde_json::from_str(&event.data)
+                .map_err(|e| AttemptError::NotCompletion(shorten(&e.to_string())))?;
+            if let Some(detail) = chunk.get("error") {
+                return Err(AttemptError::StreamError(error_detail(
+                    detail.to_string().as_bytes(),
+                )));
+            }
+            assembly.add(&chunk)?;
+            if let Some(model) = chunk.get_mut("model") {
+                *model = Value::String(shown_model.to_owned());
+            }
+            relay.send(chunk).await.map_err(AttemptError::ClientGone)?;
+        }
+        Err(AttemptError::NotCompletion(
+            "the stream ended without data: [DONE]".into(),
+        ))
+    }
+}
+
+#[async_trait]
+impl ChatClient for HttpChat {
+    async fn complete(
+        &self,
+        request: &CreateChatCompletionRequest,
+    ) -> Result<Answer, ExecutorError> {
+        let body = serde_json::to_vec(request)
+            .map_err(|e| ExecutorError::Failed(format!("encoding the chat request: {e}")))?;
+        let answer = self
+            .retrying(|| self.attempt(&body, &request.model), || true)
+            .await?;
         tracing::debug!(
-            attempts,
             prompt_tokens = answer.prompt_tokens,
             completion_tokens = answer.completion_tokens,
-            "model server answered"
+            "completion received"
         );
         Ok(answer)
+    }
+
+    async fn chat(
+        &self,
+        body: &Value,
+        relay: Option<&ChunkSink>,
+        shown_model: &str,
+    ) -> Result<Value, ExecutorError> {
+        let bytes = serde_json::to_vec(body)
+            .map_err(|e| ExecutorError::Failed(format!("encoding the chat request: {e}")))?;
+        match relay {
+            None => self.retrying(|| self.attempt_json(&bytes), || true).await,
+            Some(relay) => {
+                self.retrying(
+                    || self.attempt_stream(&bytes, relay, shown_model),
+                    || relay.sent() == 0,
+                )
+                .await
+            }
+        }
     }
 }
 
 /// Why one attempt failed.
 #[derive(Debug)]
-enum AttemptError {
+pub(super) enum AttemptError {
     /// The upstream answered with a non-success status.
     Status {
         status: StatusCode,
@@ -266,6 +382,10 @@ enum AttemptError {
     NotCompletion(String),
     /// A body larger than [`MAX_BODY_BYTES`].
     TooLarge,
+    /// A stream that reported an error in one of its events.
+    StreamError(String),
+    /// The client closed its stream: nothing more to relay.
+    ClientGone(ExecutorError),
 }
 
 impl AttemptError {
@@ -276,7 +396,10 @@ impl AttemptError {
                 *status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
             }
             Self::Unreachable(_) | Self::TimedOut => true,
-            Self::NotCompletion(_) | Self::TooLarge => false,
+            Self::NotCompletion(_)
+            | Self::TooLarge
+            | Self::StreamError(_)
+            | Self::ClientGone(_) => false,
         }
     }
 
@@ -295,6 +418,8 @@ impl AttemptError {
             ),
             Self::NotCompletion(why) => format!("upstream body is not a chat completion: {why}"),
             Self::TooLarge => format!("upstream body exceeds {MAX_BODY_BYTES} bytes"),
+            Self::StreamError(detail) => format!("upstream stream failed: {detail}"),
+            Self::ClientGone(e) => e.to_string(),
         }
     }
 }

@@ -140,27 +140,60 @@ fn render(segments: &[Segment], payload: &Value) -> String {
 
 /// Reads and parses the template once: it, its path as written, and the SHA-256 of its bytes.
 pub(super) fn load_template(dir: &Path, relative: &str) -> Result<LoadedTemplate, String> {
-    if relative.trim().is_empty() {
-        return Err("prompt_template must name a file".into());
-    }
-    if Path::new(relative).is_absolute() {
-        return Err(format!(
-            "prompt_template {relative:?} must be relative to the executors folder"
-        ));
-    }
-    let path = dir.join(relative);
-    let bytes = std::fs::read(&path)
-        .map_err(|e| format!("reading prompt template {}: {e}", path.display()))?;
-    let sha256 = hex::encode(Sha256::digest(&bytes));
-    let text = String::from_utf8(bytes)
-        .map_err(|_| format!("prompt template {} is not UTF-8", path.display()))?;
-    let template = PromptTemplate::parse(&text)
-        .map_err(|e| format!("prompt template {}: {e}", path.display()))?;
+    let (text, sha256) = read_prompt_file(dir, relative, "prompt_template")?;
+    let template =
+        PromptTemplate::parse(&text).map_err(|e| format!("prompt template {relative}: {e}"))?;
     Ok(LoadedTemplate {
         template,
         path: relative.to_owned(),
         sha256,
     })
+}
+
+/// A chat-mode executor's system prompt: the file's text without the `#` comment lines that open it.
+pub(super) struct SystemPrompt {
+    pub text: String,
+    pub path: String,
+    /// SHA-256 of the file's bytes, comments included (the file as reviewed).
+    pub sha256: String,
+}
+
+/// Reads a chat-mode executor's `system_prompt` file once.
+pub(super) fn load_system_prompt(dir: &Path, relative: &str) -> Result<SystemPrompt, String> {
+    let (text, sha256) = read_prompt_file(dir, relative, "system_prompt")?;
+    let body: String = text
+        .lines()
+        .skip_while(|line| line.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let body = body.trim();
+    if body.is_empty() {
+        return Err(format!("system prompt {relative} is empty"));
+    }
+    Ok(SystemPrompt {
+        text: body.to_owned(),
+        path: relative.to_owned(),
+        sha256,
+    })
+}
+
+/// A prompt file relative to the executors folder: its UTF-8 text and the SHA-256 of its bytes.
+fn read_prompt_file(dir: &Path, relative: &str, setting: &str) -> Result<(String, String), String> {
+    if relative.trim().is_empty() {
+        return Err(format!("{setting} must name a file"));
+    }
+    if Path::new(relative).is_absolute() {
+        return Err(format!(
+            "{setting} {relative:?} must be relative to the executors folder"
+        ));
+    }
+    let path = dir.join(relative);
+    let bytes =
+        std::fs::read(&path).map_err(|e| format!("reading {setting} {}: {e}", path.display()))?;
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    let text = String::from_utf8(bytes)
+        .map_err(|_| format!("{setting} {} is not UTF-8", path.display()))?;
+    Ok((text, sha256))
 }
 
 #[cfg(test)]

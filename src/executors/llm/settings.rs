@@ -33,7 +33,12 @@ struct FileSettings {
     model: String,
     #[serde(default)]
     api_key_env: Option<String>,
-    prompt_template: String,
+    #[serde(default)]
+    mode: Mode,
+    #[serde(default)]
+    prompt_template: Option<String>,
+    #[serde(default)]
+    system_prompt: Option<String>,
     #[serde(default)]
     max_tokens: Option<u32>,
     #[serde(default)]
@@ -46,6 +51,27 @@ struct FileSettings {
     request_timeout_ms: u64,
     #[serde(default)]
     review_notice: Option<String>,
+}
+
+/// What an `llm` executor sends the model server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum Mode {
+    /// A prompt rendered from `prompt_template` with the payload's fields (`/process` actions such as
+    /// `licitacoes.summarize`).
+    #[default]
+    Template,
+    /// The client's own `messages` and sampling parameters (the OpenAI facade), after the executor's
+    /// `system_prompt` when it has one.
+    Chat,
+}
+
+/// The prompt an executor's mode needs, as written (relative to the executors folder).
+#[derive(Debug)]
+pub(super) enum PromptFile {
+    Template(String),
+    /// Chat mode's own system prompt, if any.
+    System(Option<String>),
 }
 
 fn default_max_retries() -> u32 {
@@ -79,7 +105,7 @@ pub(super) struct Settings {
     /// `None` when no variable is named, or it is unset or empty.
     pub key: Option<ApiKey>,
     /// As written: relative to the executors folder.
-    pub prompt_template: String,
+    pub prompt: PromptFile,
     pub max_tokens: Option<u32>,
     pub temperature: Option<f32>,
     pub max_retries: u32,
@@ -149,6 +175,22 @@ impl Settings {
                 "review_notice must be at most {MAX_REVIEW_NOTICE_CHARS} characters"
             ));
         }
+        let prompt = match (file.mode, file.prompt_template, file.system_prompt) {
+            (Mode::Template, Some(template), None) => PromptFile::Template(template),
+            (Mode::Template, None, _) => {
+                return Err("prompt_template is required (or mode = \"chat\")".into());
+            }
+            (Mode::Template, Some(_), Some(_)) => {
+                return Err(
+                    "system_prompt is for mode = \"chat\"; a template has its own [system] section"
+                        .into(),
+                );
+            }
+            (Mode::Chat, None, system) => PromptFile::System(system),
+            (Mode::Chat, Some(_), _) => {
+                return Err("prompt_template is for mode = \"template\"; chat mode sends the client's messages (use system_prompt)".into());
+            }
+        };
         let key = match &file.api_key_env {
             None => None,
             Some(var) => read_key(var, name, env)?,
@@ -158,7 +200,7 @@ impl Settings {
             model,
             api_key_env: file.api_key_env,
             key,
-            prompt_template: file.prompt_template,
+            prompt,
             max_tokens: file.max_tokens,
             temperature: file.temperature,
             max_retries: file.max_retries,
