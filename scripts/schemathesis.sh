@@ -153,9 +153,12 @@ PY
 # The kill-switch routes (/v1/executors/{name}/disable|enable) are left out: with an admin key they
 # would switch the very executors the run exercises off; tests/api/switches.rs covers them.
 # No example database, so each run starts from SEED alone; run from the work folder, where schemathesis
-# and hypothesis leave their caches instead of in the checkout.
+# and hypothesis leave their caches instead of in the checkout. The admin key may act in every context,
+# so the OpenAI facade needs one named (X-Catraca-Context) as an agent's client would configure it; the
+# other routes ignore the header.
 (cd "$WORK" && "$SCHEMATHESIS" run "$BASE/openapi.json" \
   --header "X-API-Key: $KEY" \
+  --header "X-Catraca-Context: $ALLOWED_CONTEXT" \
   --checks all \
   --exclude-path-regex '^/v1/executors/' \
   --max-examples "$MAX_EXAMPLES" \

@@ -58,13 +58,23 @@ pub fn render(trace_id: &str, events: &[SealedEvent]) -> String {
         );
         match e.event_type.as_str() {
             "REQUEST_START" => {
-                let _ = writeln!(
+                let _ = write!(
                     out,
                     "{} {} from {}",
                     body["method"].as_str().unwrap_or("?"),
                     body["route"].as_str().unwrap_or("?"),
                     body["client_addr"].as_str().unwrap_or("?")
                 );
+                // Events written before channels were recorded have none.
+                if let Some(channel) = body["channel"].as_str() {
+                    let _ = write!(out, "  channel {channel}");
+                }
+                for (name, label) in [("mcp_method", "mcp"), ("tool", "tool")] {
+                    if let Some(value) = body[name].as_str() {
+                        let _ = write!(out, "  {label} {value}");
+                    }
+                }
+                let _ = writeln!(out);
             }
             "DECISION" => {
                 let principal = &body["principal"];

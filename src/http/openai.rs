@@ -62,6 +62,18 @@ pub struct OpenAiErrorDetail {
     pub decision_id: Option<String>,
 }
 
+/// One server-sent event of a streamed completion.
+#[derive(Debug, ToSchema)]
+#[allow(
+    dead_code,
+    reason = "describes the stream in the OpenAPI document; the stream writes text"
+)]
+pub struct StreamEvent {
+    /// A `chat.completion.chunk` as JSON, `{"error": {...}}` after a failure, or `[DONE]` once the
+    /// outcome is durable.
+    pub data: String,
+}
+
 /// The list `GET /v1/models` answers.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ModelList {
@@ -135,7 +147,7 @@ fn asked_context(headers: &HeaderMap) -> Option<&str> {
 #[utoipa::path(
     get,
     path = "/v1/models",
-    security(("bearer" = [])),
+    security(("api_key" = []), ("bearer" = [])),
     params(("X-Catraca-Context" = Option<String>, Header, nullable = false, description = "The context to list for; default: the key's only context")),
     responses(
         (status = 200, description = "The models (actions exposed with `model = true`) the key may use in the context", body = ModelList),
@@ -252,14 +264,14 @@ fn parse_chat(bytes: &[u8]) -> Result<ChatRequest, InputRefusal> {
 #[utoipa::path(
     post,
     path = "/v1/chat/completions",
-    security(("bearer" = [])),
+    security(("api_key" = []), ("bearer" = [])),
     params(
         ("X-Catraca-Context" = Option<String>, Header, nullable = false, description = "The context the request acts in; default: the key's only context"),
         ("X-Trace-Id" = Option<String>, Header, nullable = false, description = "The client's trace id, as for /process")
     ),
     request_body(content = Object, description = "An OpenAI chat request: `model` (a model from GET /v1/models), `stream`, `stream_options.include_usage`; every other field is the model action's payload, checked by its input schema (e.g. `messages`, `max_tokens`, `temperature`)", content_type = "application/json"),
     responses(
-        (status = 200, description = "A `chat.completion` object, or with `stream: true` server-sent `chat.completion.chunk` events ending in `data: [DONE]` once the outcome is durable (a failure after the first chunk is an event `{\"error\": {...}}` and no `[DONE]`)", content((Object = "application/json"), (String = "text/event-stream"))),
+        (status = 200, description = "A `chat.completion` object, or with `stream: true` server-sent `chat.completion.chunk` events ending in `data: [DONE]` once the outcome is durable (a failure after the first chunk is an event `{\"error\": {...}}` and no `[DONE]`)", content((Object = "application/json"), (StreamEvent = "text/event-stream"))),
         (status = 400, description = "INPUT_MALFORMED_JSON, ACTION_UNKNOWN (not a model), CONTEXT_UNKNOWN", body = OpenAiError),
         (status = 401, description = "AUTH_MISSING_KEY, AUTH_INVALID_KEY, AUTH_KEY_REVOKED, AUTH_KEY_EXPIRED", body = OpenAiError),
         (status = 403, description = "NO_MATCHING_RULE, ACTION_FORBIDDEN, CONTEXT_FORBIDDEN, POLICY_EVAL_ERROR or a deny rule's own code", body = OpenAiError),

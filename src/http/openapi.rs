@@ -59,7 +59,8 @@ const BEARER_SCHEME: &str = "bearer";
         super::openai::OpenAiError,
         super::openai::OpenAiErrorDetail,
         super::openai::ModelList,
-        super::openai::Model
+        super::openai::Model,
+        super::openai::StreamEvent
     )),
     modifiers(&SecuritySchemes)
 )]
@@ -124,6 +125,20 @@ pub fn document(policy: &Policy) -> Result<Value, serde_json::Error> {
             .and_then(Value::as_object_mut)
         {
             post.insert("requestBody".to_owned(), chat_request_body());
+        }
+        // The context header names one of the policy's contexts.
+        let contexts: Vec<&str> = policy.contexts().map(|c| c.as_str()).collect();
+        for (path, method) in [("/v1/models", "get"), ("/v1/chat/completions", "post")] {
+            let parameters = paths
+                .get_mut(path)
+                .and_then(|p| p.get_mut(method))
+                .and_then(|o| o.get_mut("parameters"))
+                .and_then(Value::as_array_mut);
+            for parameter in parameters.into_iter().flatten() {
+                if parameter["name"] == "X-Catraca-Context" {
+                    parameter["schema"] = json!({ "type": "string", "enum": contexts });
+                }
+            }
         }
     }
     if let Some(schemas) = doc
@@ -302,11 +317,14 @@ fn chat_request_body() -> Value {
 fn chat_body_schemas(policy: &Policy) -> Map<String, Value> {
     let mut schemas = Map::new();
     let facade = json!({
-        "stream": { "type": "boolean", "description": "Answer as server-sent events." },
+        "stream": { "type": ["boolean", "null"], "description": "Answer as server-sent events." },
         "stream_options": {
-            "type": "object",
+            "type": ["object", "null"],
             "properties": {
-                "include_usage": { "type": "boolean", "description": "A last chunk with the token usage." }
+                "include_usage": {
+                    "type": ["boolean", "null"],
+                    "description": "A last chunk with the token usage."
+                }
             }
         }
     });

@@ -9,7 +9,9 @@
 //! | `base_url` | required | OpenAI-compatible API root, e.g. `http://127.0.0.1:8080/v1` |
 //! | `model` | required | model name sent to the server |
 //! | `api_key_env` | optional | NAME of the environment variable holding the key; absent, unset or empty = no key |
-//! | `prompt_template` | required | template file, relative to the executors folder |
+//! | `mode` | `template` | `template`: a prompt rendered from the payload; `chat`: the client's own messages (the OpenAI facade) |
+//! | `prompt_template` | template mode | template file, relative to the executors folder |
+//! | `system_prompt` | optional, chat mode | text file sent first, before the client's messages |
 //! | `max_tokens` | optional | upper bound on generated tokens (sent as `max_tokens`) |
 //! | `temperature` | optional | 0 to 2 |
 //! | `max_retries` | 2 | retries after the first attempt, on 429, 5xx, transport errors and per-attempt timeouts |
@@ -28,9 +30,16 @@
 //!
 //! Result: `{"summary", "model", "prompt_sha256", "usage": {"prompt_tokens", "completion_tokens"}}`.
 //!
-//! Files: `settings.rs` (the table, checked and resolved), `prompt.rs` (templates), `client.rs` (the
-//! chat client behind the [`ChatClient`] trait: HTTP, retries, error messages without the key), and
-//! this one, the executor: render the prompt, ask the client, count tokens, shape the result.
+//! Chat mode sends the payload's `messages` after the system prompt, with the payload's sampling
+//! parameters ([`CHAT_PARAMETERS`]; `max_tokens` capped by the executor's, `temperature` defaulting to
+//! it), and answers the upstream's `chat.completion` with `model` set to the action and the gateway's
+//! facts under `catraca`. When the call has a stream sink, the upstream is asked to stream (with usage)
+//! and each chunk is relayed as it comes (`stream.rs` assembles the completion the chunks make).
+//!
+//! Files: `settings.rs` (the table, checked and resolved), `prompt.rs` (templates and system prompts),
+//! `client.rs` (the chat client behind the [`ChatClient`] trait: HTTP, retries, streams, error messages
+//! without the key), `stream.rs` (a streamed completion put back together), and this one, the
+//! executor: build the request, ask the client, count tokens, shape the result.
 
 mod client;
 mod prompt;
