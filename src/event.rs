@@ -161,6 +161,19 @@ impl PendingEvent {
     pub fn fields(&self) -> &Map<String, Value> {
         &self.fields
     }
+
+    /// Adds `extra` fields to this event before it is written (its id and time kept): a door that
+    /// learns what a request is about after it arrived (the MCP method) says so in its REQUEST_START.
+    pub fn add_fields(&mut self, extra: Map<String, Value>) {
+        for (name, value) in extra {
+            if ENVELOPE.contains(&name.as_str()) {
+                tracing::error!(field = %name, "event field shadows the envelope; dropped");
+                continue;
+            }
+            self.fields.insert(name, value);
+        }
+        self.members = self.fields.iter().map(|(k, v)| member(k, v)).collect();
+    }
 }
 
 /// An event with its place in a chain; `body` holds the exact bytes that were hashed.

@@ -16,11 +16,11 @@
 //! * The SDK's own refusals of the request itself (no `Accept` for JSON and events, a body over the
 //!   limit, a body that is not JSON) are given the gateway's JSON error body and reason code.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use axum::extract::{Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json, Router};
@@ -37,19 +37,19 @@ use rmcp::{ErrorData, RoleServer, ServerHandler};
 use serde_json::{Map, Value, json};
 
 use super::front_door::Client;
-use super::openai::CONTEXT_HEADER;
+use super::openai::asked_context;
 use crate::app::App;
 use crate::domain::TraceId;
 use crate::error::ApiError;
 use crate::reason::ReasonCode;
-use crate::turnstile::{ActionResult, Channel, Door, admit, recognize};
+use crate::turnstile::{ActionResult, Admitted, Channel, Door, admit};
 
 /// The route, as REQUEST_START records it.
 const ROUTE: &str = "/mcp";
 /// Longest SDK refusal text kept in the error body.
 const MAX_SDK_MESSAGE: usize = 200;
-/// Longest tool name kept in REQUEST_START (an unknown one is the client's text).
-const MAX_TOOL_NAME: usize = 128;
+/// Longest client text (a tool name, a request id) kept in REQUEST_START.
+const MAX_CLIENT_TEXT: usize = 128;
 
 /// The `/mcp` route: the SDK's Streamable HTTP server behind the gateway's key check.
 pub fn router(app: Arc<App>) -> Router<Arc<App>> {
@@ -60,13 +60,8 @@ pub fn router(app: Arc<App>) -> Router<Arc<App>> {
         // Every request needs a bearer key, which a rebound page cannot send; the Host a deployment
         // is reached by (behind a proxy, by any name) is not the SDK's to police.
         .disable_allowed_hosts();
-    let handler_app = app.clone();
     let sdk = StreamableHttpService::new(
-        move || {
-            Ok(Gateway {
-                app: handler_app.clone(),
-            })
-        },
+        || Ok(Gateway),
         Arc::new(NeverSessionManager::default()),
         config,
     );
@@ -75,8 +70,9 @@ pub fn router(app: Arc<App>) -> Router<Arc<App>> {
         .layer(middleware::from_fn_with_state(app, guard))
 }
 
-/// Checks the key of every request before the SDK reads it, hands the client's address to the tool
-/// handlers, and gives the SDK's own refusals the gateway's error body.
+/// Admits every request (G1 and G2, once per POST, a refusal recorded and answered with the usual
+/// body) before the SDK reads it, hands the admission to the handler of the message it carries, and
+/// gives the SDK's own refusals the gateway's error body.
 async fn guard(
     State(app): State<Arc<App>>,
     client: Client,
@@ -98,13 +94,22 @@ async fn guard(
         method,
         ROUTE,
     );
-    if let Err(e) = recognize(&app, door).await {
-        return e.into_response();
+    match admit(&app, door).await {
+        Ok(admitted) => {
+            request
+                .extensions_mut()
+                .insert(Pending(Arc::new(Mutex::new(Some(admitted)))));
+        }
+        Err(e) => return e.into_response(),
     }
-    request.extensions_mut().insert(client);
     let response = next.run(request).await;
     sdk_refusal(response, &trace_id).await
 }
+
+/// A request's admission (its key passed G1 and G2; nothing written yet), carried through the SDK to
+/// the handler of its message. A handshake or a notification leaves it unused: nothing to record.
+#[derive(Clone)]
+struct Pending(Arc<Mutex<Option<Admitted>>>);
 
 /// The SDK answers a request it cannot take (405, 406, 413, 415) in plain text; the gateway answers
 /// every refusal with its JSON body and a reason code, keeping the SDK's status.
@@ -144,38 +149,46 @@ async fn sdk_refusal(response: Response, trace_id: &TraceId) -> Response {
     response
 }
 
-/// The MCP server's handler: one per request (the server is stateless), sharing the gateway.
+/// The MCP server's handler, one per request (the server is stateless): each message works on the
+/// admission its request carries.
 #[derive(Clone)]
-struct Gateway {
-    app: Arc<App>,
-}
+struct Gateway;
 
-/// What a tool handler knows of the HTTP request that carried the message.
-struct Carrier {
-    trace_id: TraceId,
-    headers: HeaderMap,
-    client: std::net::IpAddr,
-}
-
-fn carrier(ctx: &RequestContext<RoleServer>) -> Result<Carrier, ErrorData> {
+/// The admission of the request that carried this message, and the context it asks for.
+fn admission(ctx: &RequestContext<RoleServer>) -> Result<(Admitted, Option<String>), ErrorData> {
     let parts = ctx
         .extensions
         .get::<Parts>()
         .ok_or_else(|| ErrorData::internal_error("the HTTP request is missing", None))?;
-    let trace_id = parts
+    let admitted = parts
         .extensions
-        .get::<TraceId>()
-        .cloned()
-        .ok_or_else(|| ErrorData::internal_error("the request has no trace id", None))?;
-    let client = parts
-        .extensions
-        .get::<Client>()
-        .ok_or_else(|| ErrorData::internal_error("the request has no client address", None))?;
-    Ok(Carrier {
-        trace_id,
-        headers: parts.headers.clone(),
-        client: client.0,
-    })
+        .get::<Pending>()
+        .and_then(|pending| pending.0.lock().ok()?.take())
+        .ok_or_else(|| {
+            ErrorData::invalid_request("one request per HTTP message: send each on its own", None)
+        })?;
+    Ok((admitted, asked_context(&parts.headers)))
+}
+
+/// What REQUEST_START says of an MCP message: its method and, for a call, the tool and request id
+/// (both cut short: they are the client's text).
+fn details(method: &str, tool: Option<&str>, request_id: Option<Value>) -> Map<String, Value> {
+    let short = |text: &str| Value::from(text.chars().take(MAX_CLIENT_TEXT).collect::<String>());
+    let mut details = Map::new();
+    details.insert("mcp_method".into(), Value::from(method));
+    if let Some(tool) = tool {
+        details.insert("tool".into(), short(tool));
+    }
+    match request_id {
+        Some(Value::String(id)) => {
+            details.insert("request_id".into(), short(&id));
+        }
+        Some(id @ Value::Number(_)) => {
+            details.insert("request_id".into(), id);
+        }
+        _ => {}
+    }
+    details
 }
 
 /// A refusal before any tool ran, as a JSON-RPC error (for `tools/list`).
@@ -230,30 +243,9 @@ fn tool_result(done: ActionResult) -> CallToolResult {
 }
 
 impl Gateway {
-    async fn list(&self, carrier: Carrier) -> Result<Vec<Tool>, ApiError> {
-        let asked = carrier
-            .headers
-            .get(CONTEXT_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let door = Door::new(
-            carrier.trace_id,
-            carrier.headers,
-            carrier.client,
-            Channel::Mcp,
-            "POST",
-            ROUTE,
-        )
-        .with_detail("mcp_method", Value::from("tools/list"));
-        let admitted = admit(&self.app, door).await?;
-        let listed = admitted
-            .context(asked.as_deref())
-            .and_then(|context| Ok((admitted.runnable(&context, |_| true)?, context)));
-        let (actions, context) = match listed {
-            Ok(listed) => listed,
-            Err(refusal) => return Err(admitted.refuse_input(refusal).await),
-        };
-        admitted.record_listing(&context).await?;
+    async fn list(mut admitted: Admitted, asked: Option<String>) -> Result<Vec<Tool>, ApiError> {
+        admitted.add_details(details("tools/list", None, None));
+        let actions = admitted.list(asked.as_deref(), |_| true).await?;
         Ok(actions
             .iter()
             .map(|action| {
@@ -275,38 +267,19 @@ impl Gateway {
     }
 
     async fn call(
-        app: Arc<App>,
-        carrier: Carrier,
-        tool: String,
+        mut admitted: Admitted,
+        asked: Option<String>,
+        request: CallToolRequestParams,
         request_id: Value,
-        arguments: Option<JsonObject>,
     ) -> Result<ActionResult, ApiError> {
-        let asked = carrier
-            .headers
-            .get(CONTEXT_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let door = Door::new(
-            carrier.trace_id,
-            carrier.headers,
-            carrier.client,
-            Channel::Mcp,
-            "POST",
-            ROUTE,
-        )
-        .with_detail("mcp_method", Value::from("tools/call"))
-        .with_detail(
-            "tool",
-            Value::from(tool.chars().take(MAX_TOOL_NAME).collect::<String>()),
-        )
-        .with_detail("request_id", request_id);
-        let admitted = admit(&app, door).await?;
+        admitted.add_details(details("tools/call", Some(&request.name), Some(request_id)));
         let context = match admitted.context(asked.as_deref()) {
             Ok(context) => context,
             Err(refusal) => return Err(admitted.refuse_input(refusal).await),
         };
-        let payload = Value::Object(arguments.unwrap_or_default());
-        let allowed = admitted.authorize(&tool, &context, payload).await?;
+        let payload = Value::Object(request.arguments.unwrap_or_default());
+        let allowed = admitted.authorize(&request.name, &context, payload).await?;
+        // The story runs in a task of its own: a client that goes away cannot cut it.
         allowed.execute(None).await
     }
 }
@@ -327,8 +300,10 @@ impl ServerHandler for Gateway {
         _request: Option<PaginatedRequestParams>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
-        let carrier = carrier(&ctx)?;
-        let tools = self.list(carrier).await.map_err(protocol_refusal)?;
+        let (admitted, asked) = admission(&ctx)?;
+        let tools = Self::list(admitted, asked)
+            .await
+            .map_err(protocol_refusal)?;
         Ok(ListToolsResult::with_all_items(tools))
     }
 
@@ -337,24 +312,11 @@ impl ServerHandler for Gateway {
         request: CallToolRequestParams,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
-        let carrier = carrier(&ctx)?;
+        let (admitted, asked) = admission(&ctx)?;
         let request_id = serde_json::to_value(&ctx.id).unwrap_or(Value::Null);
-        // In a task of its own: a client that goes away does not cut the story between its ALLOW
-        // and its outcome.
-        let run = tokio::spawn(Self::call(
-            self.app.clone(),
-            carrier,
-            request.name.to_string(),
-            request_id,
-            request.arguments,
-        ));
-        let result = match run.await {
-            Ok(Ok(done)) => tool_result(done),
-            Ok(Err(e)) => tool_error(e),
-            Err(join) => tool_error(ApiError::internal(
-                format!("the tool call stopped unexpectedly: {join}"),
-                None,
-            )),
+        let result = match Self::call(admitted, asked, request, request_id).await {
+            Ok(done) => tool_result(done),
+            Err(e) => tool_error(e),
         };
         Ok(result.into())
     }

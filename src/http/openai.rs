@@ -20,8 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
-use tokio::sync::{mpsc, oneshot};
-use tracing::Instrument as _;
+use tokio::sync::mpsc;
 use utoipa::ToSchema;
 
 use super::front_door::Client;
@@ -31,8 +30,7 @@ use crate::executors::ChunkSink;
 use crate::gates::input::{self, InputRefusal};
 use crate::policy::Violation;
 use crate::reason::ReasonCode;
-use crate::telemetry;
-use crate::turnstile::{ActionResult, Channel, Door, admit};
+use crate::turnstile::{ActionResult, Channel, Door, Running, admit};
 
 /// The header naming the context a facade's request acts in.
 pub const CONTEXT_HEADER: &str = "x-catraca-context";
@@ -54,7 +52,8 @@ pub struct OpenAiErrorDetail {
     pub kind: &'static str,
     /// The gateway's first reason code, e.g. `NO_MATCHING_RULE`.
     pub code: String,
-    /// The first failing JSON pointer of an `INPUT_SCHEMA_INVALID`, else null.
+    /// The first failing parameter of an `INPUT_SCHEMA_INVALID` (e.g. `messages[0].content`), else
+    /// null.
     pub param: Option<String>,
     /// Every reason code, as `/process` would list them.
     pub reason_codes: Vec<String>,
@@ -64,9 +63,9 @@ pub struct OpenAiErrorDetail {
 
 /// One server-sent event of a streamed completion.
 #[derive(Debug, ToSchema)]
-#[allow(
+#[expect(
     dead_code,
-    reason = "describes the stream in the OpenAPI document; the stream writes text"
+    reason = "describes the stream in the OpenAPI document; the stream itself is written as text"
 )]
 pub struct StreamEvent {
     /// A `chat.completion.chunk` as JSON, `{"error": {...}}` after a failure, or `[DONE]` once the
@@ -131,16 +130,39 @@ fn error_detail(status: StatusCode, body: crate::error::ErrorBody) -> OpenAiErro
         message: body.message,
         kind,
         code: codes.first().cloned().unwrap_or_default(),
-        param: body.violations.first().map(|v| v.pointer.clone()),
+        param: body.violations.first().map(|v| param(&v.pointer)),
         reason_codes: codes,
         trace_id: body.trace_id,
         decision_id: body.decision_id,
     }
 }
 
-/// The context the client named in `X-Catraca-Context`, if any.
-fn asked_context(headers: &HeaderMap) -> Option<&str> {
-    headers.get(CONTEXT_HEADER).and_then(|v| v.to_str().ok())
+/// A violation's JSON pointer as OpenAI names a parameter: `/payload/messages/0/content` (the
+/// payload is the body without `model` and `stream`) is `messages[0].content`.
+fn param(pointer: &str) -> String {
+    let path = pointer.strip_prefix("/payload").unwrap_or(pointer);
+    let mut out = String::new();
+    for token in path.split('/').skip(1) {
+        let token = token.replace("~1", "/").replace("~0", "~");
+        if !token.is_empty() && token.bytes().all(|b| b.is_ascii_digit()) {
+            out.push_str(&format!("[{token}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(&token);
+        }
+    }
+    out
+}
+
+/// The context the client named in `X-Catraca-Context`, if any (the OpenAI facade's and the MCP
+/// server's).
+pub(super) fn asked_context(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(CONTEXT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
 }
 
 /// Lists the models this key may use in its context.
@@ -163,7 +185,7 @@ pub async fn models(
     Extension(trace_id): Extension<TraceId>,
     headers: HeaderMap,
 ) -> Result<Json<ModelList>, Refused> {
-    let asked = asked_context(&headers).map(str::to_owned);
+    let asked = asked_context(&headers);
     let door = Door::new(
         trace_id,
         headers,
@@ -172,15 +194,10 @@ pub async fn models(
         "GET",
         "/v1/models",
     );
-    let admitted = admit(&app, door).await?;
-    let listed = admitted
-        .context(asked.as_deref())
-        .and_then(|context| Ok((admitted.runnable(&context, |a| a.model)?, context)));
-    let (models, context) = match listed {
-        Ok(listed) => listed,
-        Err(refusal) => return Err(admitted.refuse_input(refusal).await.into()),
-    };
-    admitted.record_listing(&context).await?;
+    let models = admit(&app, door)
+        .await?
+        .list(asked.as_deref(), |a| a.model)
+        .await?;
     let data = models
         .iter()
         .map(|a| Model {
@@ -302,7 +319,7 @@ async fn chat(
     client: IpAddr,
     body: Body,
 ) -> Result<Response, Refused> {
-    let asked = asked_context(&headers).map(str::to_owned);
+    let asked = asked_context(&headers);
     let door = Door::new(
         trace_id,
         headers,
@@ -339,30 +356,19 @@ async fn chat(
         return Ok(Json(completion(result)).into_response());
     }
     let (sink, mut chunks) = ChunkSink::channel(STREAM_BUFFER);
-    let (done_tx, mut done) = oneshot::channel();
-    // The story ends in its own task: a client that goes away mid-stream stops the relay, not the
+    // The story runs in its own task: a client that goes away mid-stream stops the relay, not the
     // commit of ACTION_EXECUTED and REQUEST_END.
-    let run = async move {
-        let _ = done_tx.send(allowed.execute(Some(sink)).await);
-    };
-    tokio::spawn(telemetry::within(
-        telemetry::current(),
-        run.in_current_span(),
-    ));
+    let mut running = allowed.start(Some(sink));
+    // The status goes out with the first chunk; a story that ends before one is answered whole.
     let first = tokio::select! {
         biased;
         Some(chunk) = chunks.recv() => First::Chunk(chunk),
-        ended = &mut done => First::Ended(ended),
+        ended = &mut running => First::Ended(ended),
     };
     let frames = match first {
-        First::Chunk(chunk) => Frames::relaying(chunk, chunks, done, request.include_usage),
-        First::Ended(Ok(Ok(result))) => Frames::whole(result, request.include_usage),
-        First::Ended(Ok(Err(e))) => return Err(e.into()),
-        First::Ended(Err(_)) => {
-            return Err(
-                ApiError::internal("the stream's task ended without an outcome", None).into(),
-            );
-        }
+        First::Chunk(chunk) => Frames::relaying(chunk, chunks, running, request.include_usage),
+        First::Ended(Ok(result)) => Frames::whole(result, request.include_usage),
+        First::Ended(Err(e)) => return Err(e.into()),
     };
     Ok(event_stream(frames))
 }
@@ -370,7 +376,7 @@ async fn chat(
 /// What a stream's first wait brought: a chunk (the answer streams) or the end (it never did).
 enum First {
     Chunk(Value),
-    Ended(Result<Result<ActionResult, ApiError>, oneshot::error::RecvError>),
+    Ended(Result<ActionResult, ApiError>),
 }
 
 /// The events of one stream, in order.
@@ -378,7 +384,7 @@ struct Frames {
     /// Events ready to send.
     ready: std::collections::VecDeque<Bytes>,
     chunks: Option<mpsc::Receiver<Value>>,
-    done: Option<oneshot::Receiver<Result<ActionResult, ApiError>>>,
+    done: Option<Running>,
     include_usage: bool,
 }
 
@@ -386,7 +392,7 @@ impl Frames {
     fn relaying(
         first: Value,
         chunks: mpsc::Receiver<Value>,
-        done: oneshot::Receiver<Result<ActionResult, ApiError>>,
+        done: Running,
         include_usage: bool,
     ) -> Self {
         let mut frames = Self {
@@ -477,17 +483,11 @@ impl Frames {
             }
             let done = self.done.take()?;
             let end = match done.await {
-                Ok(Ok(_)) => Bytes::from_static(b"data: [DONE]\n\n"),
-                Ok(Err(e)) => {
+                Ok(_) => Bytes::from_static(b"data: [DONE]\n\n"),
+                Err(e) => {
                     let (head, body) = e.answer();
                     data(&json!({ "error": error_detail(head.status, body) }))
                 }
-                Err(_) => data(&json!({ "error": {
-                    "message": "the stream ended without an outcome",
-                    "type": "server_error",
-                    "code": ReasonCode::InternalError.as_str(),
-                    "param": null,
-                }})),
             };
             return Some(end);
         }
@@ -600,6 +600,15 @@ mod tests {
             panic!("a duplicate key parsed")
         };
         assert_eq!(refusal.reason, ReasonCode::InputMalformedJson);
+    }
+
+    #[test]
+    fn a_violations_pointer_is_named_as_openai_names_a_parameter() {
+        assert_eq!(param("/payload/max_tokens"), "max_tokens");
+        assert_eq!(param("/payload/messages/0/content"), "messages[0].content");
+        assert_eq!(param("/model"), "model");
+        assert_eq!(param("/payload/a~1b"), "a/b");
+        assert_eq!(param(""), "");
     }
 
     #[test]

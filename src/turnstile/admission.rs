@@ -1,24 +1,30 @@
 //! The turnstile in steps, for every door a request comes in by (`/process`, the OpenAI facade, the
 //! MCP server): [`admit`] runs G1 and G2, [`Admitted`] reads the body and names what is asked (G3),
-//! [`Admitted::authorize`] runs the policy's half of G3 and G4 and makes the ALLOW durable, and
-//! [`Allowed::execute`] runs the executor and makes its outcome durable. Each step that refuses records
-//! the refusal (REQUEST_START, DECISION deny, REQUEST_END) before it answers, so a door cannot forget to.
+//! [`Admitted::authorize`] runs the policy's half of G3, G4 and the kill switch, and [`Allowed::start`]
+//! makes the ALLOW durable, runs the executor and makes its outcome durable, in a task of its own. Each
+//! step that refuses records the refusal (REQUEST_START, DECISION deny, REQUEST_END) before it answers,
+//! so a door cannot forget to; and once an ALLOW is to be written, nothing the client does (closing the
+//! connection, a dropped handler) can cut the story before its end.
 
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, StatusCode, header};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
+use tracing::Instrument as _;
 
-use super::authorize::{Ask, Granted, Stop, authorize, input_refused};
+use super::authorize::{Ask, Granted, Refusal, Stop, authorize, input_refused};
 use super::decision::Decision;
 use super::execution::{count_execution, with_digest};
 use super::steps::StepContext;
 use super::{
-    ActionResult, Moment, answer, authenticate, commit, commit_allow, commit_outcome, count_result,
-    executor_for, identify, principal_of, refuse, summarise, switched_off,
+    ActionResult, Moment, answer, commit, commit_allow, commit_outcome, count_result, executor_for,
+    identify, principal_of, refuse, summarise, switched_off,
 };
 use crate::app::App;
 use crate::audit::{EventType, PendingEvent};
@@ -29,6 +35,7 @@ use crate::gates::auth::AuthenticatedKey;
 use crate::gates::input::{self, InputRefusal};
 use crate::policy::{Action, Policy};
 use crate::reason::{Gate, ReasonCode};
+use crate::telemetry;
 
 /// The door a request came in by, recorded as `channel` in its REQUEST_START.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,9 +81,6 @@ pub struct Door {
     pub channel: Channel,
     pub method: &'static str,
     pub route: &'static str,
-    /// Facts the door adds to REQUEST_START (e.g. the MCP method and request id); small, never
-    /// request content.
-    pub details: serde_json::Map<String, Value>,
 }
 
 impl Door {
@@ -95,30 +99,7 @@ impl Door {
             channel,
             method,
             route,
-            details: serde_json::Map::new(),
         }
-    }
-
-    /// Adds `name` to the REQUEST_START event.
-    #[must_use]
-    pub fn with_detail(mut self, name: &str, value: Value) -> Self {
-        self.details.insert(name.to_owned(), value);
-        self
-    }
-}
-
-/// G1 alone, for a door's own traffic that is not a request for anything (the MCP handshake): the
-/// key is checked, a refusal recorded like any other, and nothing written for a key that passes, which
-/// is not counted against its quota either (the requests that follow are).
-pub async fn recognize(app: &Arc<App>, door: Door) -> Result<AuthenticatedKey, ApiError> {
-    let client = door.client;
-    let route = door.route;
-    let (mut d, headers, _) = start(app, door);
-    match authenticate(app, &mut d, &headers, client).await {
-        Ok(key) => Ok(key),
-        Err(Stop::Refused(refusal)) => Err(refuse(app, d, refusal).await),
-        Err(Stop::Throttled(refusal)) => Err(summarise(app, d, client, route, refusal)),
-        Err(Stop::Failed(e)) => Err(e),
     }
 }
 
@@ -152,22 +133,18 @@ fn start(app: &App, door: Door) -> (Decision, HeaderMap, Option<u64>) {
         channel,
         method,
         route,
-        details,
     } = door;
     let content_length = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let mut start = json!({
+    let start = json!({
         "method": method,
         "route": route,
         "channel": channel.as_str(),
         "client_addr": client.to_string(),
         "content_length": content_length,
     });
-    if let Value::Object(fields) = &mut start {
-        fields.extend(details);
-    }
     let start = PendingEvent::new(EventType::RequestStart, Some(&trace_id), start);
     let d = Decision::new(trace_id, start, app.policy());
     (d, headers, content_length)
@@ -257,30 +234,56 @@ impl Admitted {
         }
     }
 
-    /// The actions with an executor this key may run in `context`, as the matrix decides for an empty
-    /// payload (a rule condition on the payload is decided when a call carries one), filtered by
-    /// `wanted`. What `/v1/models` and the MCP server's `tools/list` show.
-    pub fn runnable(
-        &self,
-        context: &str,
+    /// Adds `details` (small, never request content: e.g. the MCP method) to REQUEST_START, before
+    /// anything of the story is written.
+    pub fn add_details(&mut self, details: Map<String, Value>) {
+        self.d.add_to_start(details);
+    }
+
+    /// What `/v1/models` and the MCP server's `tools/list` show: the actions with an executor, among
+    /// those `wanted`, that this key may run in the context it `asked` for (else its only one), as the
+    /// matrix decides for an empty payload (a rule's condition on the payload is decided when a call
+    /// carries one). Recorded as a read (START, DECISION allow, END) before it is answered; a context
+    /// the policy lacks is refused by G3, one the key may not use by G4 (`CONTEXT_FORBIDDEN`).
+    pub async fn list(
+        mut self,
+        asked: Option<&str>,
         wanted: impl Fn(&Action) -> bool,
-    ) -> Result<Vec<Arc<Action>>, InputRefusal> {
-        let policy = &self.d.policy;
-        let context = ContextId::parse(context)
-            .ok()
-            .filter(|c| policy.has_context(c.as_str()))
-            .ok_or_else(|| {
-                InputRefusal::new(
-                    ReasonCode::ContextUnknown,
-                    format!(
-                        "unknown context {:?}",
-                        context.chars().take(64).collect::<String>()
-                    ),
-                )
-            })?;
+    ) -> Result<Vec<Arc<Action>>, ApiError> {
+        let started = Instant::now();
+        let policy = self.d.policy.clone();
+        let context = match self.context(asked).and_then(|c| known_context(&policy, &c)) {
+            Ok(context) => context,
+            Err(refusal) => return Err(self.refuse_input(refusal).await),
+        };
+        self.d.facts.context = Some(context.to_string());
+        self.d
+            .verdicts
+            .record(&self.app.metrics, Gate::Input, started, None);
+        let started = Instant::now();
+        if self
+            .key
+            .contexts
+            .as_ref()
+            .is_some_and(|contexts| !contexts.contains(&context))
+        {
+            let refusal = Refusal::new(
+                Gate::ActionMatrix,
+                ReasonCode::ContextForbidden,
+                format!("this key may not act in context {context}"),
+                None,
+            );
+            self.d.verdicts.record(
+                &self.app.metrics,
+                Gate::ActionMatrix,
+                started,
+                Some(&refusal.codes),
+            );
+            return Err(refuse(&self.app, self.d, refusal).await);
+        }
         let principal = principal_of(&self.key);
-        let empty = Value::Object(serde_json::Map::new());
-        Ok(policy
+        let empty = Value::Object(Map::new());
+        let listed: Vec<Arc<Action>> = policy
             .actions()
             .filter(|a| a.executor.is_some() && wanted(a))
             .filter(|a| {
@@ -289,27 +292,21 @@ impl Admitted {
                     .allowed
             })
             .cloned()
-            .collect())
-    }
-
-    /// Records a listing (what this key may run, in `context`) as an allowed read: START, DECISION
-    /// allow and END, durable before the list is answered.
-    pub async fn record_listing(mut self, context: &str) -> Result<AuthenticatedKey, ApiError> {
-        self.d.facts.context = Some(context.to_owned());
+            .collect();
         self.d
             .verdicts
-            .record(&self.app.metrics, Gate::ActionMatrix, Instant::now(), None);
+            .record(&self.app.metrics, Gate::ActionMatrix, started, None);
         let events = vec![
             self.d.start_event(),
             self.d.event("allow", Gate::ActionMatrix, &[]),
             self.d.end_event(StatusCode::OK, "SUCCESS"),
         ];
         commit(&self.app, &self.d, events, Moment::Read).await?;
-        Ok(self.key)
+        Ok(listed)
     }
 
-    /// The policy's half of G3 and G4 for `action` in `context` with `payload`, then the kill switch;
-    /// an allowed request's START, ALLOW and EXECUTOR_SELECTED are durable when this returns.
+    /// The policy's half of G3 and G4 for `action` in `context` with `payload`, then the kill switch.
+    /// A refusal is recorded; an allowed request is written only once it is [`Allowed::start`]ed.
     pub async fn authorize(
         mut self,
         action: &str,
@@ -346,7 +343,6 @@ impl Admitted {
         if let Some(refusal) = switched_off(&app, &self.d, executor).await? {
             return Err(refuse(&app, self.d, refusal).await);
         }
-        commit_allow(&app, &self.d, &granted, executor).await?;
         Ok(Allowed {
             app: self.app,
             d: self.d,
@@ -356,7 +352,7 @@ impl Admitted {
     }
 }
 
-/// An allowed request whose ALLOW is durable; its executor has not run yet.
+/// An allowed request, not yet written: [`Allowed::start`] runs its story.
 pub struct Allowed {
     app: Arc<App>,
     d: Decision,
@@ -373,11 +369,27 @@ impl Allowed {
         self.granted.action.name.as_str()
     }
 
-    /// Runs the executor (relaying its chunks to `stream`, when given and the executor streams) and
-    /// makes ACTION_EXECUTED and REQUEST_END durable before returning the result or the failure.
-    pub async fn execute(mut self, stream: Option<ChunkSink>) -> Result<ActionResult, ApiError> {
+    /// Starts the story in a task of its own (START, ALLOW and EXECUTOR_SELECTED durable, the executor,
+    /// ACTION_EXECUTED and REQUEST_END durable), relaying the executor's chunks to `stream` when given
+    /// and the executor streams. The story runs to its end whether or not anyone awaits it.
+    pub fn start(self, stream: Option<ChunkSink>) -> Running {
+        let trace_id = self.d.trace_id.clone();
+        let story = telemetry::within(telemetry::current(), self.run(stream).in_current_span());
+        Running {
+            task: tokio::spawn(story),
+            trace_id,
+        }
+    }
+
+    /// [`Allowed::start`], awaited: the result or the failure, with the outcome durable.
+    pub async fn execute(self, stream: Option<ChunkSink>) -> Result<ActionResult, ApiError> {
+        self.start(stream).await
+    }
+
+    async fn run(mut self, stream: Option<ChunkSink>) -> Result<ActionResult, ApiError> {
         let app = self.app.clone();
         let executor = executor_for(&app, &self.d, &self.granted)?;
+        commit_allow(&app, &self.d, &self.granted, executor).await?;
         let started = Instant::now();
         // The payload goes to the executor; the trail already holds its digest.
         let payload = std::mem::take(&mut self.granted.payload);
@@ -407,4 +419,41 @@ impl Allowed {
         count_result(&app, self.d.action_label(), status);
         answer(self.d, &self.granted, executor, outcome, elapsed)
     }
+}
+
+/// A started story: resolves to its result once its outcome is durable.
+pub struct Running {
+    task: tokio::task::JoinHandle<Result<ActionResult, ApiError>>,
+    trace_id: TraceId,
+}
+
+impl Future for Running {
+    type Output = Result<ActionResult, ApiError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.task).poll(cx).map(|joined| {
+            joined.unwrap_or_else(|e| {
+                Err(ApiError::internal(
+                    format!("the request's story stopped unexpectedly: {e}"),
+                    Some(&self.trace_id),
+                ))
+            })
+        })
+    }
+}
+
+/// `context` when the policy defines it, else G3's refusal.
+fn known_context(policy: &Policy, context: &str) -> Result<ContextId, InputRefusal> {
+    ContextId::parse(context)
+        .ok()
+        .filter(|c| policy.has_context(c.as_str()))
+        .ok_or_else(|| {
+            InputRefusal::new(
+                ReasonCode::ContextUnknown,
+                format!(
+                    "unknown context {:?}",
+                    context.chars().take(64).collect::<String>()
+                ),
+            )
+        })
 }

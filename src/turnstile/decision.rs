@@ -159,6 +159,11 @@ impl Decision {
         self.start_event.clone()
     }
 
+    /// Adds `details` to REQUEST_START; only before anything of the story is written.
+    pub(super) fn add_to_start(&mut self, details: serde_json::Map<String, Value>) {
+        self.start_event.add_fields(details);
+    }
+
     /// The DECISION event: `effect` (`allow` or `deny`) by `gate` for `reason_codes`.
     pub(super) fn event(
         &self,

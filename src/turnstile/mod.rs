@@ -38,7 +38,7 @@ use authorize::{Ask, Granted, Refusal, Stop, authorize};
 use decision::{Decision, micros};
 use execution::executor_of;
 
-pub use admission::{Admitted, Allowed, Channel, Door, admit, recognize};
+pub use admission::{Admitted, Allowed, Channel, Door, Running, admit};
 
 /// How long a client is asked to wait when the shared rate limiter cannot be reached.
 const LIMITER_RETRY_AFTER: Duration = Duration::from_secs(5);
@@ -286,7 +286,7 @@ async fn commit_allow(
 /// ACTION_EXECUTED and REQUEST_END, durable before the response (or, for a stream, before its end:
 /// `streamed` when a chunk already went out, so the client's status is 200 whatever happened next).
 #[tracing::instrument(level = "debug", skip_all)]
-#[allow(
+#[expect(
     clippy::too_many_arguments,
     reason = "one event from each part of the story"
 )]

@@ -39,6 +39,8 @@ async fn upstream_chat(State(up): State<Arc<Upstream>>, Json(body): Json<Value>)
     }
     let usage = json!({"prompt_tokens": 40, "completion_tokens": 12, "total_tokens": 52});
     if body["stream"] != true {
+        let pause = *up.pause.lock().unwrap();
+        tokio::time::sleep(pause * 5).await;
         return Json(json!({
             "id": "chatcmpl-up", "object": "chat.completion", "created": 1, "model": "up-7b",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": ANSWER}, "finish_reason": "stop"}],
@@ -186,6 +188,15 @@ async fn models_are_exactly_what_the_key_may_use_in_its_context() {
     let (_, list) = models(admin.clone(), Some("work")).await;
     assert_eq!(list["data"][0]["id"], "assistant");
 
+    // A context the key may not use is refused by the matrix, not listed as allowed and empty.
+    let (status, body) = models(analyst.clone(), Some("partner")).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"]["code"], "CONTEXT_FORBIDDEN");
+    let decision = app
+        .decision(body["error"]["trace_id"].as_str().unwrap())
+        .await;
+    assert_eq!(decision["effect"], "deny");
+
     // A key for every context must name one; an unknown context is refused.
     let (status, body) = models(admin.clone(), None).await;
     assert_eq!(status, 400, "{body}");
@@ -320,7 +331,7 @@ async fn refusals_have_openai_error_shape_with_the_reason_code_and_the_gateway_s
         (status, &body["error"]["code"]),
         (422, &json!("INPUT_SCHEMA_INVALID"))
     );
-    assert_eq!(body["error"]["param"], "/payload/max_tokens");
+    assert_eq!(body["error"]["param"], "max_tokens");
 
     let mut not_a_model = question(64);
     not_a_model["model"] = json!("echo");
@@ -469,6 +480,49 @@ async fn a_client_that_leaves_mid_stream_still_leaves_its_whole_story() {
     );
     assert_eq!(events[4]["status"], 200, "the client had its 200 already");
     assert_eq!(events[4]["outcome"], "EXECUTION_FAILED");
+}
+
+#[tokio::test]
+async fn a_client_that_gives_up_on_a_completion_still_leaves_its_whole_story() {
+    let (app, up) = gateway().await;
+    *up.pause.lock().unwrap() = Duration::from_millis(100);
+    let analyst = key(&app, "analyst", &["work"]).await;
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(150))
+        .build()
+        .unwrap();
+    let trace = "giving-up-on-a-completion-0001";
+    let sent = impatient
+        .post(app.url("/v1/chat/completions"))
+        .bearer_auth(&analyst)
+        .header("X-Trace-Id", trace)
+        .json(&question(64))
+        .send()
+        .await;
+    assert!(sent.is_err(), "the client gave up before the answer");
+
+    let mut events = Vec::new();
+    for _ in 0..100 {
+        events = app.events(trace).await;
+        if events.iter().any(|e| e["event_type"] == "REQUEST_END") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        event_types(&events),
+        [
+            "REQUEST_START",
+            "DECISION",
+            "EXECUTOR_SELECTED",
+            "ACTION_EXECUTED",
+            "REQUEST_END"
+        ]
+    );
+    assert_eq!(
+        events[3]["status"], "success",
+        "the model answered; the trail says so"
+    );
 }
 
 #[tokio::test]
@@ -636,6 +690,54 @@ async fn mcp_lists_the_keys_tools_and_calls_them_through_the_gates() {
         body["result"]["structuredContent"]["reason_codes"],
         json!(["INPUT_SCHEMA_INVALID"])
     );
+
+    // A permission is not a tool, even for a key that holds it.
+    let auditor = key(&app, "auditor", &["work"]).await;
+    let body: Value = mcp(&app, Some(&auditor), call(6, "audit.read", json!({})))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["result"]["isError"], true, "{body}");
+    assert_eq!(
+        body["result"]["structuredContent"]["reason_codes"],
+        json!(["ACTION_UNKNOWN"])
+    );
+
+    // The client's request id is recorded, cut short.
+    let long_id = "x".repeat(10_000);
+    let mut message = call(0, "echo", json!({"message": "olá"}));
+    message["id"] = json!(long_id);
+    let response = mcp(&app, Some(&analyst), message).await;
+    let trace = trace_of(&response);
+    let start = &app.events(&trace).await[0];
+    assert_eq!(start["request_id"].as_str().unwrap().len(), 128);
+}
+
+#[tokio::test]
+async fn every_mcp_request_counts_against_the_keys_quota_once() {
+    let (app, _up) = gateway().await;
+    // The standard tier: 5 a second, a burst of 10.
+    let analyst = app
+        .key(KeySpec {
+            role: "analyst",
+            tier: "standard",
+            contexts: &["work"],
+            ..KeySpec::default()
+        })
+        .await;
+    let ping = json!({"jsonrpc": "2.0", "id": 1, "method": "ping"});
+    let mut statuses = Vec::new();
+    for _ in 0..12 {
+        statuses.push(
+            mcp(&app, Some(&analyst), ping.clone())
+                .await
+                .status()
+                .as_u16(),
+        );
+    }
+    assert_eq!(statuses[..10], [200; 10], "{statuses:?}");
+    assert_eq!(statuses[11], 429, "{statuses:?}");
 }
 
 #[tokio::test]

@@ -7,6 +7,8 @@
 //! status. Sending it here keeps the retry count ours and bounded and the upstream status in every message.
 
 use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_openai::config::{Config as _, OpenAIConfig};
@@ -79,6 +81,7 @@ pub struct HttpChat {
     max_retries: u32,
     retry_backoff: Duration,
     request_timeout: Duration,
+    call_timeout: Duration,
 }
 
 impl fmt::Debug for HttpChat {
@@ -147,12 +150,13 @@ impl HttpChat {
             max_retries: settings.max_retries,
             retry_backoff: settings.retry_backoff,
             request_timeout,
+            call_timeout: settings.call_timeout,
         })
     }
 
     /// One HTTP exchange under the client's per-attempt timeout.
     async fn attempt(&self, body: &[u8], asked_model: &str) -> Result<Answer, AttemptError> {
-        let bytes = read_body(self.send(body).await?).await?;
+        let bytes = read_body(self.send(body, false).await?).await?;
         let completion: CreateChatCompletionResponse = serde_json::from_slice(&bytes)
             .map_err(|e| AttemptError::NotCompletion(shorten(&e.to_string())))?;
         let choice = completion
@@ -243,17 +247,22 @@ impl HttpChat {
         }
     }
 
-    /// Sends `body` to the chat completions route under the per-attempt timeout.
-    async fn send(&self, body: &[u8]) -> Result<reqwest::Response, AttemptError> {
-        let resp = self
+    /// Sends `body` to the chat completions route under the per-attempt timeout; a stream's body may
+    /// take the whole call's time, its answer starting within the per-attempt timeout.
+    async fn send(&self, body: &[u8], stream: bool) -> Result<reqwest::Response, AttemptError> {
+        let mut request = self
             .http
             .post(&self.url)
             .headers(self.headers.clone())
             .header(CONTENT_TYPE, "application/json")
             .headers(upstream_trace_headers())
-            .body(body.to_vec())
-            .send()
+            .body(body.to_vec());
+        if stream {
+            request = request.timeout(self.call_timeout);
+        }
+        let resp = tokio::time::timeout(self.request_timeout, request.send())
             .await
+            .map_err(|_| AttemptError::TimedOut)?
             .map_err(transport_error)?;
         let status = resp.status();
         if status.is_success() {
@@ -270,7 +279,7 @@ impl HttpChat {
 
     /// One chat-mode exchange without a stream: the upstream's completion, which must have a choice.
     async fn attempt_json(&self, body: &[u8]) -> Result<Value, AttemptError> {
-        let bytes = read_body(self.send(body).await?).await?;
+        let bytes = read_body(self.send(body, false).await?).await?;
         let completion: Value = serde_json::from_slice(&bytes)
             .map_err(|e| AttemptError::NotCompletion(shorten(&e.to_string())))?;
         if completion
@@ -290,19 +299,33 @@ impl HttpChat {
         relay: &ChunkSink,
         shown_model: &str,
     ) -> Result<Value, AttemptError> {
-        let resp = self.send(body).await?;
-        let mut events = resp.bytes_stream().eventsource();
+        let resp = self.send(body, true).await?;
+        // The bytes are counted as they arrive, before the event parser buffers them: an upstream
+        // that never ends a line cannot grow memory past the limit.
+        let too_large = Arc::new(AtomicBool::new(false));
+        let flag = too_large.clone();
+        let bounded = resp.bytes_stream().scan(0usize, move |received, chunk| {
+            if let Ok(bytes) = &chunk {
+                *received += bytes.len();
+                if *received > MAX_BODY_BYTES {
+                    flag.store(true, Ordering::Relaxed);
+                    return std::future::ready(None);
+                }
+            }
+            std::future::ready(Some(chunk))
+        });
+        let mut events = Box::pin(bounded.eventsource());
         let mut assembly = Assembly::default();
-        let mut received = 0usize;
-        while let Some(event) = events.next().await {
+        loop {
+            // Each chunk within the per-attempt timeout of the one before.
+            let next = tokio::time::timeout(self.request_timeout, events.next())
+                .await
+                .map_err(|_| AttemptError::TimedOut)?;
+            let Some(event) = next else { break };
             let event = event.map_err(|e| match e {
                 eventsource_stream::EventStreamError::Transport(e) => transport_error(e),
                 other => AttemptError::NotCompletion(shorten(&other.to_string())),
             })?;
-            received += event.data.len();
-            if received > MAX_BODY_BYTES {
-                return Err(AttemptError::TooLarge);
-            }
             if event.data.trim() == "[DONE]" {
                 return assembly.finish();
             }
@@ -318,6 +341,9 @@ impl HttpChat {
                 *model = Value::String(shown_model.to_owned());
             }
             relay.send(chunk).await.map_err(AttemptError::ClientGone)?;
+        }
+        if too_large.load(Ordering::Relaxed) {
+            return Err(AttemptError::TooLarge);
         }
         Err(AttemptError::NotCompletion(
             "the stream ended without data: [DONE]".into(),

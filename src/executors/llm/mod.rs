@@ -91,6 +91,9 @@ const CHAT_PARAMETERS: [&str; 9] = [
     "user",
 ];
 
+/// Longest model name an upstream may put in the trail.
+const MAX_MODEL_NAME: usize = 128;
+
 /// A configured `llm` executor.
 struct Llm {
     name: String,
@@ -232,9 +235,13 @@ impl Llm {
             }
         }
         if let Some(cap) = self.max_tokens {
+            // Whatever the action's schema admits, the cap holds: a value that is not a whole number
+            // within it is sent as the cap.
             for name in ["max_tokens", "max_completion_tokens"] {
-                let asked = body.get(name).and_then(super::whole_number);
-                if asked.is_some_and(|n| n > u64::from(cap)) {
+                let Some(asked) = body.get(name) else {
+                    continue;
+                };
+                if super::whole_number(asked).is_none_or(|n| n == 0 || n > u64::from(cap)) {
                     body.insert(name.into(), Value::from(cap));
                 }
             }
@@ -361,15 +368,24 @@ impl Executor for Llm {
         })
     }
 
-    /// The model that answered and the tokens it counted (never the text).
+    /// The model that answered and the tokens it counted (never the text): the upstream's own words,
+    /// so only whole token counts and a short model name are kept.
     fn outcome_facts(&self, result: &Value) -> Option<Value> {
-        let model = result
+        let model: Option<String> = result
             .pointer("/catraca/upstream_model")
-            .or_else(|| result.get("model"));
-        Some(json!({
-            "model": model,
-            "usage": result.get("usage"),
-        }))
+            .or_else(|| result.get("model"))
+            .and_then(Value::as_str)
+            .map(|m| m.chars().take(MAX_MODEL_NAME).collect());
+        let mut usage = serde_json::Map::new();
+        for name in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+            if let Some(n) = result
+                .pointer(&format!("/usage/{name}"))
+                .and_then(Value::as_u64)
+            {
+                usage.insert(name.into(), Value::from(n));
+            }
+        }
+        Some(json!({ "model": model, "usage": usage }))
     }
 }
 
@@ -608,6 +624,26 @@ mod tests {
             sent.get("logit_bias").is_none(),
             "only sampling parameters pass"
         );
+        let body = llm
+            .chat_body(
+                None,
+                &json!({"messages": [], "max_tokens": "100000"}),
+                false,
+            )
+            .unwrap();
+        assert_eq!(
+            body["max_tokens"], 100,
+            "a cap holds whatever the schema admitted"
+        );
+        let body = llm
+            .chat_body(
+                None,
+                &json!({"messages": [], "max_completion_tokens": 7.5}),
+                false,
+            )
+            .unwrap();
+        assert_eq!(body["max_completion_tokens"], 100);
+        assert!(body.get("max_tokens").is_none());
         assert!(sent.get("stream").is_none());
         assert_eq!(
             result["model"], "assistant",

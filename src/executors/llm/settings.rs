@@ -111,6 +111,9 @@ pub(super) struct Settings {
     pub max_retries: u32,
     pub retry_backoff: Duration,
     pub request_timeout: Duration,
+    /// The file's `timeout_ms`: what bounds a whole streamed answer (each of its chunks is bounded by
+    /// `request_timeout`).
+    pub call_timeout: Duration,
     /// Returned with every result (`review_notice`): what a person must know before relying on it.
     pub review_notice: Option<String>,
 }
@@ -206,6 +209,7 @@ impl Settings {
             max_retries: file.max_retries,
             retry_backoff: Duration::from_millis(file.retry_backoff_ms),
             request_timeout: Duration::from_millis(file.request_timeout_ms),
+            call_timeout: timeout,
             review_notice,
         })
     }
