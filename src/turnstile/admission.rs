@@ -106,26 +106,6 @@ impl Door {
 /// G1 and G2: the caller's key, within its quota. A refusal is recorded and returned as the error.
 #[tracing::instrument(skip_all, fields(trace_id = %door.trace_id, route = door.route))]
 pub async fn admit(app: &Arc<App>, door: Door) -> Result<Admitted, ApiError> {
-    let client = door.client;
-    let route = door.route;
-    let (mut d, headers, content_length) = start(app, door);
-    match identify(app, &mut d, &headers, client).await {
-        Ok(key) => Ok(Admitted {
-            app: app.clone(),
-            d,
-            key,
-            headers,
-            content_length,
-            input_started: None,
-        }),
-        Err(Stop::Refused(refusal)) => Err(refuse(app, d, refusal).await),
-        Err(Stop::Throttled(refusal)) => Err(summarise(app, d, client, route, refusal)),
-        Err(Stop::Failed(e)) => Err(e),
-    }
-}
-
-/// The story of a request at the door: its REQUEST_START (not yet written) under the policy in force.
-fn start(app: &App, door: Door) -> (Decision, HeaderMap, Option<u64>) {
     let Door {
         trace_id,
         headers,
@@ -146,8 +126,20 @@ fn start(app: &App, door: Door) -> (Decision, HeaderMap, Option<u64>) {
         "content_length": content_length,
     });
     let start = PendingEvent::new(EventType::RequestStart, Some(&trace_id), start);
-    let d = Decision::new(trace_id, start, app.policy());
-    (d, headers, content_length)
+    let mut d = Decision::new(trace_id, start, app.policy());
+    match identify(app, &mut d, &headers, client).await {
+        Ok(key) => Ok(Admitted {
+            app: app.clone(),
+            d,
+            key,
+            headers,
+            content_length,
+            input_started: None,
+        }),
+        Err(Stop::Refused(refusal)) => Err(refuse(app, d, refusal).await),
+        Err(Stop::Throttled(refusal)) => Err(summarise(app, d, client, route, refusal)),
+        Err(Stop::Failed(e)) => Err(e),
+    }
 }
 
 /// A request whose key passed G1 and G2; nothing about it is written yet.

@@ -25,6 +25,15 @@ struct Upstream {
     status: Mutex<Option<u16>>,
 }
 
+/// The events of an allowed, executed request, in order.
+const ALLOWED_STORY: [&str; 5] = [
+    "REQUEST_START",
+    "DECISION",
+    "EXECUTOR_SELECTED",
+    "ACTION_EXECUTED",
+    "REQUEST_END",
+];
+
 const ANSWER: &str = "Pregão eletrônico é a modalidade para bens e serviços comuns.";
 
 async fn upstream_chat(State(up): State<Arc<Upstream>>, Json(body): Json<Value>) -> Response {
@@ -255,16 +264,7 @@ async fn a_completion_passes_the_gates_and_leaves_its_story_without_the_messages
     assert!(sent.get("stream").is_none());
 
     let events = app.events(&trace).await;
-    assert_eq!(
-        event_types(&events),
-        [
-            "REQUEST_START",
-            "DECISION",
-            "EXECUTOR_SELECTED",
-            "ACTION_EXECUTED",
-            "REQUEST_END"
-        ]
-    );
+    assert_eq!(event_types(&events), ALLOWED_STORY);
     assert_eq!(events[0]["channel"], "openai");
     assert_eq!(events[0]["route"], "/v1/chat/completions");
     assert_eq!(events[1]["effect"], "allow");
@@ -411,16 +411,7 @@ async fn a_stream_relays_the_chunks_and_its_outcome_is_durable_before_done() {
     let sent = up.seen.lock().unwrap()[0].clone();
     assert_eq!(sent["stream"], true);
     assert_eq!(sent["stream_options"]["include_usage"], true);
-    assert_eq!(
-        event_types(&events),
-        [
-            "REQUEST_START",
-            "DECISION",
-            "EXECUTOR_SELECTED",
-            "ACTION_EXECUTED",
-            "REQUEST_END"
-        ]
-    );
+    assert_eq!(event_types(&events), ALLOWED_STORY);
     assert_eq!(events[3]["status"], "success");
     assert_eq!(events[3]["outcome_facts"]["usage"]["completion_tokens"], 12);
     assert_eq!(events[4]["status"], 200);
@@ -459,16 +450,7 @@ async fn a_client_that_leaves_mid_stream_still_leaves_its_whole_story() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(
-        event_types(&events),
-        [
-            "REQUEST_START",
-            "DECISION",
-            "EXECUTOR_SELECTED",
-            "ACTION_EXECUTED",
-            "REQUEST_END"
-        ]
-    );
+    assert_eq!(event_types(&events), ALLOWED_STORY);
     assert_eq!(events[3]["status"], "failed");
     assert!(
         events[3]["error"]
@@ -509,16 +491,7 @@ async fn a_client_that_gives_up_on_a_completion_still_leaves_its_whole_story() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(
-        event_types(&events),
-        [
-            "REQUEST_START",
-            "DECISION",
-            "EXECUTOR_SELECTED",
-            "ACTION_EXECUTED",
-            "REQUEST_END"
-        ]
-    );
+    assert_eq!(event_types(&events), ALLOWED_STORY);
     assert_eq!(
         events[3]["status"], "success",
         "the model answered; the trail says so"
@@ -646,16 +619,7 @@ async fn mcp_lists_the_keys_tools_and_calls_them_through_the_gates() {
         trace.as_str()
     );
     let events = app.events(&trace).await;
-    assert_eq!(
-        event_types(&events),
-        [
-            "REQUEST_START",
-            "DECISION",
-            "EXECUTOR_SELECTED",
-            "ACTION_EXECUTED",
-            "REQUEST_END"
-        ]
-    );
+    assert_eq!(event_types(&events), ALLOWED_STORY);
     assert_eq!(events[0]["channel"], "mcp");
     assert_eq!(events[0]["tool"], "echo");
     assert_eq!(events[0]["request_id"], 3);

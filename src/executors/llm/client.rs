@@ -327,7 +327,7 @@ impl HttpChat {
                 other => AttemptError::NotCompletion(shorten(&other.to_string())),
             })?;
             if event.data.trim() == "[DONE]" {
-                return assembly.finish();
+                return assembly.finish().map_err(AttemptError::NotCompletion);
             }
             let mut chunk: Value = serde_json::from_str(&event.data)
                 .map_err(|e| AttemptError::NotCompletion(shorten(&e.to_string())))?;
@@ -336,7 +336,7 @@ impl HttpChat {
                     detail.to_string().as_bytes(),
                 )));
             }
-            assembly.add(&chunk)?;
+            assembly.add(&chunk).map_err(AttemptError::NotCompletion)?;
             if let Some(model) = chunk.get_mut("model") {
                 *model = Value::String(shown_model.to_owned());
             }
@@ -393,7 +393,7 @@ impl ChatClient for HttpChat {
 
 /// Why one attempt failed.
 #[derive(Debug)]
-pub(super) enum AttemptError {
+enum AttemptError {
     /// The upstream answered with a non-success status.
     Status {
         status: StatusCode,

@@ -6,8 +6,6 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value, json};
 
-use super::client::AttemptError;
-
 /// Most choices one stream may carry (`n`): each is a string being built.
 const MAX_CHOICES: usize = 16;
 
@@ -30,9 +28,10 @@ pub(super) struct Assembly {
 }
 
 impl Assembly {
-    /// Adds one chunk: its text deltas, finish reasons and, in the last chunk, the usage.
-    pub(super) fn add(&mut self, chunk: &Value) -> Result<(), AttemptError> {
-        let not_chunk = |why: &str| AttemptError::NotCompletion(format!("a stream chunk {why}"));
+    /// Adds one chunk: its text deltas, finish reasons and, in the last chunk, the usage. An error
+    /// says why the chunk is not one.
+    pub(super) fn add(&mut self, chunk: &Value) -> Result<(), String> {
+        let not_chunk = |why: &str| format!("a stream chunk {why}");
         let Some(fields) = chunk.as_object() else {
             return Err(not_chunk("is not a JSON object"));
         };
@@ -75,11 +74,9 @@ impl Assembly {
     }
 
     /// The completion, once the stream said `[DONE]`; a stream without any choice is not one.
-    pub(super) fn finish(self) -> Result<Value, AttemptError> {
+    pub(super) fn finish(self) -> Result<Value, String> {
         if self.choices.is_empty() {
-            return Err(AttemptError::NotCompletion(
-                "the stream carried no choice".into(),
-            ));
+            return Err("the stream carried no choice".into());
         }
         let choices: Vec<Value> = self
             .choices
