@@ -41,10 +41,7 @@ import json
 import os
 import re
 import sys
-import time
 import traceback
-import urllib.error
-import urllib.request
 import uuid
 from contextlib import asynccontextmanager
 from importlib.metadata import version
@@ -55,8 +52,11 @@ import httpx2
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-NAME = "mcp sdk"
-TIMEOUT_S = float(os.environ.get("SDK_TIMEOUT_S", "60"))
+import support
+from support import Failed, check, env, field, http_json, of_type, redact, trace_events
+
+support.NAME = NAME = "mcp sdk"
+TIMEOUT_S = support.TIMEOUT_S
 TOTAL_S = 10 * TIMEOUT_S
 MODE = os.environ.get("SDK_MCP_MODE", "auto")
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,34 +69,6 @@ ADMIN_TOOLS = ANALYST_TOOLS | {"licitacoes.collect", "licitacoes.digest"}
 COLLECT_ARGS = {"source": "pncp", "endpoint": "publicacao", "data_inicial": "2026-01-01",
                 "data_final": "2026-01-02", "modalidade": 6}
 TRACE_IN_TEXT = re.compile(r"trace_id\W{0,3}([A-Za-z0-9._-]{8,64})")
-
-
-class Failed(AssertionError):
-    pass
-
-
-def redact(text: object) -> str:
-    """API key secrets never reach the log."""
-    return re.sub(r"(ck_[A-Za-z0-9]+_)[A-Za-z0-9_-]{4,}", r"\1<redacted>", str(text))
-
-
-PASSED = 0
-
-
-def check(ok: bool, what: str, got: object = "") -> None:
-    """Passes (and says so) or fails naming what was expected and what came."""
-    global PASSED
-    if not ok:
-        raise Failed(f"{what}; got: {redact(got)}" if got != "" else what)
-    PASSED += 1
-    print(f"{NAME}: ok  {what}")
-
-
-def env(name: str, required: bool = True) -> str:
-    value = os.environ.get(name, "").strip()
-    if required and not value:
-        raise Failed(f"the environment variable {name} is not set")
-    return value
 
 
 class Wire:
@@ -153,56 +125,6 @@ async def tool_names(client: Client) -> tuple[set, dict]:
 
 def text_of(result) -> str:
     return "\n".join(c.text for c in result.content if getattr(c, "type", None) == "text")
-
-
-def http_json(method: str, url: str, key: str | None = None, body: object = None) -> tuple[int, dict, object]:
-    """(status, headers with lower-case names, parsed JSON body or the text) of one plain request."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method)
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-        request.add_header("Accept", "application/json, text/event-stream")
-    if key:
-        request.add_header("Authorization", f"Bearer {key}")
-    try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
-            status, raw, hdrs = response.status, response.read(), response.headers
-    except urllib.error.HTTPError as e:
-        status, raw, hdrs = e.code, e.read(), e.headers
-    text = raw.decode("utf-8", "replace")
-    try:
-        parsed: object = json.loads(text) if text else None
-    except ValueError:
-        parsed = text
-    return status, {k.lower(): v for k, v in hdrs.items()}, parsed
-
-
-def field(event: dict, name: str):
-    """A type-specific field of an audit event: top level (the trail's shape), or under `payload`."""
-    if name in event:
-        return event[name]
-    payload = event.get("payload")
-    return payload.get(name) if isinstance(payload, dict) else None
-
-
-def trace_events(base: str, auditor_key: str, trace_id: str) -> list[dict]:
-    """The trace's events as the auditor reads them right after the answer: the gateway makes them
-    durable before it answers, so they are read once, without waiting (REQUEST_END included)."""
-    deadline = time.monotonic()  # no waiting: the trail is written before the answer
-    while True:
-        status, _, body = http_json("GET", f"{base}/v1/audit/traces/{trace_id}", auditor_key)
-        if status == 200 and isinstance(body, dict) and isinstance(body.get("events"), list):
-            if any(e.get("event_type") == "REQUEST_END" for e in body["events"]):
-                return body["events"]
-        elif status != 404:
-            raise Failed(f"GET /v1/audit/traces/{trace_id} with the auditor key answered {status}: {redact(body)}")
-        if time.monotonic() > deadline:
-            raise Failed(f"trace {trace_id} is not (completely) in the trail when its answer arrived: {status} {redact(body)}")
-        time.sleep(0.1)
-
-
-def of_type(events: list[dict], event_type: str) -> list[dict]:
-    return [e for e in events if e.get("event_type") == event_type]
 
 
 def schema_shape(schema: dict) -> tuple:
@@ -333,11 +255,12 @@ async def run() -> int:
           wire.exchanges)
     initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "sdk-test", "version": "1"}}}
-    status, headers, body = http_json("POST", url, None, initialize)
+    status, headers, body = http_json("POST", url, None, initialize,
+                                      {"Accept": "application/json, text/event-stream"})
     check(status == 401 and "www-authenticate" in headers,
           "initialize without a key: HTTP 401 with WWW-Authenticate", f"{status} {headers} {body}")
 
-    print(f"{NAME}: {PASSED} checks passed")
+    print(f"{NAME}: {support.PASSED} checks passed")
     return 0
 
 
