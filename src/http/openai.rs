@@ -175,6 +175,7 @@ pub(super) fn asked_context(headers: &HeaderMap) -> Option<String> {
         (status = 200, description = "The models (actions exposed with `model = true`) the key may use in the context", body = ModelList),
         (status = 400, description = "CONTEXT_UNKNOWN: an unknown context, or none named for a key with several", body = OpenAiError),
         (status = 401, description = "AUTH_MISSING_KEY, AUTH_INVALID_KEY, AUTH_KEY_REVOKED, AUTH_KEY_EXPIRED", body = OpenAiError),
+        (status = 403, description = "CONTEXT_FORBIDDEN: a context this key may not act in", body = OpenAiError),
         (status = 429, description = "RATE_LIMITED", body = OpenAiError),
         (status = 503, description = "AUDIT_UNAVAILABLE, RATE_LIMIT_UNAVAILABLE", body = OpenAiError)
     )
