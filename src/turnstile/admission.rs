@@ -154,14 +154,6 @@ pub struct Admitted {
 }
 
 impl Admitted {
-    pub fn key(&self) -> &AuthenticatedKey {
-        &self.key
-    }
-
-    pub fn trace_id(&self) -> &TraceId {
-        &self.d.trace_id
-    }
-
     /// The policy that decides this request, from the moment it arrived.
     pub fn policy(&self) -> &Arc<Policy> {
         &self.d.policy
@@ -353,14 +345,6 @@ pub struct Allowed {
 }
 
 impl Allowed {
-    pub fn trace_id(&self) -> &TraceId {
-        &self.d.trace_id
-    }
-
-    pub fn action(&self) -> &str {
-        self.granted.action.name.as_str()
-    }
-
     /// Starts the story in a task of its own (START, ALLOW and EXECUTOR_SELECTED durable, the executor,
     /// ACTION_EXECUTED and REQUEST_END durable), relaying the executor's chunks to `stream` when given
     /// and the executor streams. The story runs to its end whether or not anyone awaits it.
