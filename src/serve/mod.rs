@@ -35,7 +35,7 @@ use tokio::task::JoinSet;
 use tower_service::Service as _;
 
 pub use body::BodyTimeout;
-use body::TimedBody;
+use body::{Leftover, TimedBody};
 use clock::{Clock, InFlight, Wait, Watched};
 
 use crate::config::HttpLimits;
@@ -171,18 +171,32 @@ impl Connection {
             service_fn(move |request: Request<Incoming>| {
                 let in_flight = clock.request_started();
                 let finished = Arc::new(AtomicBool::new(false));
+                let leftover = Leftover::default();
                 let mut request = request.map(|body| {
-                    axum::body::Body::new(TimedBody::new(body, body_timeout, finished.clone()))
+                    axum::body::Body::new(TimedBody::new(
+                        body,
+                        body_timeout,
+                        finished.clone(),
+                        leftover.clone(),
+                    ))
                 });
                 request.extensions_mut().insert(ConnectInfo(peer));
                 let mut router = router.clone();
                 async move {
                     let mut response = router.call(request).await?;
                     // Answered without reading the whole body (a refusal before the input gate, an
-                    // unknown route): the connection cannot be reused unless the rest is drained, which
-                    // hyper may or may not manage, so say so and close it rather than let the client
-                    // send its next request into a connection that is going away.
-                    if !finished.load(Ordering::Acquire) {
+                    // unknown route): a short rest is read here so that the connection can take the
+                    // next request; otherwise say so and close it rather than let the client send its
+                    // next request into a connection that is going away.
+                    let rest = leftover
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .take();
+                    let drained = match rest {
+                        Some(rest) if !finished.load(Ordering::Acquire) => body::drain(rest).await,
+                        _ => false,
+                    };
+                    if !finished.load(Ordering::Acquire) && !drained {
                         response
                             .headers_mut()
                             .insert(header::CONNECTION, HeaderValue::from_static("close"));

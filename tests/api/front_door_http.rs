@@ -352,8 +352,8 @@ async fn with_a_hundred_slow_and_silent_connections_open_a_normal_client_is_answ
 }
 
 #[tokio::test]
-async fn an_answer_given_before_the_body_was_read_closes_the_connection_cleanly() {
-    // Arrange: a refusal at G1 never reads the body; hyper cannot always reuse such a connection.
+async fn a_refusal_before_a_small_body_was_read_keeps_the_connection_for_the_next_request() {
+    // Arrange: a refusal at G1 never reads the body; the server reads the small rest itself.
     let app = spawn_app_with(|_| {}).await;
     let mut stream = connect(&app).await;
     let body = echo("x").to_string();
@@ -361,6 +361,28 @@ async fn an_answer_given_before_the_body_was_read_closes_the_connection_cleanly(
         "POST /process HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     );
+
+    // Act: two refused requests and a probe, one after the other on one connection.
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let first = read_response(&mut stream, Duration::from_secs(5)).await;
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let second = read_response(&mut stream, Duration::from_secs(5)).await;
+    stream.write_all(GET_HEALTH).await.unwrap();
+    let health = read_response(&mut stream, Duration::from_secs(5)).await;
+
+    // Assert
+    assert_eq!((first.status, second.status), (401, 401));
+    assert_eq!(first.header("connection"), None, "kept alive");
+    assert_eq!(health.status, 200);
+}
+
+#[tokio::test]
+async fn a_refusal_before_a_large_body_was_read_closes_the_connection_cleanly() {
+    // Arrange: a body announced past what the server reads for a refused request (64 KiB), of which
+    // only the start is sent.
+    let app = spawn_app_with(|_| {}).await;
+    let mut stream = connect(&app).await;
+    let request = "POST /process HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: 200000\r\n\r\n{\"action\":";
 
     // Act
     stream.write_all(request.as_bytes()).await.unwrap();
@@ -372,6 +394,7 @@ async fn an_answer_given_before_the_body_was_read_closes_the_connection_cleanly(
     // Assert: the client is told, instead of finding out by writing into a closing socket.
     assert_eq!(refused.status, 401);
     assert_eq!(refused.header("connection"), Some("close"));
+    until_closed(&mut stream, Duration::from_secs(2)).await;
     assert_eq!(health.status, 200);
     assert_eq!(
         health.header("connection"),
