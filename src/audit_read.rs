@@ -13,7 +13,7 @@ use crate::app::App;
 use crate::audit::timeline;
 use crate::domain::TraceId;
 use crate::error::ApiError;
-use crate::event::SealedEvent;
+use crate::event::{SealedEvent, micros_of};
 use crate::reason::{Gate, ReasonCode};
 use crate::turnstile::authorize_permission;
 
@@ -170,7 +170,7 @@ fn cursor_of(event: &SealedEvent) -> String {
 fn parse_cursor(cursor: &str) -> Option<(&str, &str, i64)> {
     let mut parts = cursor.splitn(3, ',');
     let (at, chain, seq) = (parts.next()?, parts.next()?, parts.next()?.parse().ok()?);
-    (!at.is_empty() && !chain.is_empty()).then_some((at, chain, seq))
+    (micros_of(at).is_some() && !chain.is_empty()).then_some((at, chain, seq))
 }
 
 /// Recent decisions matching `q`, newest first, for a caller allowed `audit.read`. A page examines at

@@ -83,51 +83,416 @@ pub fn timestamp(t: OffsetDateTime) -> String {
     )
 }
 
+/// Microseconds since the Unix epoch of a trail timestamp (`YYYY-MM-DDTHH:MM:SS.ffffffZ`, or any RFC
+/// 3339 time): the time as the SQLite trail indexes it. `None` for text that is not a time.
+pub fn micros_of(text: &str) -> Option<i64> {
+    if let Some(micros) = micros_of_trail_form(text.as_bytes()) {
+        return Some(micros);
+    }
+    let t = OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
+    i64::try_from(t.unix_timestamp_nanos() / 1_000).ok()
+}
+
+/// [`micros_of`] for the form [`timestamp`] writes, read by position (the writer converts every event's
+/// time as it inserts it; a general RFC 3339 parse costs ten times more).
+fn micros_of_trail_form(b: &[u8]) -> Option<i64> {
+    let shape = b.len() == 27
+        && [
+            (4, b'-'),
+            (7, b'-'),
+            (10, b'T'),
+            (13, b':'),
+            (16, b':'),
+            (19, b'.'),
+            (26, b'Z'),
+        ]
+        .iter()
+        .all(|&(at, c)| b[at] == c);
+    if !shape {
+        return None;
+    }
+    let number = |from: usize, to: usize| -> Option<u32> {
+        b[from..to].iter().try_fold(0u32, |n, &d| {
+            d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
+        })
+    };
+    let year = i32::try_from(number(0, 4)?).ok()?;
+    let month = time::Month::try_from(u8::try_from(number(5, 7)?).ok()?).ok()?;
+    let date =
+        time::Date::from_calendar_date(year, month, u8::try_from(number(8, 10)?).ok()?).ok()?;
+    let clock = time::Time::from_hms(
+        u8::try_from(number(11, 13)?).ok()?,
+        u8::try_from(number(14, 16)?).ok()?,
+        u8::try_from(number(17, 19)?).ok()?,
+    )
+    .ok()?;
+    let seconds = time::PrimitiveDateTime::new(date, clock)
+        .assume_utc()
+        .unix_timestamp();
+    Some(seconds * 1_000_000 + i64::from(number(20, 26)?))
+}
+
+/// The trail timestamp of `micros` since the Unix epoch (the inverse of [`micros_of`]).
+pub fn timestamp_of_micros(micros: i64) -> Option<String> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1_000)
+        .ok()
+        .map(timestamp)
+}
+
 /// An event as the service layer makes it: id, time and content fixed, chain position not yet known.
 ///
-/// Its type-specific fields are put in canonical form here, in the task that makes the event, one
-/// `"key":value` member each: sealing (in the one writer task) then only merges them with the envelope's
-/// members in canonical key order, hashes, and never walks the event's JSON again.
+/// Its type-specific fields are put in canonical form here, in the task that makes the event: their
+/// `"key":value` members in canonical order, and where each envelope member goes between them. The
+/// audit log then writes the envelope around them ([`PendingEvent::prepare`], still in the caller's
+/// task), so that sealing, in the one writer thread, only places the chain position and hashes.
 #[derive(Debug, Clone)]
 pub struct PendingEvent {
     pub event_id: Uuid,
     pub event_type: EventType,
     pub trace_id: Option<TraceId>,
     pub occurred_at: OffsetDateTime,
-    /// Type-specific fields; envelope names are dropped.
-    fields: Map<String, Value>,
-    /// `fields` as canonical members, or why they have no canonical form.
-    members: Result<Vec<Member>, CanonicalError>,
+    /// Type-specific fields as given (envelope names dropped); `None` when a [`Fields`] builder wrote
+    /// them straight into `members`.
+    fields: Option<Map<String, Value>>,
+    /// The fields as canonical members, or why they have no canonical form.
+    members: Result<Members, CanonicalError>,
 }
 
-/// One `"key":value` of a canonical object, with the key it sorts by.
+/// The type-specific fields in canonical form.
 #[derive(Debug, Clone)]
-struct Member {
-    key: String,
+struct Members {
+    /// Each field's `"key":value`, in RFC 8785 key order, each followed by a comma.
     text: String,
+    /// For each of [`ENVELOPE_ORDER`], the offset in `text` before which its member goes.
+    slots: [usize; ENVELOPE_ORDER.len()],
 }
+
+/// The envelope members placed around the fields, in RFC 8785 order (ASCII keys: byte order). `hash`
+/// is not among them: it is computed over the rest.
+const ENVELOPE_ORDER: [&str; 8] = [
+    "chain_id",
+    "event_id",
+    "event_type",
+    "instance_id",
+    "occurred_at",
+    "prev_hash",
+    "seq",
+    "trace_id",
+];
 
 /// RFC 8785 orders an object's members by their keys' UTF-16 code units.
 fn jcs_key_order(a: &str, b: &str) -> std::cmp::Ordering {
+    if a.is_ascii() && b.is_ascii() {
+        // One UTF-16 unit per byte: the same order, without transcoding.
+        return a.cmp(b);
+    }
     a.encode_utf16().cmp(b.encode_utf16())
 }
 
-/// A string as RFC 8785 writes it. serde_json escapes exactly what RFC 8785 (ECMAScript's
-/// `JSON.stringify`) escapes, in the same form (`\b \t \n \f \r \" \\`, other controls as lowercase
-/// `\u00xx`, nothing else); `a_string_is_written_as_the_canonicalizer_writes_it` holds it to that.
+/// A string as RFC 8785 writes it (see [`push_jcs_string`]).
+#[cfg(test)]
 fn jcs_string(text: &str) -> String {
-    serde_json::to_string(text).unwrap_or_else(|_| unreachable!("a str always serialises"))
+    let mut out = String::with_capacity(text.len() + 2);
+    push_jcs_string(&mut out, text);
+    out
 }
 
-fn member(key: &str, value: &Value) -> Result<Member, CanonicalError> {
-    let value = canonical_text(value)?;
-    let mut text = jcs_string(key);
-    text.push(':');
-    text.push_str(&value);
-    Ok(Member {
-        key: key.to_owned(),
-        text,
-    })
+/// Appends `text` as RFC 8785 writes a string. serde_json escapes exactly what RFC 8785 (ECMAScript's
+/// `JSON.stringify`) escapes, in the same form (`\b \t \n \f \r \" \\`, other controls as lowercase
+/// `\u00xx`, nothing else); `a_string_is_written_as_the_canonicalizer_writes_it` holds it to that.
+fn push_jcs_string(out: &mut String, text: &str) {
+    if !text.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        // Nearly every string of the trail (ids, names, hashes): nothing to escape.
+        out.push('"');
+        out.push_str(text);
+        out.push('"');
+        return;
+    }
+    match serde_json::to_string(text) {
+        Ok(escaped) => out.push_str(&escaped),
+        Err(_) => unreachable!("a str always serialises"),
+    }
+}
+
+/// `fields` in canonical form: each member written once, in key order, with the envelope's places
+/// among them.
+fn members(fields: &Map<String, Value>) -> Result<Members, CanonicalError> {
+    let mut order: Vec<(&String, &Value)> = fields.iter().collect();
+    // serde_json's map iterates in byte order of the keys (RFC 8785's order for ASCII keys); sorted
+    // again only when that does not hold.
+    if !order.is_sorted_by(|a, b| jcs_key_order(a.0, b.0).is_lt()) {
+        order.sort_by(|a, b| jcs_key_order(a.0, b.0));
+    }
+    let mut text: Vec<u8> = Vec::with_capacity(64 * order.len());
+    let mut slots = [0; ENVELOPE_ORDER.len()];
+    let mut next = 0;
+    for (key, value) in order {
+        while next < ENVELOPE_ORDER.len() && jcs_key_order(ENVELOPE_ORDER[next], key).is_lt() {
+            slots[next] = text.len();
+            next += 1;
+        }
+        let mut name = String::with_capacity(key.len() + 2);
+        push_jcs_string(&mut name, key);
+        text.extend_from_slice(name.as_bytes());
+        text.push(b':');
+        write_canonical(&mut text, value)?;
+        text.push(b',');
+    }
+    for slot in &mut slots[next..] {
+        *slot = text.len();
+    }
+    let text = String::from_utf8(text).map_err(|e| CanonicalError(e.to_string()))?;
+    Ok(Members { text, slots })
+}
+
+/// An event's type-specific fields written straight into canonical form, for the events every request
+/// makes: no `Value` tree is built, sorted and walked again. Members are added in RFC 8785 key order
+/// (the order their keys sort in as bytes; all keys here are ASCII), which debug builds check and the
+/// tests hold against the canonicalizer; values are written as RFC 8785 writes them.
+#[derive(Debug, Clone, Default)]
+pub struct Fields {
+    text: String,
+    slots: [usize; ENVELOPE_ORDER.len()],
+    /// Envelope members already placed.
+    placed: usize,
+    last_key: &'static str,
+}
+
+impl Fields {
+    pub fn new() -> Self {
+        Self {
+            text: String::with_capacity(512),
+            ..Self::default()
+        }
+    }
+
+    /// Starts the member `key`: the envelope's members that sort before it go before it.
+    fn key(&mut self, key: &'static str) {
+        debug_assert!(
+            self.last_key < key,
+            "fields out of order: {key} after {}",
+            self.last_key
+        );
+        debug_assert!(!ENVELOPE.contains(&key), "field {key} shadows the envelope");
+        self.last_key = key;
+        while self.placed < ENVELOPE_ORDER.len() && ENVELOPE_ORDER[self.placed] < key {
+            self.slots[self.placed] = self.text.len();
+            self.placed += 1;
+        }
+        self.text.push('"');
+        self.text.push_str(key);
+        self.text.push_str("\":");
+    }
+
+    /// A string member.
+    pub fn str(mut self, key: &'static str, value: &str) -> Self {
+        self.key(key);
+        push_jcs_string(&mut self.text, value);
+        self.text.push(',');
+        self
+    }
+
+    /// A string member, `null` when absent.
+    pub fn opt_str(self, key: &'static str, value: Option<&str>) -> Self {
+        match value {
+            Some(v) => self.str(key, v),
+            None => self.raw(key, "null"),
+        }
+    }
+
+    /// A whole-number member.
+    pub fn uint(mut self, key: &'static str, value: u64) -> Self {
+        if value > EXACT_INTEGER {
+            // RFC 8785 writes numbers as doubles: past 2^53 the canonicalizer decides.
+            return self.value(key, &Value::from(value));
+        }
+        self.key(key);
+        push_u64(&mut self.text, value);
+        self.text.push(',');
+        self
+    }
+
+    /// A whole-number member, `null` when absent.
+    pub fn opt_uint(self, key: &'static str, value: Option<u64>) -> Self {
+        match value {
+            Some(v) => self.uint(key, v),
+            None => self.raw(key, "null"),
+        }
+    }
+
+    /// An array of strings.
+    pub fn strs<'a>(
+        mut self,
+        key: &'static str,
+        values: impl IntoIterator<Item = &'a str>,
+    ) -> Self {
+        self.key(key);
+        push_jcs_strings(&mut self.text, values);
+        self.text.push(',');
+        self
+    }
+
+    /// Any JSON value, put in canonical form (`null` when absent).
+    pub fn value(mut self, key: &'static str, value: &Value) -> Self {
+        let mut bytes = Vec::with_capacity(64);
+        match write_canonical(&mut bytes, value).map(|()| String::from_utf8(bytes)) {
+            Ok(Ok(text)) => {
+                self.key(key);
+                self.text.push_str(&text);
+                self.text.push(',');
+                self
+            }
+            // A value without a canonical form cannot be hashed; the event says so instead.
+            _ => self.str(key, "(no canonical form)"),
+        }
+    }
+
+    /// [`Fields::value`] of an optional value.
+    pub fn opt_value(self, key: &'static str, value: Option<&Value>) -> Self {
+        match value {
+            Some(v) => self.value(key, v),
+            None => self.raw(key, "null"),
+        }
+    }
+
+    /// A member whose value is canonical JSON already (built with [`Canonical`]).
+    pub fn raw(mut self, key: &'static str, canonical: &str) -> Self {
+        self.key(key);
+        self.text.push_str(canonical);
+        self.text.push(',');
+        self
+    }
+
+    fn into_members(mut self) -> Members {
+        for slot in &mut self.slots[self.placed..] {
+            *slot = self.text.len();
+        }
+        Members {
+            text: self.text,
+            slots: self.slots,
+        }
+    }
+}
+
+/// Canonical JSON of a small nested object, written member by member in key order (as [`Fields`]).
+#[derive(Debug, Default)]
+pub struct Canonical {
+    text: String,
+    last_key: &'static str,
+}
+
+impl Canonical {
+    pub fn object() -> Self {
+        Self {
+            text: String::from("{"),
+            last_key: "",
+        }
+    }
+
+    fn key(&mut self, key: &'static str) {
+        debug_assert!(
+            self.last_key < key,
+            "members out of order: {key} after {}",
+            self.last_key
+        );
+        self.last_key = key;
+        if self.text.len() > 1 {
+            self.text.push(',');
+        }
+        self.text.push('"');
+        self.text.push_str(key);
+        self.text.push_str("\":");
+    }
+
+    pub fn str(mut self, key: &'static str, value: &str) -> Self {
+        self.key(key);
+        push_jcs_string(&mut self.text, value);
+        self
+    }
+
+    pub fn uint(mut self, key: &'static str, value: u64) -> Self {
+        self.key(key);
+        if value > EXACT_INTEGER {
+            let mut bytes = Vec::new();
+            let _ = write_canonical(&mut bytes, &Value::from(value));
+            self.text.push_str(&String::from_utf8_lossy(&bytes));
+        } else {
+            push_u64(&mut self.text, value);
+        }
+        self
+    }
+
+    pub fn strs<'a>(
+        mut self,
+        key: &'static str,
+        values: impl IntoIterator<Item = &'a str>,
+    ) -> Self {
+        self.key(key);
+        push_jcs_strings(&mut self.text, values);
+        self
+    }
+
+    /// `null` when `values` is `None`.
+    pub fn opt_strs<'a>(
+        self,
+        key: &'static str,
+        values: Option<impl IntoIterator<Item = &'a str>>,
+    ) -> Self {
+        match values {
+            Some(v) => self.strs(key, v),
+            None => self.raw(key, "null"),
+        }
+    }
+
+    pub fn raw(mut self, key: &'static str, canonical: &str) -> Self {
+        self.key(key);
+        self.text.push_str(canonical);
+        self
+    }
+
+    pub fn finish(mut self) -> String {
+        self.text.push('}');
+        self.text
+    }
+}
+
+/// A JSON array of canonical values, each already canonical text.
+pub fn canonical_array<S: AsRef<str>>(items: impl IntoIterator<Item = S>) -> String {
+    let mut text = String::from("[");
+    for (i, item) in items.into_iter().enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        text.push_str(item.as_ref());
+    }
+    text.push(']');
+    text
+}
+
+fn push_jcs_strings<'a>(out: &mut String, values: impl IntoIterator<Item = &'a str>) {
+    out.push('[');
+    for (i, v) in values.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        push_jcs_string(out, v);
+    }
+    out.push(']');
+}
+
+/// Appends `n` in decimal, without the formatting machinery.
+fn push_u64(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend(digits[at..].iter().map(|&d| char::from(d)));
 }
 
 impl PendingEvent {
@@ -146,33 +511,167 @@ impl PendingEvent {
                 tracing::error!(field = name, "event field shadows the envelope; dropped");
             }
         }
-        let members = fields.iter().map(|(k, v)| member(k, v)).collect();
+        let members = members(&fields);
         Self {
             event_id: Uuid::now_v7(),
             event_type,
             trace_id: trace_id.cloned(),
             occurred_at: OffsetDateTime::now_utc(),
-            fields,
+            fields: Some(fields),
             members,
         }
     }
 
+    /// An event whose fields were written by a [`Fields`] builder.
+    pub fn from_fields(event_type: EventType, trace_id: Option<&TraceId>, fields: Fields) -> Self {
+        Self {
+            event_id: Uuid::now_v7(),
+            event_type,
+            trace_id: trace_id.cloned(),
+            occurred_at: OffsetDateTime::now_utc(),
+            fields: None,
+            members: Ok(fields.into_members()),
+        }
+    }
+
     /// The type-specific fields.
-    pub fn fields(&self) -> &Map<String, Value> {
-        &self.fields
+    pub fn fields(&self) -> Map<String, Value> {
+        if let Some(fields) = &self.fields {
+            return fields.clone();
+        }
+        // Written by a builder: read back from their canonical text.
+        let text = match &self.members {
+            Ok(m) => format!("{{{}}}", m.text.strip_suffix(',').unwrap_or(&m.text)),
+            Err(_) => return Map::new(),
+        };
+        serde_json::from_str(&text).unwrap_or_default()
     }
 
     /// Adds `extra` fields to this event before it is written (its id and time kept): a door that
     /// learns what a request is about after it arrived (the MCP method) says so in its REQUEST_START.
     pub fn add_fields(&mut self, extra: Map<String, Value>) {
+        let mut fields = self.fields();
         for (name, value) in extra {
             if ENVELOPE.contains(&name.as_str()) {
                 tracing::error!(field = %name, "event field shadows the envelope; dropped");
                 continue;
             }
-            self.fields.insert(name, value);
+            fields.insert(name, value);
         }
-        self.members = self.fields.iter().map(|(k, v)| member(k, v)).collect();
+        self.members = members(&fields);
+        self.fields = Some(fields);
+    }
+
+    /// The event's canonical body for the chain `chain_id` of `instance_id`, all but its position
+    /// (`prev_hash` and `seq`), which only the writer knows.
+    pub fn prepare(
+        self,
+        chain_id: &str,
+        instance_id: &str,
+    ) -> Result<PreparedEvent, CanonicalError> {
+        let members = self.members?;
+        let event_id = self.event_id.to_string();
+        let occurred_at = timestamp(self.occurred_at);
+        let trace_id = self.trace_id.map(|t| t.as_str().to_owned());
+        let mut text = String::with_capacity(members.text.len() + 256 + chain_id.len());
+        text.push('{');
+        let (mut at_prev, mut at_seq, mut from) = (0, 0, 0);
+        for (key, &slot) in ENVELOPE_ORDER.iter().zip(&members.slots) {
+            text.push_str(&members.text[from..slot]);
+            from = slot;
+            text.push('"');
+            text.push_str(key);
+            text.push_str("\":");
+            match *key {
+                "chain_id" => push_jcs_string(&mut text, chain_id),
+                "event_id" => push_jcs_string(&mut text, &event_id),
+                "event_type" => push_jcs_string(&mut text, self.event_type.as_str()),
+                "instance_id" => push_jcs_string(&mut text, instance_id),
+                "occurred_at" => push_jcs_string(&mut text, &occurred_at),
+                "prev_hash" => {
+                    text.push('"');
+                    at_prev = text.len();
+                    text.push('"');
+                }
+                "seq" => at_seq = text.len(),
+                _ => match &trace_id {
+                    Some(t) => push_jcs_string(&mut text, t),
+                    None => text.push_str("null"),
+                },
+            }
+            text.push(',');
+        }
+        text.push_str(&members.text[from..]);
+        // Every member was followed by a comma; the last one closes the object instead.
+        text.pop();
+        text.push('}');
+        Ok(PreparedEvent {
+            event_type: self.event_type,
+            event_id,
+            trace_id,
+            occurred_at,
+            text,
+            at_prev,
+            at_seq,
+        })
+    }
+}
+
+/// An event whose canonical body is written but for its chain position: what the writer seals.
+#[derive(Debug, Clone)]
+pub struct PreparedEvent {
+    pub event_type: EventType,
+    event_id: String,
+    trace_id: Option<String>,
+    occurred_at: String,
+    /// The body without the values of `prev_hash` (which goes at `at_prev`, inside its quotes) and
+    /// `seq` (at `at_seq`).
+    text: String,
+    at_prev: usize,
+    at_seq: usize,
+}
+
+impl PreparedEvent {
+    /// Seals the event as event `seq` of `chain_id` (of `instance_id`, the names it was prepared with)
+    /// after `prev_hash`: its body completed and the hash that links it.
+    pub fn seal(self, chain_id: &str, instance_id: &str, seq: i64, prev_hash: &str) -> SealedEvent {
+        let digits = seq.to_string();
+        let mut body = String::with_capacity(self.text.len() + prev_hash.len() + digits.len());
+        body.push_str(&self.text[..self.at_prev]);
+        body.push_str(prev_hash);
+        body.push_str(&self.text[self.at_prev..self.at_seq]);
+        body.push_str(&digits);
+        body.push_str(&self.text[self.at_seq..]);
+        #[cfg(debug_assertions)]
+        assert_canonical(&body);
+        let hash = chain_hash(prev_hash, &body);
+        SealedEvent {
+            chain_id: chain_id.to_owned(),
+            seq,
+            event_id: self.event_id,
+            event_type: self.event_type.as_str().to_owned(),
+            trace_id: self.trace_id,
+            occurred_at: self.occurred_at,
+            instance_id: instance_id.to_owned(),
+            prev_hash: prev_hash.to_owned(),
+            hash,
+            body,
+        }
+    }
+}
+
+/// Debug builds (every test) hold every sealed body to RFC 8785: read back and written again by the
+/// canonicalizer, it must come out byte for byte the same. A builder member out of order, or a value
+/// written differently, fails here.
+#[cfg(debug_assertions)]
+fn assert_canonical(body: &str) {
+    let parsed: Value = match serde_json::from_str(body) {
+        Ok(v) => v,
+        Err(e) => panic!("a sealed body is not JSON ({e}): {body}"),
+    };
+    match serde_json_canonicalizer::to_string(&parsed) {
+        Ok(again) => assert_eq!(again, body, "a sealed body is not in canonical form"),
+        Err(e) => panic!("a sealed body has no canonical form ({e}): {body}"),
     }
 }
 
@@ -227,54 +726,9 @@ pub fn seal(
     seq: i64,
     prev_hash: &str,
 ) -> Result<SealedEvent, CanonicalError> {
-    let mut members = pending.members?;
-    let event_id = pending.event_id.to_string();
-    let occurred_at = timestamp(pending.occurred_at);
-    let trace_id = pending.trace_id.map(|t| t.as_str().to_owned());
-    let event_type = pending.event_type.as_str();
-    let envelope = |key: &str, text: String| Member {
-        key: key.to_owned(),
-        text: format!("\"{key}\":{text}"),
-    };
-    members.extend([
-        envelope("event_id", jcs_string(&event_id)),
-        envelope("chain_id", jcs_string(chain_id)),
-        envelope("seq", seq.to_string()),
-        envelope("prev_hash", jcs_string(prev_hash)),
-        envelope("event_type", jcs_string(event_type)),
-        envelope(
-            "trace_id",
-            trace_id
-                .as_deref()
-                .map_or_else(|| "null".to_owned(), jcs_string),
-        ),
-        envelope("occurred_at", jcs_string(&occurred_at)),
-        envelope("instance_id", jcs_string(instance_id)),
-    ]);
-    members.sort_unstable_by(|a, b| jcs_key_order(&a.key, &b.key));
-    let mut body =
-        String::with_capacity(members.iter().map(|m| m.text.len() + 1).sum::<usize>() + 2);
-    body.push('{');
-    for (i, m) in members.iter().enumerate() {
-        if i > 0 {
-            body.push(',');
-        }
-        body.push_str(&m.text);
-    }
-    body.push('}');
-    let hash = chain_hash(prev_hash, &body);
-    Ok(SealedEvent {
-        chain_id: chain_id.to_owned(),
-        seq,
-        event_id,
-        event_type: event_type.to_owned(),
-        trace_id,
-        occurred_at,
-        instance_id: instance_id.to_owned(),
-        prev_hash: prev_hash.to_owned(),
-        hash,
-        body,
-    })
+    Ok(pending
+        .prepare(chain_id, instance_id)?
+        .seal(chain_id, instance_id, seq, prev_hash))
 }
 
 impl SealedEvent {
@@ -399,6 +853,15 @@ fn written_alike(value: &Value) -> bool {
         Value::Array(items) => items.iter().all(written_alike),
         Value::Object(map) => map.iter().all(|(k, v)| k.is_ascii() && written_alike(v)),
     }
+}
+
+/// Appends `value`'s RFC 8785 canonical JSON to `out`.
+fn write_canonical(out: &mut Vec<u8>, value: &Value) -> Result<(), CanonicalError> {
+    if written_alike(value) {
+        return serde_json::to_writer(out, value).map_err(|e| CanonicalError(e.to_string()));
+    }
+    out.extend(serde_json_canonicalizer::to_vec(value).map_err(|e| CanonicalError(e.to_string()))?);
+    Ok(())
 }
 
 /// [`canonical_json`] as text (canonical JSON is UTF-8): the exact bytes an event's hash covers.
@@ -583,6 +1046,21 @@ mod tests {
                 c as u32
             );
         }
+    }
+
+    #[test]
+    fn a_timestamp_and_its_microseconds_convert_both_ways() {
+        let t = "2026-01-02T03:04:05.000007Z";
+        let micros = micros_of(t).unwrap();
+        assert_eq!(micros, 1_767_323_045_000_007);
+        assert_eq!(timestamp_of_micros(micros).unwrap(), t);
+        assert_eq!(micros_of("2026-01-02T00:04:05.000007-03:00"), Some(micros));
+        assert_eq!(micros_of("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(micros_of("2026-01-02T03:04:05Z"), Some(micros - 7));
+        assert_eq!(micros_of("2026-02-30T03:04:05.000007Z"), None);
+        assert_eq!(micros_of("2026-01-02T03:04:05.00000xZ"), None);
+        assert_eq!(micros_of("yesterday"), None);
+        assert_eq!(micros_of(""), None);
     }
 
     #[test]

@@ -100,6 +100,20 @@ fn trail_names(dir: &Path) -> io::Result<Vec<String>> {
         .collect())
 }
 
+/// Puts the calling thread at idle priority (Linux's `SCHED_IDLE`, lowest `nice`), so that it runs on
+/// what requests leave of the CPU: under full load compression waits, and catches up when the load
+/// drops. Where the system refuses, the thread keeps its priority.
+fn idle_priority() {
+    use thread_priority::{
+        NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy,
+        set_thread_priority_and_policy, thread_native_id,
+    };
+    let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
+    if let Err(e) = set_thread_priority_and_policy(thread_native_id(), ThreadPriority::Min, idle) {
+        tracing::debug!(error = ?e, "the compressing thread keeps its priority");
+    }
+}
+
 impl TrailFiles {
     /// Creates the folder if needed, finishes what a crash left (parts not yet compressed, live files of
     /// past days) and starts the compressing thread; files are opened on the first append.
@@ -109,6 +123,7 @@ impl TrailFiles {
         let worker = std::thread::Builder::new()
             .name("catraca-audit-gzip".into())
             .spawn(move || {
+                idle_priority();
                 for (path, rotated_at) in rx {
                     std::thread::sleep(GRACE.saturating_sub(rotated_at.elapsed()));
                     if let Err(e) = compress(&path) {

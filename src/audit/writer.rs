@@ -1,7 +1,11 @@
-//! The audit writer: one task owns this process's hash chain, group-commits queued events to the store
+//! The audit writer: one thread owns this process's hash chain, group-commits queued events to the store
 //! (one transaction for many requests), then appends them to the JSON Lines files. Callers wait for both;
 //! a failed commit or file write is reported to every caller of the batch (503 `AUDIT_UNAVAILABLE`), so
 //! nothing proceeds unaudited.
+//!
+//! The writer is an OS thread of its own rather than a task: it holds the store's [`TrailAppender`]
+//! (for SQLite, a connection with prepared statements) and runs the whole group commit (seal, insert,
+//! commit, file write, acknowledgements) without handing anything to another thread on the way.
 //!
 //! The writer outlives any store or file failure (a full disk, a read-only file system, a lost
 //! connection, a lock): a failed commit leaves the chain where it was, so the next batch takes the same
@@ -18,9 +22,9 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
 use super::files::TrailFiles;
-use crate::event::{CanonicalError, EventType, GENESIS_HASH, PendingEvent, SealedEvent, seal};
+use crate::event::{EventType, GENESIS_HASH, PendingEvent, PreparedEvent, SealedEvent};
 use crate::metrics::Metrics;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, TrailAppender};
 
 /// Longest a request waits for room in a full queue before it fails closed with `AUDIT_UNAVAILABLE`.
 const ENQUEUE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -51,7 +55,7 @@ type Ack = oneshot::Sender<Result<(), AuditError>>;
 
 enum Command {
     Append {
-        events: Vec<PendingEvent>,
+        events: Vec<PreparedEvent>,
         done: Ack,
     },
     Probe {
@@ -65,6 +69,7 @@ pub struct AuditLog {
     tx: mpsc::Sender<Command>,
     healthy: Arc<AtomicBool>,
     chain_id: Arc<str>,
+    instance_id: Arc<str>,
     metrics: Metrics,
 }
 
@@ -79,16 +84,17 @@ pub struct WriterOptions<'a> {
     pub file_max_bytes: u64,
 }
 
-/// Keeps the writer task alive; awaiting it writes everything queued and syncs the files.
+/// Keeps the writer thread alive; awaiting it writes everything queued and syncs the files.
 pub struct WriterTask {
-    join: tokio::task::JoinHandle<()>,
+    join: std::thread::JoinHandle<()>,
 }
 
 impl WriterTask {
     /// Waits until every queued event is written and the files are flushed (all handles dropped).
     pub async fn finish(self) {
-        if let Err(e) = self.join.await {
-            tracing::error!(error = %e, "audit writer task failed");
+        let joined = tokio::task::spawn_blocking(move || self.join.join()).await;
+        if !matches!(joined, Ok(Ok(()))) {
+            tracing::error!("audit writer thread failed");
         }
     }
 }
@@ -102,15 +108,16 @@ struct ChainState {
 
 impl ChainState {
     /// Seals `events` after the current tail without moving it; the tail moves only after the commit.
-    fn seal_all(&self, events: Vec<PendingEvent>) -> Result<Vec<SealedEvent>, CanonicalError> {
-        let mut prev = self.prev_hash.clone();
-        let mut out = Vec::with_capacity(events.len());
+    fn seal_all(&self, events: Vec<PreparedEvent>) -> Vec<SealedEvent> {
+        let mut out: Vec<SealedEvent> = Vec::with_capacity(events.len());
         for (seq, e) in (self.next_seq..).zip(events) {
-            let sealed = seal(e, &self.chain_id, &self.instance_id, seq, &prev)?;
-            prev.clone_from(&sealed.hash);
+            let prev = out
+                .last()
+                .map_or(self.prev_hash.as_str(), |p| p.hash.as_str());
+            let sealed = e.seal(&self.chain_id, &self.instance_id, seq, prev);
             out.push(sealed);
         }
-        Ok(out)
+        out
     }
 
     fn advance(&mut self, sealed: &[SealedEvent]) {
@@ -157,7 +164,7 @@ impl AuditLog {
         if let (Some(files), Some(previous)) = (files.as_mut(), previous_tail.as_ref()) {
             level_files(files, store.as_ref(), &previous.chain_id, previous.seq).await?;
         }
-        let sealed = state.seal_all(vec![opened])?;
+        let sealed = state.seal_all(vec![opened.prepare(&chain_id, opts.instance_id)?]);
         store.append_events(&sealed).await?;
         state.advance(&sealed);
         metrics
@@ -168,16 +175,20 @@ impl AuditLog {
             f.append(&sealed)?;
         }
 
+        let appender = store.appender()?;
         let (tx, rx) = mpsc::channel(opts.queue_capacity);
         let healthy = Arc::new(AtomicBool::new(true));
         let log = Self {
             tx,
             healthy: healthy.clone(),
             chain_id: chain_id.into(),
+            instance_id: opts.instance_id.into(),
             metrics: metrics.clone(),
         };
         let writer = Writer {
             store,
+            appender,
+            runtime: tokio::runtime::Handle::current(),
             metrics,
             healthy,
             state,
@@ -187,7 +198,9 @@ impl AuditLog {
             last_probe: None,
             batch_max: opts.batch_max,
         };
-        let join = tokio::spawn(writer.run(rx));
+        let join = std::thread::Builder::new()
+            .name("catraca-audit".into())
+            .spawn(move || writer.run(rx))?;
         Ok((log, WriterTask { join }))
     }
 
@@ -202,7 +215,15 @@ impl AuditLog {
     }
 
     /// Makes `events` durable, in order and contiguous in the chain; returns once committed.
+    ///
+    /// Their canonical bodies are written here, in the caller's task, so that the one writer thread
+    /// only places each in the chain and hashes it.
     pub async fn append(&self, events: Vec<PendingEvent>) -> Result<(), AuditError> {
+        let events = events
+            .into_iter()
+            .map(|e| e.prepare(&self.chain_id, &self.instance_id))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| AuditError::Store(format!("event not serialisable: {e}")))?;
         let (done, wait) = oneshot::channel();
         self.send(Command::Append { events, done }).await?;
         self.wait(wait).await
@@ -267,7 +288,10 @@ async fn level_files(
 }
 
 struct Writer {
+    /// Reads (catching the files up) go through the store's async API, driven by `runtime`.
     store: Arc<dyn Store>,
+    appender: Box<dyn TrailAppender>,
+    runtime: tokio::runtime::Handle,
     metrics: Metrics,
     healthy: Arc<AtomicBool>,
     state: ChainState,
@@ -283,8 +307,8 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
-        while let Some(first) = rx.recv().await {
+    fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        while let Some(first) = rx.blocking_recv() {
             // Group commit: everything already queued (up to batch_max events) goes in one transaction.
             let mut appends = Vec::new();
             let mut probes = Vec::new();
@@ -304,10 +328,10 @@ impl Writer {
             }
             self.metrics.audit_queue_depth.set(rx.len() as i64);
             if !appends.is_empty() {
-                self.commit(appends).await;
+                self.commit(appends);
             }
             if !probes.is_empty() {
-                let result = self.probe().await;
+                let result = self.probe();
                 for done in probes {
                     let _ = done.send(result.clone());
                 }
@@ -321,7 +345,7 @@ impl Writer {
         tracing::info!(chain_id = %self.state.chain_id, "audit writer stopped");
     }
 
-    async fn commit(&mut self, appends: Vec<(Vec<PendingEvent>, Ack)>) {
+    fn commit(&mut self, appends: Vec<(Vec<PreparedEvent>, Ack)>) {
         let mut events = Vec::new();
         let mut waiters = Vec::with_capacity(appends.len());
         for (batch, done) in appends {
@@ -329,17 +353,13 @@ impl Writer {
             waiters.push(done);
         }
         let types: Vec<EventType> = events.iter().map(|e| e.event_type).collect();
-        let result = match self.state.seal_all(events) {
-            Ok(sealed) => {
-                let started = Instant::now();
-                let written = self.store.append_events(&sealed).await;
-                self.metrics
-                    .audit_flush_duration
-                    .observe(started.elapsed().as_secs_f64());
-                written.map(|()| sealed).map_err(store_error)
-            }
-            Err(e) => Err(AuditError::Store(format!("event not serialisable: {e}"))),
-        };
+        let sealed = self.state.seal_all(events);
+        let started = Instant::now();
+        let written = self.appender.append(&sealed);
+        self.metrics
+            .audit_flush_duration
+            .observe(started.elapsed().as_secs_f64());
+        let result = written.map(|()| sealed).map_err(store_error);
         match result {
             Ok(sealed) => {
                 self.state.advance(&sealed);
@@ -349,7 +369,7 @@ impl Writer {
                         .with_label_values(&[t.as_str()])
                         .inc();
                 }
-                let filed = self.write_files(&sealed).await;
+                let filed = self.write_files(&sealed);
                 if let Err(e) = &filed {
                     self.last_probe = None;
                     self.metrics.audit_write_failures.inc();
@@ -376,11 +396,11 @@ impl Writer {
 impl Writer {
     /// Appends a committed batch to the files, first copying from the database whatever an earlier
     /// failed write left out.
-    async fn write_files(&mut self, sealed: &[SealedEvent]) -> Result<(), AuditError> {
+    fn write_files(&mut self, sealed: &[SealedEvent]) -> Result<(), AuditError> {
         let Some(first) = sealed.first() else {
             return Ok(());
         };
-        self.catch_up_files(first.seq).await?;
+        self.catch_up_files(first.seq)?;
         let Some(files) = self.files.as_mut() else {
             return Ok(());
         };
@@ -392,7 +412,7 @@ impl Writer {
 
     /// After a failed file write, copies this chain's events below `until` that the files lack from
     /// the database (where the files really end is read from them, so nothing is written twice).
-    async fn catch_up_files(&mut self, until: i64) -> Result<(), AuditError> {
+    fn catch_up_files(&mut self, until: i64) -> Result<(), AuditError> {
         let Some(files) = self.files.as_mut() else {
             return Ok(());
         };
@@ -409,9 +429,8 @@ impl Writer {
         while have < until - 1 {
             let limit = LEVEL_PAGE.min(until - 1 - have);
             let events = self
-                .store
-                .chain_events(chain_id, have, limit)
-                .await
+                .runtime
+                .block_on(self.store.chain_events(chain_id, have, limit))
                 .map_err(store_error)?;
             let Some(last) = events.last() else { break };
             have = last.seq;
@@ -427,12 +446,12 @@ impl Writer {
     }
 
     /// Proves the store and the files take a durable write now, at most once per [`PROBE_EVERY`].
-    async fn probe(&mut self) -> Result<(), AuditError> {
+    fn probe(&mut self) -> Result<(), AuditError> {
         // A success is shared for a while; a failure is not, so recovery shows at the next ask.
         if self.last_probe.is_some_and(|at| at.elapsed() < PROBE_EVERY) {
             return Ok(());
         }
-        let mut result = self.store.probe_write().await.map_err(store_error);
+        let mut result = self.appender.probe_write().map_err(store_error);
         if result.is_ok()
             && let Some(dir) = self.files_dir.as_deref()
         {
@@ -440,7 +459,7 @@ impl Writer {
         }
         if result.is_ok() {
             // Writable again: catch the files up now rather than with the next request.
-            result = self.catch_up_files(self.state.next_seq).await;
+            result = self.catch_up_files(self.state.next_seq);
         }
         self.healthy.store(result.is_ok(), Ordering::Relaxed);
         self.last_probe = result.is_ok().then(Instant::now);

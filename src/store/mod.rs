@@ -4,6 +4,7 @@
 mod postgres;
 mod rows;
 mod sqlite;
+mod sqlite_trail;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -21,6 +22,8 @@ use crate::event::SealedEvent;
 pub enum StoreError {
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     #[error("migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is invalid: {0}")]
@@ -119,6 +122,17 @@ pub struct Verification {
     pub source: String,
 }
 
+/// The audit writer's hold on a store, used on the writer's own thread: appends and write probes run
+/// there synchronously, with prepared statements, one transaction per group commit and no hand-off to
+/// another thread per statement.
+pub trait TrailAppender: Send {
+    /// Appends a batch of sealed events in one transaction (one fsync for the whole batch).
+    fn append(&mut self, events: &[SealedEvent]) -> Result<(), StoreError>;
+    /// Proves a committed write reaches the disk right now (the audit tables take a row, rolled back;
+    /// a row of its own is rewritten and committed).
+    fn probe_write(&mut self) -> Result<(), StoreError>;
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Applies the embedded migrations of this backend.
@@ -144,9 +158,12 @@ pub trait Store: Send + Sync + 'static {
     /// an active key.
     async fn rotate_key(&self, old: &KeyId, new: &KeyRecord, at: &str) -> Result<bool, StoreError>;
 
-    /// Appends a batch of sealed events in one transaction (one fsync for the whole batch).
+    /// The audit writer's appender (see [`TrailAppender`]); call it from within the runtime.
+    fn appender(&self) -> Result<Box<dyn TrailAppender>, StoreError>;
+    /// Appends a batch of sealed events in one transaction, as [`TrailAppender::append`] does, from
+    /// async code (tools and tests; the gateway writes through its audit writer).
     async fn append_events(&self, events: &[SealedEvent]) -> Result<(), StoreError>;
-    /// Proves a committed write reaches the disk right now (rewrites one row of its own).
+    /// [`TrailAppender::probe_write`] from async code.
     async fn probe_write(&self) -> Result<(), StoreError>;
     /// Tail of the most recently opened chain of `instance_id`.
     async fn latest_chain_tail(&self, instance_id: &str) -> Result<Option<ChainTail>, StoreError>;

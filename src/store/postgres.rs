@@ -10,7 +10,7 @@ use sqlx::{PgPool, Postgres, QueryBuilder, SqlSafeStr};
 use super::rows::{KeyRow, Sightings};
 use super::{
     ChainInfo, ChainTail, CollectorRun, ExecutorSwitch, KeyRecord, LockHolder, SNAPSHOT_CHUNK,
-    SnapshotRow, Store, StoreError, Verification, contexts_to_text, probe_event,
+    SnapshotRow, Store, StoreError, TrailAppender, Verification, contexts_to_text, probe_event,
 };
 use crate::domain::KeyId;
 use crate::event::SealedEvent;
@@ -114,6 +114,52 @@ impl PgStore {
             insert_statement(chunk).build().execute(&mut **tx).await?;
         }
         Ok(())
+    }
+}
+
+/// Appends `events` in one transaction.
+async fn append_on(pool: &PgPool, events: &[SealedEvent]) -> Result<(), StoreError> {
+    // One multi-row INSERT is atomic by itself: a batch that fits in one statement needs no
+    // BEGIN/COMMIT round trips (the group commit's common case).
+    if events.len() <= INSERT_CHUNK {
+        insert_statement(events).build().execute(pool).await?;
+        return Ok(());
+    }
+    let mut tx = pool.begin().await?;
+    PgStore::insert_events(&mut tx, events).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The audit table takes a row (its triggers and constraints), rolled back; then a committed write
+/// reaches the disk.
+async fn probe_on(pool: &PgPool) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    PgStore::insert_events(&mut tx, &[probe_event()]).await?;
+    tx.rollback().await?;
+    sqlx::query(
+        "INSERT INTO write_probe (id, probed_at) VALUES (1, $1) \
+         ON CONFLICT (id) DO UPDATE SET probed_at = excluded.probed_at",
+    )
+    .bind(crate::event::timestamp(time::OffsetDateTime::now_utc()))
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The audit writer's appender: the pool's async writes, driven to their end on the writer's thread.
+struct PgAppender {
+    pool: PgPool,
+    runtime: tokio::runtime::Handle,
+}
+
+impl TrailAppender for PgAppender {
+    fn append(&mut self, events: &[SealedEvent]) -> Result<(), StoreError> {
+        self.runtime.block_on(append_on(&self.pool, events))
+    }
+
+    fn probe_write(&mut self) -> Result<(), StoreError> {
+        self.runtime.block_on(probe_on(&self.pool))
     }
 }
 
@@ -271,35 +317,23 @@ impl Store for PgStore {
         Ok(true)
     }
 
+    fn appender(&self) -> Result<Box<dyn TrailAppender>, StoreError> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|e| StoreError::Corrupt(format!("the audit writer needs the runtime: {e}")))?;
+        Ok(Box::new(PgAppender {
+            pool: self.pool.clone(),
+            runtime,
+        }))
+    }
+
     #[tracing::instrument(level = "debug", skip_all, fields(events = events.len()))]
     async fn append_events(&self, events: &[SealedEvent]) -> Result<(), StoreError> {
-        // One multi-row INSERT is atomic by itself: a batch that fits in one statement needs no
-        // BEGIN/COMMIT round trips (the group commit's common case).
-        if events.len() <= INSERT_CHUNK {
-            insert_statement(events).build().execute(&self.pool).await?;
-            return Ok(());
-        }
-        let mut tx = self.pool.begin().await?;
-        Self::insert_events(&mut tx, events).await?;
-        tx.commit().await?;
-        Ok(())
+        append_on(&self.pool, events).await
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn probe_write(&self) -> Result<(), StoreError> {
-        // The audit table still takes a row (its triggers and constraints), rolled back...
-        let mut tx = self.pool.begin().await?;
-        Self::insert_events(&mut tx, &[probe_event()]).await?;
-        tx.rollback().await?;
-        // ...and a committed write reaches the disk.
-        sqlx::query(
-            "INSERT INTO write_probe (id, probed_at) VALUES (1, $1) \
-             ON CONFLICT (id) DO UPDATE SET probed_at = excluded.probed_at",
-        )
-        .bind(crate::event::timestamp(time::OffsetDateTime::now_utc()))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        probe_on(&self.pool).await
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(instance_id = instance_id))]

@@ -1,39 +1,31 @@
 //! SQLite store: the embedded default. WAL with `synchronous=FULL`, so a committed batch survives a crash.
 
-use std::collections::HashMap;
+use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{ConnectOptions, QueryBuilder, SqlSafeStr, Sqlite, SqliteConnection, SqlitePool};
+use sqlx::{QueryBuilder, SqlSafeStr, Sqlite, SqlitePool};
 
 use super::rows::{KeyRow, Sightings};
+use super::sqlite_trail::{SharedTrail, SqliteAppender, SqliteTrail};
 use super::{
     ChainInfo, ChainTail, CollectorRun, ExecutorSwitch, KeyRecord, LockHolder, SNAPSHOT_CHUNK,
-    SnapshotRow, Store, StoreError, Verification, contexts_to_text, probe_event,
+    SnapshotRow, Store, StoreError, TrailAppender, Verification, contexts_to_text,
 };
 use crate::domain::KeyId;
-use crate::event::{SealedEvent, map_in_two};
+use crate::event::{SealedEvent, map_in_two, micros_of, timestamp_of_micros};
 
 /// How long a connection waits for SQLite's write lock (the CLI may write while the server runs).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-/// Rows per multi-row INSERT: 10 columns each stays far below SQLite's 32766 bound parameters.
-const INSERT_CHUNK: usize = 500;
 
 pub struct SqliteStore {
     pool: SqlitePool,
-    /// The audit writer's own connection: no pool hand-off per group commit and no contention with
-    /// readers (SQLite has one writer at a time anyway).
-    writer: tokio::sync::Mutex<TrailWriter>,
-}
-
-/// The writer's connection and the numbers of the chains it has written to.
-struct TrailWriter {
-    conn: SqliteConnection,
-    /// `chain_id` → `audit_chains.chain_no`, filled once a chain's row is committed.
-    chain_nos: HashMap<String, i64>,
+    /// The trail's writing half: a connection of its own for the audit writer's thread (SQLite has
+    /// one writer at a time anyway, and readers in WAL mode never wait for it).
+    trail: SharedTrail,
 }
 
 fn migrator() -> Migrator {
@@ -98,23 +90,14 @@ fn migrations() -> Vec<Migration> {
             include_str!("../../migrations/sqlite/0008_verifications.sql").into_sql_str(),
             false,
         ),
+        Migration::new(
+            9,
+            "trail columns".into(),
+            MigrationType::Simple,
+            include_str!("../../migrations/sqlite/0009_trail_columns.sql").into_sql_str(),
+            false,
+        ),
     ]
-}
-
-/// `INSERT INTO audit_trail ... VALUES (...), (...)` for `events` (at most [`INSERT_CHUNK`]) of the
-/// chain numbered `chain_no`.
-fn insert_statement(chain_no: i64, events: &[SealedEvent]) -> QueryBuilder<Sqlite> {
-    let mut qb: QueryBuilder<Sqlite> =
-        QueryBuilder::new("INSERT INTO audit_trail (chain_no, seq, hash, body) ");
-    qb.push_values(events, |mut b, e| {
-        // A hash that is not hex (never one the writer made) is kept as its text's bytes.
-        let hash = hex::decode(&e.hash).unwrap_or_else(|_| e.hash.as_bytes().to_vec());
-        b.push_bind(chain_no)
-            .push_bind(e.seq)
-            .push_bind(hash)
-            .push_bind(e.body.clone());
-    });
-    qb
 }
 
 /// A read of the trail: `SELECT` of [`TrailRow`]'s columns from the trail joined with its chains (`t`,
@@ -132,31 +115,89 @@ macro_rules! select_trail {
 /// A stored event: its position, hash and hashed bytes (the rest of the envelope is in the bytes).
 type TrailRow = (String, i64, Vec<u8>, String);
 
-/// The events of a page made by `chain_events`: `seq hash length body` repeated.
+/// One event of a page as stored: position, hash, search columns, body.
+struct PagedRow<'a> {
+    seq: i64,
+    hash: &'a str,
+    at_us: i64,
+    trace_id: Option<&'a str>,
+    body: &'a str,
+}
+
+/// The events of a page made by `chain_events`: `seq hash at_us trace_length trace body_length body`
+/// repeated (a trace length of -1 for none).
 fn split_page(chain_id: &str, mut page: &str) -> Result<Vec<SealedEvent>, StoreError> {
     let corrupt = || StoreError::Corrupt(format!("unreadable page of chain {chain_id}"));
-    let mut stored: Vec<(i64, &str, &str)> = Vec::new();
+    // The next space-separated word of `page`, and the rest after its space.
+    fn word(page: &str) -> Option<(&str, &str)> {
+        page.split_once(' ')
+    }
+    let mut stored: Vec<PagedRow<'_>> = Vec::new();
     while !page.is_empty() {
-        let mut fields = page.splitn(4, ' ');
-        let (Some(seq), Some(hash), Some(len), Some(rest)) =
-            (fields.next(), fields.next(), fields.next(), fields.next())
-        else {
-            return Err(corrupt());
+        let (seq, rest) = word(page).ok_or_else(corrupt)?;
+        let (hash, rest) = word(rest).ok_or_else(corrupt)?;
+        let (at_us, rest) = word(rest).ok_or_else(corrupt)?;
+        let (trace_len, rest) = word(rest).ok_or_else(corrupt)?;
+        let (trace_id, rest) = match trace_len.parse::<i64>().map_err(|_| corrupt())? {
+            -1 => (None, rest),
+            n => {
+                let n = usize::try_from(n).map_err(|_| corrupt())?;
+                let trace = rest.get(..n).ok_or_else(corrupt)?;
+                (
+                    Some(trace),
+                    rest.get(n..)
+                        .and_then(|r| r.strip_prefix(' '))
+                        .ok_or_else(corrupt)?,
+                )
+            }
         };
-        let seq: i64 = seq.parse().map_err(|_| corrupt())?;
+        let (len, rest) = word(rest).ok_or_else(corrupt)?;
         let len: usize = len.parse().map_err(|_| corrupt())?;
-        let body = rest.get(..len).ok_or_else(corrupt)?;
-        stored.push((seq, hash, body));
+        stored.push(PagedRow {
+            seq: seq.parse().map_err(|_| corrupt())?,
+            hash,
+            at_us: at_us.parse().map_err(|_| corrupt())?,
+            trace_id,
+            body: rest.get(..len).ok_or_else(corrupt)?,
+        });
         page = &rest[len..];
     }
     // The rows are concatenated in the subquery's order; should SQLite ever hand them over otherwise,
     // the page is put back in order here rather than sorted by SQLite on every read.
-    if !stored.is_sorted_by_key(|(seq, _, _)| *seq) {
-        stored.sort_by_key(|(seq, _, _)| *seq);
+    if !stored.is_sorted_by_key(|r| r.seq) {
+        stored.sort_by_key(|r| r.seq);
     }
-    Ok(map_in_two(&stored, |&(seq, hash, body)| {
-        SealedEvent::from_stored(chain_id.to_owned(), seq, hash.to_owned(), body.to_owned())
+    Ok(map_in_two(&stored, |r| {
+        let mut e = SealedEvent::from_stored(
+            chain_id.to_owned(),
+            r.seq,
+            r.hash.to_owned(),
+            r.body.to_owned(),
+        );
+        // The search columns must say what the body says; where they do not, the event carries the
+        // columns' values, and verification reports the disagreement.
+        if e.trace_id.as_deref() != r.trace_id {
+            e.trace_id = r.trace_id.map(str::to_owned);
+        }
+        if micros_of(&e.occurred_at) != Some(r.at_us) {
+            e.occurred_at = timestamp_of_micros(r.at_us).unwrap_or_else(|| r.at_us.to_string());
+        }
+        e
     }))
+}
+
+/// A time bound of a query as the trail's time column holds it.
+fn micros(at: &str) -> Result<i64, StoreError> {
+    micros_of(at).ok_or_else(|| StoreError::Corrupt(format!("not a time: {at:?}")))
+}
+
+/// Runs a write of the trail's own connection on a blocking thread.
+async fn blocking(
+    write: impl FnOnce() -> Result<(), StoreError> + Send + 'static,
+) -> Result<(), StoreError> {
+    tokio::task::spawn_blocking(write)
+        .await
+        .map_err(|e| StoreError::Corrupt(format!("trail write stopped: {e}")))?
 }
 
 fn events_of(rows: Vec<TrailRow>) -> Vec<SealedEvent> {
@@ -176,6 +217,12 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
+        if options.get_filename() == Path::new(":memory:") || url.contains("mode=memory") {
+            // The trail must outlive the process, and its writer opens the file a second time.
+            return Err(StoreError::Corrupt(
+                "an in-memory SQLite database cannot hold the audit trail: name a file".into(),
+            ));
+        }
         if let Some(parent) = options.get_filename().parent()
             && !parent.as_os_str().is_empty()
         {
@@ -192,67 +239,9 @@ impl SqliteStore {
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options.clone())
             .await?;
-        let writer = tokio::sync::Mutex::new(TrailWriter {
-            conn: options.connect().await?,
-            chain_nos: HashMap::new(),
-        });
-        Ok(Self { pool, writer })
+        let trail = SqliteTrail::open(options.get_filename())?;
+        Ok(Self { pool, trail })
     }
-}
-
-impl TrailWriter {
-    /// Inserts `events` in a transaction, registering chains not seen before; returns the chains it
-    /// registered, to be remembered once the transaction commits.
-    async fn insert_events(
-        known: &HashMap<String, i64>,
-        tx: &mut sqlx::Transaction<'_, Sqlite>,
-        events: &[SealedEvent],
-    ) -> Result<Vec<(String, i64)>, StoreError> {
-        let mut registered: Vec<(String, i64)> = Vec::new();
-        for run in events.chunk_by(|a, b| a.chain_id == b.chain_id) {
-            let first = &run[0];
-            let chain_no = match known.get(&first.chain_id) {
-                Some(&n) => n,
-                None => match registered.iter().find(|(id, _)| *id == first.chain_id) {
-                    Some(&(_, n)) => n,
-                    None => {
-                        let n = register_chain(tx, first).await?;
-                        registered.push((first.chain_id.clone(), n));
-                        n
-                    }
-                },
-            };
-            for chunk in run.chunks(INSERT_CHUNK) {
-                insert_statement(chain_no, chunk)
-                    .build()
-                    .execute(&mut **tx)
-                    .await?;
-            }
-        }
-        Ok(registered)
-    }
-}
-
-/// The number of `first`'s chain, naming the chain in `audit_chains` if it is new.
-async fn register_chain(
-    tx: &mut sqlx::Transaction<'_, Sqlite>,
-    first: &SealedEvent,
-) -> Result<i64, StoreError> {
-    sqlx::query(
-        "INSERT INTO audit_chains (chain_id, instance_id, opened_at) VALUES (?, ?, ?) \
-         ON CONFLICT (chain_id) DO NOTHING",
-    )
-    .bind(&first.chain_id)
-    .bind(&first.instance_id)
-    .bind(&first.occurred_at)
-    .execute(&mut **tx)
-    .await?;
-    Ok(
-        sqlx::query_scalar("SELECT chain_no FROM audit_chains WHERE chain_id = ?")
-            .bind(&first.chain_id)
-            .fetch_one(&mut **tx)
-            .await?,
-    )
 }
 
 #[async_trait]
@@ -409,48 +398,21 @@ impl Store for SqliteStore {
         Ok(true)
     }
 
+    fn appender(&self) -> Result<Box<dyn TrailAppender>, StoreError> {
+        Ok(Box::new(SqliteAppender(self.trail.clone())))
+    }
+
     #[tracing::instrument(level = "debug", skip_all, fields(events = events.len()))]
     async fn append_events(&self, events: &[SealedEvent]) -> Result<(), StoreError> {
-        let mut guard = self.writer.lock().await;
-        let w = &mut *guard;
-        // The group commit's common case, a batch of a known chain that fits in one statement, needs
-        // no BEGIN/COMMIT round trips: one multi-row INSERT is atomic by itself.
-        if let (Some(first), Some(last)) = (events.first(), events.last())
-            && first.chain_id == last.chain_id
-            && events.len() <= INSERT_CHUNK
-            && events.iter().all(|e| e.chain_id == first.chain_id)
-            && let Some(&chain_no) = w.chain_nos.get(&first.chain_id)
-        {
-            insert_statement(chain_no, events)
-                .build()
-                .execute(&mut w.conn)
-                .await?;
-            return Ok(());
-        }
-        let mut tx = sqlx::Connection::begin(&mut w.conn).await?;
-        let registered = TrailWriter::insert_events(&w.chain_nos, &mut tx, events).await?;
-        tx.commit().await?;
-        w.chain_nos.extend(registered);
-        Ok(())
+        let mut appender = SqliteAppender(self.trail.clone());
+        let events = events.to_vec();
+        blocking(move || appender.append(&events)).await
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn probe_write(&self) -> Result<(), StoreError> {
-        let mut guard = self.writer.lock().await;
-        let w = &mut *guard;
-        // The audit tables still take a row (their triggers and constraints), rolled back...
-        let mut tx = sqlx::Connection::begin(&mut w.conn).await?;
-        TrailWriter::insert_events(&w.chain_nos, &mut tx, &[probe_event()]).await?;
-        tx.rollback().await?;
-        // ...and a committed write reaches the disk.
-        sqlx::query(
-            "INSERT INTO write_probe (id, probed_at) VALUES (1, ?) \
-             ON CONFLICT (id) DO UPDATE SET probed_at = excluded.probed_at",
-        )
-        .bind(crate::event::timestamp(time::OffsetDateTime::now_utc()))
-        .execute(&mut w.conn)
-        .await?;
-        Ok(())
+        let mut appender = SqliteAppender(self.trail.clone());
+        blocking(move || appender.probe_write()).await
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(instance_id = instance_id))]
@@ -474,7 +436,7 @@ impl Store for SqliteStore {
     #[tracing::instrument(level = "debug", skip_all, fields(trace_id = trace_id))]
     async fn events_for_trace(&self, trace_id: &str) -> Result<Vec<SealedEvent>, StoreError> {
         let rows: Vec<TrailRow> = sqlx::query_as(select_trail!(
-            "WHERE t.trace_id = ? ORDER BY t.occurred_at, c.chain_id, t.seq"
+            "WHERE t.trace_id = ? ORDER BY t.at_us, c.chain_id, t.seq"
         ))
         .bind(trace_id)
         .fetch_all(&self.pool)
@@ -488,11 +450,14 @@ impl Store for SqliteStore {
         before: Option<(&str, &str, i64)>,
         limit: i64,
     ) -> Result<Vec<SealedEvent>, StoreError> {
-        // "9" sorts after every timestamp this century; the first bound lets the time index do the work.
-        let (at, chain, seq) = before.unwrap_or(("9", "", 0));
+        // The first bound lets the time index do the work.
+        let (at, chain, seq) = match before {
+            Some((at, chain, seq)) => (micros(at)?, chain, seq),
+            None => (i64::MAX, "", 0),
+        };
         let rows: Vec<TrailRow> = sqlx::query_as(select_trail!(
-            "WHERE t.occurred_at <= ? AND (t.occurred_at, c.chain_id, t.seq) < (?, ?, ?) \
-             ORDER BY t.occurred_at DESC, c.chain_id DESC, t.seq DESC LIMIT ?"
+            "WHERE t.at_us <= ? AND (t.at_us, c.chain_id, t.seq) < (?, ?, ?) \
+             ORDER BY t.at_us DESC, c.chain_id DESC, t.seq DESC LIMIT ?"
         ))
         .bind(at)
         .bind(at)
@@ -551,13 +516,15 @@ impl Store for SqliteStore {
         after_seq: i64,
         limit: i64,
     ) -> Result<Vec<SealedEvent>, StoreError> {
-        // The page comes back as one value, each event `seq hash length body` (length in bytes, so no
-        // byte of a body, altered or not, can be mistaken for a boundary): one hand-off from SQLite's
-        // thread per page instead of one per row, which is what bounds `audit verify`'s speed.
+        // The page comes back as one value, each event `seq hash at_us trace body` with the trace and
+        // the body prefixed by their lengths in bytes (so no byte of a body, altered or not, can be
+        // mistaken for a boundary): one hand-off from SQLite's thread per page instead of one per row,
+        // which is what bounds `audit verify`'s speed.
         let page: Option<String> = sqlx::query_scalar(
-            "SELECT group_concat(t.seq || ' ' || lower(hex(t.hash)) || ' ' \
+            "SELECT group_concat(t.seq || ' ' || lower(hex(t.hash)) || ' ' || t.at_us || ' ' \
+                                 || coalesce(length(CAST(t.trace_id AS BLOB)) || ' ' || t.trace_id, '-1') || ' ' \
                                  || length(CAST(t.body AS BLOB)) || ' ' || t.body, '') \
-             FROM (SELECT seq, hash, body FROM audit_trail \
+             FROM (SELECT seq, hash, at_us, trace_id, body FROM audit_trail \
                    WHERE chain_no = (SELECT chain_no FROM audit_chains WHERE chain_id = ?) AND seq > ? \
                    ORDER BY seq LIMIT ?) t",
         )
@@ -739,13 +706,16 @@ impl Store for SqliteStore {
         after: Option<(&str, &str, i64)>,
         limit: i64,
     ) -> Result<Vec<SealedEvent>, StoreError> {
-        let (at, chain, seq) = after.unwrap_or(("", "", i64::MIN));
+        let (at, chain, seq) = match after {
+            Some((at, chain, seq)) => (micros(at)?, chain, seq),
+            None => (i64::MIN, "", i64::MIN),
+        };
         let rows: Vec<TrailRow> = sqlx::query_as(select_trail!(
-            "WHERE t.occurred_at >= ? AND t.occurred_at < ? AND (t.occurred_at, c.chain_id, t.seq) > (?, ?, ?) \
-             ORDER BY t.occurred_at, c.chain_id, t.seq LIMIT ?"
+            "WHERE t.at_us >= ? AND t.at_us < ? AND (t.at_us, c.chain_id, t.seq) > (?, ?, ?) \
+             ORDER BY t.at_us, c.chain_id, t.seq LIMIT ?"
         ))
-        .bind(since)
-        .bind(until)
+        .bind(micros(since)?)
+        .bind(micros(until)?)
         .bind(at)
         .bind(chain)
         .bind(seq)

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, StatusCode, header};
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 use tracing::Instrument as _;
 
 use super::authorize::{Ask, Granted, Refusal, Stop, authorize, input_refused};
@@ -30,6 +30,7 @@ use crate::app::App;
 use crate::audit::{EventType, PendingEvent};
 use crate::domain::{ContextId, TraceId};
 use crate::error::ApiError;
+use crate::event::Fields;
 use crate::executors::ChunkSink;
 use crate::gates::auth::AuthenticatedKey;
 use crate::gates::input::{self, InputRefusal};
@@ -118,14 +119,13 @@ pub async fn admit(app: &Arc<App>, door: Door) -> Result<Admitted, ApiError> {
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let start = json!({
-        "method": method,
-        "route": route,
-        "channel": channel.as_str(),
-        "client_addr": client.to_string(),
-        "content_length": content_length,
-    });
-    let start = PendingEvent::new(EventType::RequestStart, Some(&trace_id), start);
+    let start = Fields::new()
+        .str("channel", channel.as_str())
+        .str("client_addr", &client.to_string())
+        .opt_uint("content_length", content_length)
+        .str("method", method)
+        .str("route", route);
+    let start = PendingEvent::from_fields(EventType::RequestStart, Some(&trace_id), start);
     let mut d = Decision::new(trace_id, start, app.policy());
     match identify(app, &mut d, &headers, client).await {
         Ok(key) => Ok(Admitted {

@@ -7,11 +7,13 @@ use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use opentelemetry::KeyValue;
-use serde_json::{Value, json};
+use serde_json::Value;
 use uuid::Uuid;
 
 use crate::audit::{EventType, PendingEvent};
+use crate::domain::ContextId;
 use crate::domain::TraceId;
+use crate::event::{Canonical, Fields, canonical_array};
 use crate::gates::auth::AuthenticatedKey;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
@@ -96,18 +98,19 @@ impl Verdicts {
         });
     }
 
-    fn to_json(&self) -> Vec<Value> {
-        self.0
-            .iter()
-            .map(|v| {
-                json!({
-                    "gate": v.gate.as_str(),
-                    "verdict": if v.allowed { "allow" } else { "deny" },
-                    "duration_us": micros(v.duration),
-                    "reason_codes": v.reason_codes,
-                })
-            })
-            .collect()
+    /// The verdicts as the DECISION's `gates`, in canonical JSON.
+    fn canonical(&self) -> String {
+        canonical_array(self.0.iter().map(|v| {
+            Canonical::object()
+                .uint("duration_us", micros(v.duration))
+                .str("gate", v.gate.as_str())
+                .strs(
+                    "reason_codes",
+                    v.reason_codes.iter().map(ReasonCode::as_str),
+                )
+                .str("verdict", if v.allowed { "allow" } else { "deny" })
+                .finish()
+        }))
     }
 }
 
@@ -171,48 +174,50 @@ impl Decision {
         gate: Gate,
         reason_codes: &[ReasonCode],
     ) -> PendingEvent {
-        let principal = self.principal.as_ref().map(|p| {
-            json!({
-                "key_id": p.key_id,
-                "name": p.name,
-                "role": p.role,
-                "contexts": p.contexts,
-                "tier": p.tier,
-            })
-        });
-        PendingEvent::new(
-            EventType::Decision,
-            Some(&self.trace_id),
-            json!({
-                "decision_id": self.id.to_string(),
-                "effect": effect,
-                "gate": gate.as_str(),
-                "reason_codes": reason_codes,
-                "determining_rules": self.facts.rules,
-                "policy_revision": self.policy.revision,
-                "gates": self.verdicts.to_json(),
-                "principal": principal,
-                "presented_key_id": self.presented_key_id,
-                "action": self.facts.action,
-                "requested_action": self.facts.requested_action,
-                "context_id": self.facts.context,
-                "payload": self.facts.payload_digest,
-            }),
-        )
+        let principal = self.principal.as_ref().map_or_else(
+            || "null".to_owned(),
+            |p| {
+                Canonical::object()
+                    .opt_strs(
+                        "contexts",
+                        p.contexts.as_ref().map(|c| c.iter().map(ContextId::as_str)),
+                    )
+                    .str("key_id", p.key_id.as_str())
+                    .str("name", &p.name)
+                    .str("role", p.role.as_str())
+                    .str("tier", p.tier.as_str())
+                    .finish()
+            },
+        );
+        // Members in canonical (key) order.
+        let fields = Fields::new()
+            .opt_str("action", self.facts.action.as_deref())
+            .opt_str("context_id", self.facts.context.as_deref())
+            .str("decision_id", &self.id.to_string())
+            .strs(
+                "determining_rules",
+                self.facts.rules.iter().map(String::as_str),
+            )
+            .str("effect", effect)
+            .str("gate", gate.as_str())
+            .raw("gates", &self.verdicts.canonical())
+            .opt_value("payload", self.facts.payload_digest.as_ref())
+            .str("policy_revision", &self.policy.revision)
+            .opt_str("presented_key_id", self.presented_key_id.as_deref())
+            .raw("principal", &principal)
+            .strs("reason_codes", reason_codes.iter().map(ReasonCode::as_str))
+            .opt_str("requested_action", self.facts.requested_action.as_deref());
+        PendingEvent::from_fields(EventType::Decision, Some(&self.trace_id), fields)
     }
 
     /// REQUEST_END with the status the client gets and its outcome.
     pub(super) fn end_event(&self, status: StatusCode, outcome: &str) -> PendingEvent {
-        PendingEvent::new(
-            EventType::RequestEnd,
-            Some(&self.trace_id),
-            json!({
-                "decision_id": self.id.to_string(),
-                "status": status.as_u16(),
-                "outcome": outcome,
-                "duration_us": micros(self.started.elapsed()),
-            }),
-        )
+        let fields = Fields::new()
+            .str("decision_id", &self.id.to_string())
+            .uint("duration_us", micros(self.started.elapsed()))
+            .str("outcome", outcome)
+            .uint("status", u64::from(status.as_u16()));
+        PendingEvent::from_fields(EventType::RequestEnd, Some(&self.trace_id), fields)
     }
 
     /// The action as a metric label: only names the policy knows.

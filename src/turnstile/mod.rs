@@ -27,6 +27,7 @@ use crate::app::App;
 use crate::audit::{EventType, PendingEvent, timestamp};
 use crate::domain::TraceId;
 use crate::error::{ApiError, Denial};
+use crate::event::Fields;
 use crate::executors::{ExecutorDef, ExecutorError};
 use crate::gates::auth::{AuthRefusal, AuthenticatedKey};
 use crate::gates::input;
@@ -262,18 +263,18 @@ async fn commit_allow(
 ) -> Result<(), ApiError> {
     // Made in story order: an event's id and time are taken when it is made.
     let allow = d.event("allow", Gate::ActionMatrix, &[]);
-    let selected = PendingEvent::new(
-        EventType::ExecutorSelected,
-        Some(&d.trace_id),
-        json!({
-            "decision_id": d.id.to_string(),
-            "action": granted.action.name,
-            "executor_id": executor.name,
-            "executor_kind": executor.kind,
-            "timeout_ms": u64::try_from(executor.timeout.as_millis()).unwrap_or(u64::MAX),
-            "executor_facts": executor.audit_facts(),
-        }),
-    );
+    let selected = Fields::new()
+        .str("action", granted.action.name.as_str())
+        .str("decision_id", &d.id.to_string())
+        .opt_value("executor_facts", executor.audit_facts().as_ref())
+        .str("executor_id", &executor.name)
+        .str("executor_kind", &executor.kind)
+        .uint(
+            "timeout_ms",
+            u64::try_from(executor.timeout.as_millis()).unwrap_or(u64::MAX),
+        );
+    let selected =
+        PendingEvent::from_fields(EventType::ExecutorSelected, Some(&d.trace_id), selected);
     commit(
         app,
         d,
@@ -304,21 +305,19 @@ async fn commit_outcome(
         .as_ref()
         .ok()
         .and_then(|(result, _)| executor.outcome_facts(result));
-    let executed = PendingEvent::new(
-        EventType::ActionExecuted,
-        Some(&d.trace_id),
-        json!({
-            "decision_id": d.id.to_string(),
-            "action": granted.action.name,
-            "executor_id": executor.name,
-            "status": status,
-            "duration_us": micros(elapsed),
-            "result": outcome.as_ref().ok().map(|(_, digest)| digest),
-            "error": outcome.as_ref().err().map(ToString::to_string),
-            "executor_facts": executor.audit_facts(),
-            "outcome_facts": outcome_facts,
-        }),
-    );
+    let error = outcome.as_ref().err().map(ToString::to_string);
+    let executed = Fields::new()
+        .str("action", granted.action.name.as_str())
+        .str("decision_id", &d.id.to_string())
+        .uint("duration_us", micros(elapsed))
+        .opt_str("error", error.as_deref())
+        .opt_value("executor_facts", executor.audit_facts().as_ref())
+        .str("executor_id", &executor.name)
+        .opt_value("outcome_facts", outcome_facts.as_ref())
+        .opt_value("result", outcome.as_ref().ok().map(|(_, digest)| digest))
+        .str("status", status);
+    let executed =
+        PendingEvent::from_fields(EventType::ActionExecuted, Some(&d.trace_id), executed);
     let (http_status, end) = match outcome {
         Ok(_) => (StatusCode::OK, "SUCCESS"),
         // A stream's status went out with its first chunk; a failure after it ends the stream.

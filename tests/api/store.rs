@@ -126,8 +126,8 @@ async fn events_append_read_back_and_stream(store: Arc<dyn Store>) {
     loop {
         let page = store
             .events_between(
-                "0000",
-                "9999",
+                "1970-01-01T00:00:00.000000Z",
+                "9999-12-31T23:59:59.999999Z",
                 cursor
                     .as_ref()
                     .map(|(a, c, s)| (a.as_str(), c.as_str(), *s)),
