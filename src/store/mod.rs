@@ -3,6 +3,7 @@
 
 mod postgres;
 mod rows;
+mod runs;
 mod sqlite;
 mod sqlite_trail;
 
@@ -253,11 +254,12 @@ fn contexts_to_text(contexts: &Option<BTreeSet<ContextId>>) -> Option<String> {
 /// Rows per multi-row snapshot INSERT: 4 columns each, far below either backend's parameter limit.
 const SNAPSHOT_CHUNK: usize = 1_000;
 
-/// A row that only exists inside the rolled-back part of the write probe.
+/// A row that only exists inside the rolled-back part of the write probe (a chain of its own name,
+/// which no writer's `instance.boot` chain id can take).
 fn probe_event() -> SealedEvent {
     SealedEvent {
         chain_id: "probe".into(),
-        seq: -1,
+        seq: 1,
         event_id: format!("probe-{}", uuid::Uuid::now_v7()),
         event_type: "PROBE".into(),
         trace_id: None,

@@ -119,6 +119,9 @@ impl PgStore {
 
 /// Appends `events` in one transaction.
 async fn append_on(pool: &PgPool, events: &[SealedEvent]) -> Result<(), StoreError> {
+    if events.is_empty() {
+        return Ok(());
+    }
     // One multi-row INSERT is atomic by itself: a batch that fits in one statement needs no
     // BEGIN/COMMIT round trips (the group commit's common case).
     if events.len() <= INSERT_CHUNK {

@@ -10,13 +10,16 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{QueryBuilder, SqlSafeStr, Sqlite, SqlitePool};
 
 use super::rows::{KeyRow, Sightings};
+use super::runs::{
+    MAX_SEQ, MAX_SPAN_US, at_of, events_of_run, position, split_position, time_order, time_text,
+};
 use super::sqlite_trail::{SharedTrail, SqliteAppender, SqliteTrail};
 use super::{
     ChainInfo, ChainTail, CollectorRun, ExecutorSwitch, KeyRecord, LockHolder, SNAPSHOT_CHUNK,
     SnapshotRow, Store, StoreError, TrailAppender, Verification, contexts_to_text,
 };
 use crate::domain::KeyId;
-use crate::event::{SealedEvent, map_in_two, micros_of, timestamp_of_micros};
+use crate::event::{SealedEvent, map_in_two, micros_of};
 
 /// How long a connection waits for SQLite's write lock (the CLI may write while the server runs).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -92,98 +95,52 @@ fn migrations() -> Vec<Migration> {
         ),
         Migration::new(
             9,
-            "trail columns".into(),
+            "trail runs".into(),
             MigrationType::Simple,
-            include_str!("../../migrations/sqlite/0009_trail_columns.sql").into_sql_str(),
+            include_str!("../../migrations/sqlite/0009_trail_runs.sql").into_sql_str(),
             false,
         ),
     ]
 }
 
-/// A read of the trail: `SELECT` of [`TrailRow`]'s columns from the trail joined with its chains (`t`,
-/// `c`), followed by the rest of the query.
-macro_rules! select_trail {
+/// A read of runs: `SELECT` of [`RunRow`]'s columns from the runs joined with their chains (`r`, `c`),
+/// followed by the rest of the query.
+macro_rules! select_runs {
     ($rest:literal) => {
         concat!(
-            "SELECT c.chain_id, t.seq, t.hash, t.body \
-             FROM audit_trail t JOIN audit_chains c ON c.chain_no = t.chain_no ",
+            "SELECT r.at_min, r.n, c.chain_id, r.pos, r.hashes, r.bodies \
+             FROM audit_runs r JOIN audit_chains c ON c.chain_no = r.pos >> 40 ",
             $rest
         )
     };
 }
 
-/// A stored event: its position, hash and hashed bytes (the rest of the envelope is in the bytes).
-type TrailRow = (String, i64, Vec<u8>, String);
+/// A stored run: its earliest time, event count, chain, position, hashes and bodies.
+type RunRow = (i64, i64, String, i64, Vec<u8>, String);
 
-/// One event of a page as stored: position, hash, search columns, body.
-struct PagedRow<'a> {
-    seq: i64,
-    hash: &'a str,
-    at_us: i64,
-    trace_id: Option<&'a str>,
-    body: &'a str,
-}
+/// Rows read at a time when runs are walked by time or along a chain.
+const RUN_PAGE: i64 = 256;
 
-/// The events of a page made by `chain_events`: `seq hash at_us trace_length trace body_length body`
-/// repeated (a trace length of -1 for none).
-fn split_page(chain_id: &str, mut page: &str) -> Result<Vec<SealedEvent>, StoreError> {
-    let corrupt = || StoreError::Corrupt(format!("unreadable page of chain {chain_id}"));
-    // The next space-separated word of `page`, and the rest after its space.
-    fn word(page: &str) -> Option<(&str, &str)> {
-        page.split_once(' ')
-    }
-    let mut stored: Vec<PagedRow<'_>> = Vec::new();
-    while !page.is_empty() {
-        let (seq, rest) = word(page).ok_or_else(corrupt)?;
-        let (hash, rest) = word(rest).ok_or_else(corrupt)?;
-        let (at_us, rest) = word(rest).ok_or_else(corrupt)?;
-        let (trace_len, rest) = word(rest).ok_or_else(corrupt)?;
-        let (trace_id, rest) = match trace_len.parse::<i64>().map_err(|_| corrupt())? {
-            -1 => (None, rest),
-            n => {
-                let n = usize::try_from(n).map_err(|_| corrupt())?;
-                let trace = rest.get(..n).ok_or_else(corrupt)?;
-                (
-                    Some(trace),
-                    rest.get(n..)
-                        .and_then(|r| r.strip_prefix(' '))
-                        .ok_or_else(corrupt)?,
-                )
+/// The events of `rows`, in the rows' order, read on both cores when there are many. A run's count or
+/// earliest time that disagrees with what its bodies say is shown on its first event (its time or seq
+/// then disagree with its bytes), so that verification reports it.
+fn expand(rows: &[RunRow]) -> Vec<SealedEvent> {
+    let events = map_in_two(rows, |(at_min, n, chain_id, pos, hashes, bodies)| {
+        let (_, first_seq) = split_position(*pos);
+        let mut events = events_of_run(chain_id, first_seq, hashes, bodies);
+        let at = events.iter().map(at_of).min();
+        let count_agrees = i64::try_from(events.len()) == Ok(*n);
+        if let Some(first) = events.first_mut() {
+            if at != Some(*at_min) {
+                first.occurred_at = time_text(*at_min);
             }
-        };
-        let (len, rest) = word(rest).ok_or_else(corrupt)?;
-        let len: usize = len.parse().map_err(|_| corrupt())?;
-        stored.push(PagedRow {
-            seq: seq.parse().map_err(|_| corrupt())?,
-            hash,
-            at_us: at_us.parse().map_err(|_| corrupt())?,
-            trace_id,
-            body: rest.get(..len).ok_or_else(corrupt)?,
-        });
-        page = &rest[len..];
-    }
-    // The rows are concatenated in the subquery's order; should SQLite ever hand them over otherwise,
-    // the page is put back in order here rather than sorted by SQLite on every read.
-    if !stored.is_sorted_by_key(|r| r.seq) {
-        stored.sort_by_key(|r| r.seq);
-    }
-    Ok(map_in_two(&stored, |r| {
-        let mut e = SealedEvent::from_stored(
-            chain_id.to_owned(),
-            r.seq,
-            r.hash.to_owned(),
-            r.body.to_owned(),
-        );
-        // The search columns must say what the body says; where they do not, the event carries the
-        // columns' values, and verification reports the disagreement.
-        if e.trace_id.as_deref() != r.trace_id {
-            e.trace_id = r.trace_id.map(str::to_owned);
+            if !count_agrees {
+                first.seq = first_seq - 1;
+            }
         }
-        if micros_of(&e.occurred_at) != Some(r.at_us) {
-            e.occurred_at = timestamp_of_micros(r.at_us).unwrap_or_else(|| r.at_us.to_string());
-        }
-        e
-    }))
+        events
+    });
+    events.into_iter().flatten().collect()
 }
 
 /// A time bound of a query as the trail's time column holds it.
@@ -198,14 +155,6 @@ async fn blocking(
     tokio::task::spawn_blocking(write)
         .await
         .map_err(|e| StoreError::Corrupt(format!("trail write stopped: {e}")))?
-}
-
-fn events_of(rows: Vec<TrailRow>) -> Vec<SealedEvent> {
-    rows.into_iter()
-        .map(|(chain_id, seq, hash, body)| {
-            SealedEvent::from_stored(chain_id, seq, hex::encode(hash), body)
-        })
-        .collect()
 }
 
 impl SqliteStore {
@@ -417,31 +366,36 @@ impl Store for SqliteStore {
 
     #[tracing::instrument(level = "debug", skip_all, fields(instance_id = instance_id))]
     async fn latest_chain_tail(&self, instance_id: &str) -> Result<Option<ChainTail>, StoreError> {
-        let tail: Option<(String, i64, Vec<u8>)> = sqlx::query_as(
-            "SELECT c.chain_id, t.seq, t.hash FROM audit_trail t JOIN audit_chains c ON c.chain_no = t.chain_no \
-             WHERE t.chain_no = (SELECT chain_no FROM audit_chains WHERE instance_id = ? \
+        let rows: Vec<RunRow> = sqlx::query_as(select_runs!(
+            "WHERE c.chain_no = (SELECT chain_no FROM audit_chains WHERE instance_id = ? \
                                  ORDER BY opened_at DESC, chain_id DESC LIMIT 1) \
-             ORDER BY t.seq DESC LIMIT 1",
-        )
+               AND r.pos >= c.chain_no << 40 AND r.pos < (c.chain_no + 1) << 40 \
+             ORDER BY r.pos DESC LIMIT 1"
+        ))
         .bind(instance_id)
-        .fetch_optional(&self.pool)
+        .fetch_all(&self.pool)
         .await?;
-        Ok(tail.map(|(chain_id, seq, hash)| ChainTail {
-            chain_id,
-            seq,
-            hash: hex::encode(hash),
+        Ok(expand(&rows).pop().map(|last| ChainTail {
+            chain_id: last.chain_id,
+            seq: last.seq,
+            hash: last.hash,
         }))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(trace_id = trace_id))]
     async fn events_for_trace(&self, trace_id: &str) -> Result<Vec<SealedEvent>, StoreError> {
-        let rows: Vec<TrailRow> = sqlx::query_as(select_trail!(
-            "WHERE t.trace_id = ? ORDER BY t.at_us, c.chain_id, t.seq"
+        let rows: Vec<RunRow> = sqlx::query_as(select_runs!(
+            "WHERE r.pos IN (SELECT pos FROM audit_run_traces WHERE trace_id = ?)"
         ))
         .bind(trace_id)
         .fetch_all(&self.pool)
         .await?;
-        Ok(events_of(rows))
+        let mut events: Vec<SealedEvent> = expand(&rows)
+            .into_iter()
+            .filter(|e| e.trace_id.as_deref() == Some(trace_id))
+            .collect();
+        events.sort_by(time_order);
+        Ok(events)
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
@@ -450,23 +404,46 @@ impl Store for SqliteStore {
         before: Option<(&str, &str, i64)>,
         limit: i64,
     ) -> Result<Vec<SealedEvent>, StoreError> {
-        // The first bound lets the time index do the work.
-        let (at, chain, seq) = match before {
-            Some((at, chain, seq)) => (micros(at)?, chain, seq),
-            None => (i64::MAX, "", 0),
+        let limit = usize::try_from(limit.max(0)).unwrap_or(usize::MAX);
+        let cursor = before.map(|(at, chain, seq)| (at.to_owned(), chain.to_owned(), seq));
+        // Runs newest first by their earliest time, from the cursor's moment down. An unread run
+        // starts no later than the last one read, so it holds nothing later than that start plus
+        // the longest span of a run: what was gathered past that is final.
+        let mut key = match before {
+            Some((at, _, _)) => (micros(at)?, i64::MAX),
+            None => (i64::MAX, i64::MAX),
         };
-        let rows: Vec<TrailRow> = sqlx::query_as(select_trail!(
-            "WHERE t.at_us <= ? AND (t.at_us, c.chain_id, t.seq) < (?, ?, ?) \
-             ORDER BY t.at_us DESC, c.chain_id DESC, t.seq DESC LIMIT ?"
-        ))
-        .bind(at)
-        .bind(at)
-        .bind(chain)
-        .bind(seq)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(events_of(rows))
+        let mut found: Vec<SealedEvent> = Vec::new();
+        loop {
+            let rows: Vec<RunRow> = sqlx::query_as(select_runs!(
+                "WHERE (r.at_min, r.pos) < (?, ?) ORDER BY r.at_min DESC, r.pos DESC LIMIT ?"
+            ))
+            .bind(key.0)
+            .bind(key.1)
+            .bind(RUN_PAGE)
+            .fetch_all(&self.pool)
+            .await?;
+            let done = (rows.len() as i64) < RUN_PAGE;
+            found.extend(expand(&rows).into_iter().filter(|e| {
+                cursor.as_ref().is_none_or(|(at, chain, seq)| {
+                    (&e.occurred_at, &e.chain_id, e.seq) < (at, chain, *seq)
+                })
+            }));
+            let horizon = match rows.last() {
+                Some(last) if !done => last.0.saturating_add(MAX_SPAN_US),
+                _ => i64::MIN,
+            };
+            let ready = found.iter().filter(|e| at_of(e) > horizon).count();
+            if done || ready >= limit {
+                found.retain(|e| at_of(e) > horizon);
+                found.sort_by(|a, b| time_order(b, a));
+                found.truncate(limit);
+                return Ok(found);
+            }
+            if let Some(last) = rows.last() {
+                key = (last.0, last.3);
+            }
+        }
     }
 
     async fn record_verification(&self, found: &Verification) -> Result<(), StoreError> {
@@ -497,13 +474,14 @@ impl Store for SqliteStore {
 
     async fn chains(&self) -> Result<Vec<ChainInfo>, StoreError> {
         Ok(sqlx::query_as(
-            // The last seq of each chain, one index lookup each: counting rows would read the whole
-            // position index (seconds on a trail of millions of events).
-            "SELECT c.chain_id, t.seq AS events, c.opened_at AS first_at \
-             FROM audit_chains c \
-             JOIN audit_trail t ON t.chain_no = c.chain_no \
-              AND t.seq = (SELECT MAX(seq) FROM audit_trail WHERE chain_no = c.chain_no) \
-             ORDER BY c.opened_at, c.chain_id",
+            // The last seq of each chain from its last run, one index lookup each.
+            "SELECT chain_id, events, first_at FROM ( \
+                 SELECT c.chain_id, c.opened_at AS first_at, \
+                        (SELECT (r.pos & 1099511627775) + r.n - 1 FROM audit_runs r \
+                         WHERE r.pos >= c.chain_no << 40 AND r.pos < (c.chain_no + 1) << 40 \
+                         ORDER BY r.pos DESC LIMIT 1) AS events \
+                 FROM audit_chains c) \
+             WHERE events IS NOT NULL ORDER BY first_at, chain_id",
         )
         .fetch_all(&self.pool)
         .await?)
@@ -516,25 +494,43 @@ impl Store for SqliteStore {
         after_seq: i64,
         limit: i64,
     ) -> Result<Vec<SealedEvent>, StoreError> {
-        // The page comes back as one value, each event `seq hash at_us trace body` with the trace and
-        // the body prefixed by their lengths in bytes (so no byte of a body, altered or not, can be
-        // mistaken for a boundary): one hand-off from SQLite's thread per page instead of one per row,
-        // which is what bounds `audit verify`'s speed.
-        let page: Option<String> = sqlx::query_scalar(
-            "SELECT group_concat(t.seq || ' ' || lower(hex(t.hash)) || ' ' || t.at_us || ' ' \
-                                 || coalesce(length(CAST(t.trace_id AS BLOB)) || ' ' || t.trace_id, '-1') || ' ' \
-                                 || length(CAST(t.body AS BLOB)) || ' ' || t.body, '') \
-             FROM (SELECT seq, hash, at_us, trace_id, body FROM audit_trail \
-                   WHERE chain_no = (SELECT chain_no FROM audit_chains WHERE chain_id = ?) AND seq > ? \
-                   ORDER BY seq LIMIT ?) t",
-        )
-        .bind(chain_id)
-        .bind(after_seq)
-        .bind(limit)
-        .fetch_one(&self.pool)
-        .await?;
-        page.as_deref()
-            .map_or(Ok(Vec::new()), |page| split_page(chain_id, page))
+        let Some(chain_no): Option<i64> =
+            sqlx::query_scalar("SELECT chain_no FROM audit_chains WHERE chain_id = ?")
+                .bind(chain_id)
+                .fetch_optional(&self.pool)
+                .await?
+        else {
+            return Ok(Vec::new());
+        };
+        let limit = usize::try_from(limit.max(0)).unwrap_or(usize::MAX);
+        let (start, end) = (position(chain_no, 0), position(chain_no + 1, 0));
+        let next = position(chain_no, after_seq.clamp(0, MAX_SEQ - 1) + 1);
+        // From the run that holds the next event (it may start before it).
+        let holding: Option<i64> =
+            sqlx::query_scalar("SELECT max(pos) FROM audit_runs WHERE pos >= ? AND pos <= ?")
+                .bind(start)
+                .bind(next)
+                .fetch_one(&self.pool)
+                .await?;
+        let mut from = holding.unwrap_or(next);
+        let mut events: Vec<SealedEvent> = Vec::new();
+        while events.len() < limit {
+            let rows: Vec<RunRow> = sqlx::query_as(select_runs!(
+                "WHERE r.pos >= ? AND r.pos < ? ORDER BY r.pos LIMIT ?"
+            ))
+            .bind(from)
+            .bind(end)
+            .bind(RUN_PAGE)
+            .fetch_all(&self.pool)
+            .await?;
+            events.extend(expand(&rows).into_iter().filter(|e| e.seq > after_seq));
+            match rows.last() {
+                Some(last) if rows.len() as i64 == RUN_PAGE => from = last.3 + 1,
+                _ => break,
+            }
+        }
+        events.truncate(limit);
+        Ok(events)
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(source = source, query_key = query_key, run_id = run_id))]
@@ -706,23 +702,53 @@ impl Store for SqliteStore {
         after: Option<(&str, &str, i64)>,
         limit: i64,
     ) -> Result<Vec<SealedEvent>, StoreError> {
-        let (at, chain, seq) = match after {
-            Some((at, chain, seq)) => (micros(at)?, chain, seq),
-            None => (i64::MIN, "", i64::MIN),
+        let limit = usize::try_from(limit.max(0)).unwrap_or(usize::MAX);
+        let (since_us, until_us) = (micros(since)?, micros(until)?);
+        let cursor = after.map(|(at, chain, seq)| (at.to_owned(), chain.to_owned(), seq));
+        let lower = match after {
+            Some((at, _, _)) => micros(at)?.max(since_us),
+            None => since_us,
         };
-        let rows: Vec<TrailRow> = sqlx::query_as(select_trail!(
-            "WHERE t.at_us >= ? AND t.at_us < ? AND (t.at_us, c.chain_id, t.seq) > (?, ?, ?) \
-             ORDER BY t.at_us, c.chain_id, t.seq LIMIT ?"
-        ))
-        .bind(micros(since)?)
-        .bind(micros(until)?)
-        .bind(at)
-        .bind(chain)
-        .bind(seq)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(events_of(rows))
+        // Runs oldest first by their earliest time, from the longest span of a run before the first
+        // moment wanted. An unread run starts no earlier than the last one read, so what was gathered
+        // before that start is final.
+        let mut key = (lower.saturating_sub(MAX_SPAN_US + 1), i64::MAX);
+        let mut found: Vec<SealedEvent> = Vec::new();
+        loop {
+            let rows: Vec<RunRow> = sqlx::query_as(select_runs!(
+                "WHERE (r.at_min, r.pos) > (?, ?) AND r.at_min < ? \
+                 ORDER BY r.at_min, r.pos LIMIT ?"
+            ))
+            .bind(key.0)
+            .bind(key.1)
+            .bind(until_us)
+            .bind(RUN_PAGE)
+            .fetch_all(&self.pool)
+            .await?;
+            let done = (rows.len() as i64) < RUN_PAGE;
+            found.extend(expand(&rows).into_iter().filter(|e| {
+                let at = at_of(e);
+                at >= since_us
+                    && at < until_us
+                    && cursor.as_ref().is_none_or(|(at, chain, seq)| {
+                        (&e.occurred_at, &e.chain_id, e.seq) > (at, chain, *seq)
+                    })
+            }));
+            let horizon = match rows.last() {
+                Some(last) if !done => last.0,
+                _ => i64::MAX,
+            };
+            let ready = found.iter().filter(|e| at_of(e) < horizon).count();
+            if done || ready >= limit {
+                found.retain(|e| at_of(e) < horizon);
+                found.sort_by(time_order);
+                found.truncate(limit);
+                return Ok(found);
+            }
+            if let Some(last) = rows.last() {
+                key = (last.0, last.3);
+            }
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The SQLite trail's writing half: one connection of its own (rusqlite, on the same bundled SQLite as
 //! sqlx), used by the audit writer's thread directly, with cached prepared statements and one
-//! `BEGIN IMMEDIATE … COMMIT` per group commit. Reads stay on sqlx's pool.
+//! `BEGIN IMMEDIATE … COMMIT` per group commit, in which each chain's events become runs (see
+//! [`super::runs`]). Reads stay on sqlx's pool.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -9,16 +10,21 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior, params};
 
+use super::runs::{MAX_SEQ, position, runs_of};
 use super::{StoreError, TrailAppender, probe_event};
-use crate::event::{SealedEvent, micros_of};
+use crate::event::SealedEvent;
 
 /// How long the writer waits for SQLite's write lock (the CLI may write while the server runs).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-/// Prepared statements kept per connection: the writer uses four.
+/// Prepared statements kept per connection: the writer uses five.
 const STATEMENT_CACHE: usize = 8;
+/// Pages of SQLite's cache for the writing connection (negative: KiB): the right edges of the trail's
+/// trees and the chains table stay in memory, so a commit reads nothing back from the disk.
+const CACHE_KIB: i64 = 16 * 1024;
 
-const INSERT_EVENT: &str = "INSERT INTO audit_trail (chain_no, seq, at_us, trace_id, hash, body) \
-                            VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+const INSERT_RUN: &str =
+    "INSERT INTO audit_runs (pos, n, at_min, hashes, bodies) VALUES (?1, ?2, ?3, ?4, ?5)";
+const INSERT_TRACE: &str = "INSERT OR IGNORE INTO audit_run_traces (trace_id, pos) VALUES (?1, ?2)";
 const REGISTER_CHAIN: &str = "INSERT INTO audit_chains (chain_id, instance_id, opened_at) \
                               VALUES (?1, ?2, ?3) ON CONFLICT (chain_id) DO NOTHING";
 const CHAIN_NO: &str = "SELECT chain_no FROM audit_chains WHERE chain_id = ?1";
@@ -38,7 +44,7 @@ pub(super) type SharedTrail = Arc<Mutex<SqliteTrail>>;
 
 impl SqliteTrail {
     /// Opens the database file at `path` (which sqlx has created) for writing, with the durability the
-    /// trail promises: WAL, `synchronous=FULL` (a committed batch survives a crash or a power loss).
+    /// trail promises: WAL, `synchronous=FULL` (a committed group survives a crash or a power loss).
     pub(super) fn open(path: &Path) -> Result<SharedTrail, StoreError> {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(path, flags)?;
@@ -53,13 +59,14 @@ impl SqliteTrail {
         }
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
         Ok(Arc::new(Mutex::new(Self {
             conn,
             chain_nos: HashMap::new(),
         })))
     }
 
-    /// Appends `events` in one transaction, naming chains not seen before.
+    /// Appends `events` in one transaction, as runs, naming chains not seen before.
     pub(super) fn append(&mut self, events: &[SealedEvent]) -> Result<(), StoreError> {
         if events.is_empty() {
             return Ok(());
@@ -87,16 +94,18 @@ impl SqliteTrail {
     }
 }
 
-/// Inserts `events` within `tx`; returns the chains it registered, to be remembered once `tx` commits.
+/// Inserts `events` as runs within `tx`; returns the chains it registered, to be remembered once `tx`
+/// commits.
 fn insert_events(
     tx: &Transaction<'_>,
     known: &HashMap<String, i64>,
     events: &[SealedEvent],
 ) -> Result<Vec<(String, i64)>, StoreError> {
     let mut registered: Vec<(String, i64)> = Vec::new();
-    let mut insert = tx.prepare_cached(INSERT_EVENT)?;
-    for run in events.chunk_by(|a, b| a.chain_id == b.chain_id) {
-        let first = &run[0];
+    let mut insert_run = tx.prepare_cached(INSERT_RUN)?;
+    let mut insert_trace = tx.prepare_cached(INSERT_TRACE)?;
+    for chain in events.chunk_by(|a, b| a.chain_id == b.chain_id) {
+        let first = &chain[0];
         let chain_no = match known.get(&first.chain_id) {
             Some(&n) => n,
             None => match registered.iter().find(|(id, _)| *id == first.chain_id) {
@@ -108,17 +117,18 @@ fn insert_events(
                 }
             },
         };
-        for e in run {
-            let mut hash = [0u8; 32];
-            // A hash that is not hex (never one the writer made) is kept as its text's bytes.
-            let stored: &[u8] = match hex::decode_to_slice(&e.hash, &mut hash) {
-                Ok(()) => &hash,
-                Err(_) => e.hash.as_bytes(),
-            };
-            // The search columns copy what the body says (a time that is not one sorts at 0, and
-            // verification reports the event).
-            let at_us = micros_of(&e.occurred_at).unwrap_or(0);
-            insert.execute(params![chain_no, e.seq, at_us, e.trace_id, stored, e.body])?;
+        for run in runs_of(chain) {
+            if !(1..=MAX_SEQ).contains(&run.first_seq) || run.first_seq + run.count - 1 > MAX_SEQ {
+                return Err(StoreError::Corrupt(format!(
+                    "chain {} is full (at most {MAX_SEQ} events): restart to open a new chain",
+                    first.chain_id
+                )));
+            }
+            let pos = position(chain_no, run.first_seq);
+            insert_run.execute(params![pos, run.count, run.at_min, run.hashes, run.bodies])?;
+            for trace in &run.traces {
+                insert_trace.execute(params![trace, pos])?;
+            }
         }
     }
     Ok(registered)

@@ -159,7 +159,7 @@ async fn when_the_audit_store_cannot_write_nothing_executes_and_ready_fails_unti
         .await
         .unwrap();
     sqlx::query(
-        "CREATE TRIGGER test_store_full BEFORE INSERT ON audit_trail \
+        "CREATE TRIGGER test_store_full BEFORE INSERT ON audit_runs \
          BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END",
     )
     .execute(&mut conn)
@@ -204,19 +204,25 @@ async fn when_the_audit_store_cannot_write_nothing_executes_and_ready_fails_unti
 #[tokio::test]
 async fn the_audit_table_rejects_update_and_delete() {
     let app = spawn_app().await;
+    // A request, so that every table of the trail has rows for the triggers to guard.
+    assert_eq!(app.process(None, &echo("x")).await.status(), 401);
     let mut conn = sqlx::SqliteConnection::connect(&app.db_url())
         .await
         .unwrap();
-    let update = sqlx::query("UPDATE audit_trail SET body = '{}'")
-        .execute(&mut conn)
-        .await
-        .unwrap_err();
-    assert!(update.to_string().contains("append-only"), "{update}");
-    let delete = sqlx::query("DELETE FROM audit_trail")
-        .execute(&mut conn)
-        .await
-        .unwrap_err();
-    assert!(delete.to_string().contains("append-only"), "{delete}");
+    for statement in [
+        "UPDATE audit_runs SET bodies = '{}'",
+        "DELETE FROM audit_runs",
+        "UPDATE audit_run_traces SET pos = 0",
+        "DELETE FROM audit_run_traces",
+        "UPDATE audit_chains SET chain_id = 'x'",
+        "DELETE FROM audit_chains",
+    ] {
+        let refused = sqlx::query(statement).execute(&mut conn).await.unwrap_err();
+        assert!(
+            refused.to_string().contains("append-only"),
+            "{statement}: {refused}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -469,8 +475,8 @@ async fn when_the_outcome_cannot_be_recorded_after_the_executor_ran_the_client_g
         .await
         .unwrap();
     sqlx::query(
-        "CREATE TRIGGER test_outcome_refused BEFORE INSERT ON audit_trail \
-         WHEN NEW.body ->> '$.event_type' = 'ACTION_EXECUTED' \
+        "CREATE TRIGGER test_outcome_refused BEFORE INSERT ON audit_runs \
+         WHEN instr(NEW.bodies, '\"event_type\":\"ACTION_EXECUTED\"') > 0 \
          BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END",
     )
     .execute(&mut conn)

@@ -98,14 +98,12 @@ async fn verify(url: &str) -> Option<(Problem, String, i64)> {
 /// The first chain (the one a later chain links to) and a connection with the triggers dropped.
 async fn intruder(url: &str) -> (SqliteConnection, String) {
     let mut conn = SqliteConnection::connect(url).await.unwrap();
-    sqlx::query("DROP TRIGGER audit_trail_no_update")
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    sqlx::query("DROP TRIGGER audit_trail_no_delete")
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    for drop in [
+        "DROP TRIGGER audit_runs_no_update",
+        "DROP TRIGGER audit_runs_no_delete",
+    ] {
+        sqlx::query(drop).execute(&mut conn).await.unwrap();
+    }
     let row =
         sqlx::query("SELECT chain_id FROM audit_events WHERE seq = 1 ORDER BY occurred_at LIMIT 1")
             .fetch_one(&mut conn)
@@ -124,6 +122,65 @@ async fn body_at(conn: &mut SqliteConnection, chain: &str, seq: i64) -> (String,
     .await
     .unwrap();
     (row.get(0), row.get(1), row.get(2))
+}
+
+/// One stored event of a chain, as an intruder edits it: its position, hash (hex) and bytes.
+#[derive(Clone)]
+struct Stored {
+    seq: i64,
+    hash: String,
+    body: String,
+}
+
+/// Rewrites `chain` in the database as `edit` leaves its events: the chain's runs are deleted and each
+/// event written back as a run of its own (a form the trail takes, e.g. after migrating an older
+/// layout), with its time and the index of its trace. What an intruder with the file could do.
+async fn rewrite_chain(
+    conn: &mut SqliteConnection,
+    chain: &str,
+    edit: impl FnOnce(&mut Vec<Stored>),
+) {
+    let mut events: Vec<Stored> = sqlx::query_as::<_, (i64, String, String)>(
+        "SELECT seq, hash, body FROM audit_events WHERE chain_id = ? ORDER BY seq",
+    )
+    .bind(chain)
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|(seq, hash, body)| Stored { seq, hash, body })
+    .collect();
+    edit(&mut events);
+    let (chain_no,): (i64,) =
+        sqlx::query_as("SELECT chain_no FROM audit_chains WHERE chain_id = ?")
+            .bind(chain)
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+    sqlx::query("DELETE FROM audit_runs WHERE pos >= ? AND pos < ?")
+        .bind(chain_no << 40)
+        .bind((chain_no + 1) << 40)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    for e in events {
+        let at = catraca::event::micros_of(
+            serde_json::from_str::<Value>(&e.body).unwrap()["occurred_at"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO audit_runs (pos, n, at_min, hashes, bodies) VALUES (?, 1, ?, unhex(?), ?)",
+        )
+        .bind((chain_no << 40) + e.seq)
+        .bind(at)
+        .bind(&e.hash)
+        .bind(format!("{}\n", e.body))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    }
 }
 
 #[tokio::test]
@@ -157,12 +214,7 @@ async fn one_flipped_byte_is_a_hash_mismatch_at_that_event() {
     bytes[middle] ^= 0x01;
     let flipped = String::from_utf8(bytes).unwrap();
     assert_eq!(flipped.len(), body.len());
-    sqlx::query("UPDATE audit_trail SET body = ? WHERE chain_no = (SELECT chain_no FROM audit_chains WHERE chain_id = ?) AND seq = 6")
-        .bind(flipped)
-        .bind(&chain)
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    rewrite_chain(&mut conn, &chain, |events| events[5].body = flipped).await;
     assert_eq!(verify(&url).await, Some((Problem::HashMismatch, chain, 6)));
 }
 
@@ -170,11 +222,10 @@ async fn one_flipped_byte_is_a_hash_mismatch_at_that_event() {
 async fn a_deleted_event_is_a_gap_named_where_it_was() {
     let (_dir, url) = trail().await;
     let (mut conn, chain) = intruder(&url).await;
-    sqlx::query("DELETE FROM audit_trail WHERE chain_no = (SELECT chain_no FROM audit_chains WHERE chain_id = ?) AND seq = 8")
-        .bind(&chain)
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    rewrite_chain(&mut conn, &chain, |events| {
+        events.remove(7);
+    })
+    .await;
     assert_eq!(verify(&url).await, Some((Problem::Gap, chain, 8)));
 }
 
@@ -182,16 +233,14 @@ async fn a_deleted_event_is_a_gap_named_where_it_was() {
 async fn two_swapped_events_are_a_reordering() {
     let (_dir, url) = trail().await;
     let (mut conn, chain) = intruder(&url).await;
-    // Move event 5 to position 6 and event 6 to position 5, every column but seq travelling along.
-    for (from, to) in [(5, -5), (6, 5), (-5, 6)] {
-        sqlx::query("UPDATE audit_trail SET seq = ? WHERE chain_no = (SELECT chain_no FROM audit_chains WHERE chain_id = ?) AND seq = ?")
-            .bind(to)
-            .bind(&chain)
-            .bind(from)
-            .execute(&mut conn)
-            .await
-            .unwrap();
-    }
+    // Move event 5 to position 6 and event 6 to position 5, everything but the position travelling
+    // along.
+    rewrite_chain(&mut conn, &chain, |events| {
+        let (five, six) = (events[4].clone(), events[5].clone());
+        events[4] = Stored { seq: 5, ..six };
+        events[5] = Stored { seq: 6, ..five };
+    })
+    .await;
     assert_eq!(verify(&url).await, Some((Problem::Reorder, chain, 5)));
 }
 
@@ -204,12 +253,10 @@ async fn a_truncated_tail_is_caught_by_the_next_chain_s_link() {
         .fetch_one(&mut conn)
         .await
         .unwrap();
-    sqlx::query("DELETE FROM audit_trail WHERE chain_no = (SELECT chain_no FROM audit_chains WHERE chain_id = ?) AND seq > ?")
-        .bind(&chain)
-        .bind(last - 3)
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    rewrite_chain(&mut conn, &chain, |events| {
+        events.retain(|e| e.seq <= last - 3)
+    })
+    .await;
     assert_eq!(
         verify(&url).await,
         Some((Problem::Truncation, chain, last - 2))
@@ -234,14 +281,11 @@ async fn a_forged_event_with_a_correct_own_hash_breaks_the_link_after_it() {
     forged["reason_codes"] = json!([]);
     let forged = serde_json_canonicalizer::to_string(&forged).unwrap();
     let hash = chain_hash(&prev_hash, &forged);
-    sqlx::query("UPDATE audit_trail SET body = ?, hash = unhex(?) WHERE chain_no = (SELECT chain_no FROM audit_chains WHERE chain_id = ?) AND seq = ?")
-        .bind(forged)
-        .bind(hash)
-        .bind(&chain)
-        .bind(seq)
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    rewrite_chain(&mut conn, &chain, |events| {
+        let e = events.iter_mut().find(|e| e.seq == seq).unwrap();
+        (e.body, e.hash) = (forged, hash);
+    })
+    .await;
     assert_eq!(verify(&url).await, Some((Problem::BrokenLink, chain, seq)));
 }
 
@@ -321,11 +365,7 @@ async fn the_cli_verifies_a_compressed_part_and_names_a_byte_altered_inside_it()
 async fn a_chain_that_lost_its_head_is_a_truncation_at_its_first_remaining_event() {
     let (_dir, url) = trail().await;
     let (mut conn, chain) = intruder(&url).await;
-    sqlx::query("DELETE FROM audit_trail WHERE chain_no = (SELECT chain_no FROM audit_chains WHERE chain_id = ?) AND seq <= 2")
-        .bind(&chain)
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    rewrite_chain(&mut conn, &chain, |events| events.retain(|e| e.seq > 2)).await;
     assert_eq!(verify(&url).await, Some((Problem::Truncation, chain, 3)));
 }
 
@@ -338,11 +378,7 @@ async fn a_vanished_predecessor_of_the_newest_chain_is_a_truncation_naming_it() 
         .fetch_one(&mut conn)
         .await
         .unwrap();
-    sqlx::query("DELETE FROM audit_trail WHERE chain_no = (SELECT chain_no FROM audit_chains WHERE chain_id = ?)")
-        .bind(&first)
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    rewrite_chain(&mut conn, &first, Vec::clear).await;
     assert_eq!(verify(&url).await, Some((Problem::Truncation, first, last)));
 }
 
@@ -371,6 +407,7 @@ async fn a_chain_opened_event_naming_the_wrong_predecessor_is_a_broken_link() {
             .await
             .unwrap();
     let mut prev = wrong.clone();
+    let mut resealed = Vec::new();
     for (seq, body) in rows {
         let mut event: Value = serde_json::from_str(&body).unwrap();
         if seq == 1 {
@@ -380,18 +417,14 @@ async fn a_chain_opened_event_naming_the_wrong_predecessor_is_a_broken_link() {
         event["prev_hash"] = json!(prev);
         let body = serde_json_canonicalizer::to_string(&event).unwrap();
         let hash = chain_hash(&prev, &body);
-        sqlx::query(
-            "UPDATE audit_trail SET body = ?, hash = unhex(?) WHERE chain_no = (SELECT chain_no FROM audit_chains WHERE chain_id = ?) AND seq = ?",
-        )
-        .bind(&body)
-        .bind(&hash)
-        .bind(&second)
-        .bind(seq)
-        .execute(&mut conn)
-        .await
-        .unwrap();
+        resealed.push(Stored {
+            seq,
+            hash: hash.clone(),
+            body,
+        });
         prev = hash;
     }
+    rewrite_chain(&mut conn, &second, |events| *events = resealed).await;
     assert_eq!(verify(&url).await, Some((Problem::BrokenLink, second, 1)));
 }
 
