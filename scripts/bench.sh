@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Throughput of governed /process (echo, durable audit on) and of two refusals (401 without a key, 400
 # for an unknown action) against /health, same load generator, same concurrency and duration, in the
-# same run. Prints req/s, p50, p99 for each, their ratios to /health, and the audit bytes each allowed
-# request left (database and JSON Lines files).
+# same run. Prints req/s, p50, p99 for each, their ratios to /health, the latency of /process at half
+# its saturated rate (each connection paced), the gateway's resident memory at saturation and at its
+# peak, and the audit bytes each allowed request left (database and JSON Lines files).
 #
 #   bash scripts/bench.sh                 # defaults: 32 connections, 2 threads, 10 s each, SQLite
 #   bash scripts/bench.sh --postgres      # PostgreSQL at CATRACA_BENCH_POSTGRES_URL (default
@@ -90,6 +91,19 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.headers["X-API-Key"] = os.getenv("CATRACA_BENCH_KEY")
 LUA
 
+# /process paced: each connection waits CATRACA_BENCH_DELAY_MS between requests (wrk's delay()), so
+# that all of them together ask for a chosen rate.
+cat >"$WORK/paced.lua" <<'LUA'
+wrk.method = "POST"
+wrk.body = '{"action":"echo","context_id":"work","payload":{"message":"benchmark"}}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["X-API-Key"] = os.getenv("CATRACA_BENCH_KEY")
+local pause = tonumber(os.getenv("CATRACA_BENCH_DELAY_MS"))
+function delay()
+  return pause
+end
+LUA
+
 cat >"$WORK/nokey.lua" <<'LUA'
 wrk.method = "POST"
 wrk.body = '{"action":"echo","context_id":"work","payload":{"message":"benchmark"}}'
@@ -129,20 +143,38 @@ wrk -t1 -c4 -d2s "http://$CATRACA_LISTEN/health" >/dev/null
 CATRACA_BENCH_KEY=$KEY wrk -t1 -c4 -d2s -s "$WORK/process.lua" "http://$CATRACA_LISTEN/process" >/dev/null
 run health "http://$CATRACA_LISTEN/health"
 DB0=$(db_bytes) FILES0=$(file_bytes)
+rss_kib() { awk -v k="$1" '$1 == k":" {print $2}' "/proc/$SERVER_PID/status"; }
+# Resident memory sampled in the middle of the saturated /process run.
+( sleep "$(( ${DURATION%s} / 2 ))"; rss_kib VmRSS >"$WORK/rss_saturated" ) &
+SAMPLER=$!
 CATRACA_BENCH_KEY=$KEY run process -s "$WORK/process.lua" "http://$CATRACA_LISTEN/process"
+wait "$SAMPLER"
 sleep 1 # the last group commit reaches the files
 compressed
 DB1=$(db_bytes) FILES1=$(file_bytes)
+# Half the saturated rate: a connection sends a request, waits for its answer, then pauses, so the rate
+# is CONNECTIONS / (pause + latency). A short paced run measures the latency; the pause is then chosen
+# so that all connections together ask for half the saturated rate.
+rate_of() { python3 -c "import re; print(re.search(r'Requests/sec:\s+([\d.]+)', open('$1').read()).group(1))"; }
+HALF=$(python3 -c "print($(rate_of "$WORK/process.txt") / 2)")
+FIRST_MS=$(python3 -c "print(max(1, round($CONNECTIONS / $HALF * 1000)))")
+CATRACA_BENCH_KEY=$KEY CATRACA_BENCH_DELAY_MS=$FIRST_MS wrk -t"$THREADS" -c"$CONNECTIONS" -d3s \
+  -s "$WORK/paced.lua" "http://$CATRACA_LISTEN/process" >"$WORK/calibrate.txt"
+HALF_DELAY_MS=$(python3 -c "
+latency_ms = $CONNECTIONS / $(rate_of "$WORK/calibrate.txt") * 1000 - $FIRST_MS
+print(max(1, round($CONNECTIONS / $HALF * 1000 - latency_ms)))")
+CATRACA_BENCH_KEY=$KEY CATRACA_BENCH_DELAY_MS=$HALF_DELAY_MS run half -s "$WORK/paced.lua" "http://$CATRACA_LISTEN/process"
 run nokey -s "$WORK/nokey.lua" "http://$CATRACA_LISTEN/process"
 CATRACA_BENCH_KEY=$KEY run unknown -s "$WORK/unknown.lua" "http://$CATRACA_LISTEN/process"
 
+RSS_PEAK=$(rss_kib VmHWM)
 EVENTS=$(curl -fsS "http://$CATRACA_LISTEN/metrics" | awk '/^catraca_audit_events_total/ {s += $2} END {print s}')
 FLUSHES=$(curl -fsS "http://$CATRACA_LISTEN/metrics" | awk '/^catraca_audit_flush_duration_seconds_count/ {print $2}')
 
 python3 - "$WORK" "$CONNECTIONS" "$THREADS" "$DURATION" "$EVENTS" "$FLUSHES" "$BACKEND" \
-  "$((DB1 - DB0))" "$((FILES1 - FILES0))" <<'PY'
+  "$((DB1 - DB0))" "$((FILES1 - FILES0))" "$(cat "$WORK/rss_saturated")" "$RSS_PEAK" <<'PY'
 import re, sys
-work, conns, threads, duration, events, flushes, backend, db_grew, files_grew = sys.argv[1:]
+work, conns, threads, duration, events, flushes, backend, db_grew, files_grew, rss, rss_peak = sys.argv[1:]
 
 def to_ms(v):
     n, unit = float(re.match(r"[\d.]+", v).group()), re.sub(r"[\d.]+", "", v)
@@ -163,13 +195,20 @@ print(f"wrk -t{threads} -c{conns} -d{duration} on 127.0.0.1 (server and load gen
 print(f"{'run':<22} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'requests':>10} {'non-2xx':>8} {'vs /health':>10}")
 for name, r in (("/health", h), ("/process echo", p), ("401 no key", k), ("400 unknown action", u)):
     print(f"{name:<22} {r[0]:>10.0f} {r[1]:>9.2f} {r[2]:>9.2f} {r[5]:>10} {r[3]:>8} {r[0] / h[0]:>9.3f}x {r[4]}")
-print(f"ratio /process : /health throughput = {p[0] / h[0]:.2f}x (design target >= 0.50x)")
+half = parse("half")
+print(f"{'/process at half rate':<22} {half[0]:>10.0f} {half[1]:>9.2f} {half[2]:>9.2f} {half[5]:>10} {half[3]:>8} "
+      f"{half[0] / h[0]:>9.3f}x (paced to half of {p[0]:.0f} req/s)")
+print(f"ratio /process : /health throughput = {p[0] / h[0]:.2f}x (issue target >= 0.25x, aim 0.50x); "
+      f"refusals {k[0] / h[0]:.2f}x and {u[0] / h[0]:.2f}x (target >= 0.35x)")
+print(f"/process p99 at half rate: {half[2]:.2f} ms (target <= 5 ms)")
+print(f"gateway resident memory: {int(rss) / 1024:.1f} MiB at saturation, {int(rss_peak) / 1024:.1f} MiB at its peak "
+      f"(target < 100 MB)")
 db, files = int(db_grew), int(files_grew)
 print(f"audit bytes per allowed request: {db / p[5]:.0f} in the database + {files / p[5]:.0f} in the "
       f"JSON Lines files = {(db + files) / p[5]:.0f}")
 print(f"audit: {events} events durably written in {flushes} group commits "
       f"({float(events) / max(float(flushes), 1):.1f} events per commit)")
-if p[3] or h[3]:
+if p[3] or h[3] or half[3]:
     print("bench: some responses were not 2xx", file=sys.stderr)
     sys.exit(1)
 PY

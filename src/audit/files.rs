@@ -216,7 +216,11 @@ impl TrailFiles {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             other => other?,
         }
-        File::open(&self.dir)?.sync_all()?;
+        // Not synced here: the part reaches the disk as its compressed copy, which the compressing
+        // thread syncs (with the folder) a few seconds later, so the sixteen uncompressed megabytes are
+        // never written back at all, and a rotation costs the writer a rename rather than a sync that
+        // would also hold up the database's syncs on the same disk. A power cut in those seconds can
+        // leave the part short; the database, synced at every commit, still holds every event.
         self.send(part);
         Ok(())
     }
@@ -256,7 +260,6 @@ impl TrailFiles {
                 && live.day != day
             {
                 // The day ended: its live file becomes a part (unless another process did it).
-                live.file.sync_data()?;
                 let lock = self.rotation_lock()?;
                 self.retire(&live.day)?;
                 drop(lock);
@@ -277,7 +280,7 @@ impl TrailFiles {
             if still.is_some_and(|m| m.len() + lines.len() as u64 > self.max_bytes)
                 && let Some(live) = self.open.take()
             {
-                live.file.sync_data()?;
+                drop(live);
                 self.retire(&day)?;
             }
             drop(lock);
