@@ -13,7 +13,7 @@ use crate::app::App;
 use crate::audit::timeline;
 use crate::domain::TraceId;
 use crate::error::ApiError;
-use crate::event::{SealedEvent, micros_of};
+use crate::event::{SealedEvent, micros_of, timestamp_of_micros};
 use crate::reason::{Gate, ReasonCode};
 use crate::turnstile::authorize_permission;
 
@@ -80,7 +80,9 @@ pub struct DecisionQuery {
     /// The key that asked (or was presented, when it was refused).
     pub key_id: Option<String>,
     /// The `next` of the previous page.
-    #[param(pattern = "^([^,]+,[^,]+,-?[0-9]{1,18})?$")]
+    #[param(
+        pattern = "^([0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]\\.[0-9]{6}Z,[^,]+,-?[0-9]{1,18})?$"
+    )]
     pub before: Option<String>,
     /// Decisions per page, 1 to 100 (default 50).
     #[param(minimum = 1, maximum = 100)]
@@ -167,10 +169,43 @@ fn cursor_of(event: &SealedEvent) -> String {
     format!("{},{},{}", event.occurred_at, event.chain_id, event.seq)
 }
 
-fn parse_cursor(cursor: &str) -> Option<(&str, &str, i64)> {
+/// A cursor's position, its time in the trail's form. A time the calendar lacks but the form allows (a
+/// hand-made `2026-02-30T…`) stands for the first moment of the next month: no event's time sorts
+/// between the two.
+fn parse_cursor(cursor: &str) -> Option<(String, String, i64)> {
     let mut parts = cursor.splitn(3, ',');
     let (at, chain, seq) = (parts.next()?, parts.next()?, parts.next()?.parse().ok()?);
-    (micros_of(at).is_some() && !chain.is_empty()).then_some((at, chain, seq))
+    if chain.is_empty() {
+        return None;
+    }
+    if let Some(at) = micros_of(at).and_then(timestamp_of_micros) {
+        return Some((at, chain.to_owned(), seq));
+    }
+    let next_month = first_of_next_month(at)?;
+    Some((next_month, String::new(), i64::MIN))
+}
+
+/// The first moment of the month after the one `at` names, when `at` has the trail's form with a day
+/// of the month up to 31 (whether or not the month has it).
+fn first_of_next_month(at: &str) -> Option<String> {
+    let digits = |from: usize, to: usize| {
+        at.get(from..to)
+            .filter(|d| d.bytes().all(|c| c.is_ascii_digit()))?
+            .parse::<u16>()
+            .ok()
+    };
+    let b = at.as_bytes();
+    let shape = b.len() == 27
+        && [(4, b'-'), (7, b'-'), (10, b'T')]
+            .iter()
+            .all(|&(i, c)| b[i] == c);
+    if !shape || !(1..=31).contains(&digits(8, 10)?) {
+        return None;
+    }
+    let month = time::Month::try_from(u8::try_from(digits(5, 7)?).ok()?).ok()?;
+    let year = i32::from(digits(0, 4)?) + i32::from(month == time::Month::December);
+    let first = time::Date::from_calendar_date(year, month.next(), 1).ok()?;
+    timestamp_of_micros(first.midnight().assume_utc().unix_timestamp() * 1_000_000)
 }
 
 /// Recent decisions matching `q`, newest first, for a caller allowed `audit.read`. A page examines at
@@ -219,7 +254,6 @@ pub async fn decisions(
         None => None,
         Some(c) => Some(
             parse_cursor(c)
-                .map(|(at, chain, seq)| (at.to_owned(), chain.to_owned(), seq))
                 .ok_or_else(|| rejected("before must be the `next` of a previous page".into()))?,
         ),
     };
@@ -340,4 +374,54 @@ pub async fn chains(
             source: v.source,
         }),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_cursor;
+
+    #[test]
+    fn a_cursor_is_read_in_the_trails_form() {
+        let at = "2026-12-06T10:59:26.233186Z";
+        assert_eq!(
+            parse_cursor(&format!("{at},gw-1,42")),
+            Some((at.to_owned(), "gw-1".to_owned(), 42))
+        );
+        // Another RFC 3339 form of a moment is read as the trail writes it.
+        assert_eq!(
+            parse_cursor("2026-12-06T11:59:26.233186+01:00,gw-1,42").map(|c| c.0),
+            Some(at.to_owned())
+        );
+    }
+
+    #[test]
+    fn a_day_the_month_lacks_stands_for_the_start_of_the_next_month() {
+        assert_eq!(
+            parse_cursor("2026-02-30T05:00:00.000000Z,gw-1,7"),
+            Some((
+                "2026-03-01T00:00:00.000000Z".to_owned(),
+                String::new(),
+                i64::MIN
+            ))
+        );
+        assert_eq!(
+            parse_cursor("2026-04-31T23:59:59.999999Z,gw-1,7").map(|c| c.0),
+            Some("2026-05-01T00:00:00.000000Z".to_owned())
+        );
+    }
+
+    #[test]
+    fn what_is_no_position_is_refused() {
+        for bad in [
+            "yesterday,gw-1,1",
+            "2026-12-06T10:59:26.233186Z,,1",
+            "2026-12-06T10:59:26.233186Z,gw-1,one",
+            "2026-13-01T00:00:00.000000Z,gw-1,1",
+            "2026-02-32T00:00:00.000000Z,gw-1,1",
+            "+026-02-30T00:00:00.000000Z,gw-1,1",
+            "2026-12-06T10:59:26.233186Z",
+        ] {
+            assert_eq!(parse_cursor(bad), None, "{bad}");
+        }
+    }
 }

@@ -696,10 +696,15 @@ pub fn chain_hash(prev_hash: &str, body: &str) -> String {
     let mut h = Sha256::new();
     h.update(prev_hash.as_bytes());
     h.update(body.as_bytes());
+    hash_hex(&h.finalize().into())
+}
+
+/// A 32-byte hash as 64 lowercase hex digits (the trail reads and writes millions of these: one
+/// allocation each, no formatting machinery).
+pub fn hash_hex(hash: &[u8; 32]) -> String {
     let mut text = [0u8; 64];
-    // A 32-byte digest always fills 64 hex digits, which are ASCII.
-    match hex::encode_to_slice(h.finalize(), &mut text) {
-        Ok(()) => text.iter().map(|&b| char::from(b)).collect(),
+    match hex::encode_to_slice(hash, &mut text) {
+        Ok(()) => String::from_utf8(text.to_vec()).unwrap_or_default(),
         Err(_) => unreachable!("32 bytes are 64 hex digits"),
     }
 }

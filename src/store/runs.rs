@@ -14,7 +14,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::event::{SealedEvent, micros_of, timestamp_of_micros};
+use crate::event::{SealedEvent, hash_hex, micros_of, timestamp_of_micros};
 
 /// Most events in one run: a lookup of one event reads its whole run.
 pub const MAX_RUN: usize = 128;
@@ -116,7 +116,9 @@ pub fn events_of_run(
         .enumerate()
         .map(|(i, body)| {
             let hash = if even {
-                hex::encode(&hashes[32 * i..32 * (i + 1)])
+                let mut one = [0u8; 32];
+                one.copy_from_slice(&hashes[32 * i..32 * (i + 1)]);
+                hash_hex(&one)
             } else if lines.len() == 1 {
                 // A single event's hash kept as the bytes of a text that was not hex.
                 String::from_utf8_lossy(hashes).into_owned()
