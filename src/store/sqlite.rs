@@ -122,20 +122,22 @@ type RunRow = (i64, i64, String, i64, Vec<u8>, String);
 const RUN_PAGE: i64 = 256;
 
 /// The events of `rows`, in the rows' order, read on both cores when there are many. A run's count or
-/// earliest time that disagrees with what its bodies say is shown on its first event (its time or seq
-/// then disagree with its bytes), so that verification reports it.
+/// earliest time that disagrees with what its bodies say is shown on its first event (its id or time
+/// then disagree with its bytes), so that verification reports it there.
 fn expand(rows: &[RunRow]) -> Vec<SealedEvent> {
     let events = map_in_two(rows, |(at_min, n, chain_id, pos, hashes, bodies)| {
         let (_, first_seq) = split_position(*pos);
         let mut events = events_of_run(chain_id, first_seq, hashes, bodies);
         let at = events.iter().map(at_of).min();
-        let count_agrees = i64::try_from(events.len()) == Ok(*n);
+        let events_len = events.len();
+        let count_agrees = i64::try_from(events_len) == Ok(*n);
         if let Some(first) = events.first_mut() {
             if at != Some(*at_min) {
                 first.occurred_at = time_text(*at_min);
             }
             if !count_agrees {
-                first.seq = first_seq - 1;
+                // Not the identity its bytes give it: verification names the row as edited.
+                first.event_id = format!("(a run of {n} events holding {})", events_len);
             }
         }
         events

@@ -218,6 +218,55 @@ async fn one_flipped_byte_is_a_hash_mismatch_at_that_event() {
     assert_eq!(verify(&url).await, Some((Problem::HashMismatch, chain, 6)));
 }
 
+/// The stored run holding `seq` of `chain`: its position and first seq.
+async fn run_holding(conn: &mut SqliteConnection, chain: &str, seq: i64) -> (i64, i64) {
+    let (chain_no,): (i64,) =
+        sqlx::query_as("SELECT chain_no FROM audit_chains WHERE chain_id = ?")
+            .bind(chain)
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+    let (pos,): (i64,) =
+        sqlx::query_as("SELECT max(pos) FROM audit_runs WHERE pos <= ? AND pos >= ?")
+            .bind((chain_no << 40) + seq)
+            .bind(chain_no << 40)
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+    (pos, pos - (chain_no << 40))
+}
+
+#[tokio::test]
+async fn a_run_whose_count_or_earliest_time_was_edited_is_named_at_its_first_event() {
+    // A run's header is not hashed: verification checks it against the bodies it heads.
+    let (_dir, url) = trail().await;
+    let (mut conn, chain) = intruder(&url).await;
+    let (pos, first) = run_holding(&mut conn, &chain, 5).await;
+    sqlx::query("UPDATE audit_runs SET n = n + 1 WHERE pos = ?")
+        .bind(pos)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        verify(&url).await,
+        Some((Problem::HashMismatch, chain.clone(), first))
+    );
+
+    let (_dir, url) = trail().await;
+    let (mut conn, chain) = intruder(&url).await;
+    let (pos, first) = run_holding(&mut conn, &chain, 5).await;
+    // An hour earlier: reads by time would look for its events where they are not.
+    sqlx::query("UPDATE audit_runs SET at_min = at_min - 3600000000 WHERE pos = ?")
+        .bind(pos)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        verify(&url).await,
+        Some((Problem::HashMismatch, chain, first))
+    );
+}
+
 #[tokio::test]
 async fn a_deleted_event_is_a_gap_named_where_it_was() {
     let (_dir, url) = trail().await;
