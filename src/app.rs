@@ -179,7 +179,7 @@ pub async fn bootstrap_dev_key(app: &App) -> anyhow::Result<Option<ApiKey>> {
         contexts: vec![],
         tier: Some(TierName::parse("standard")?).filter(|t| app.policy().has_tier(t)),
         expires_in: None,
-        actor: "serve:dev-bootstrap",
+        actor: "serve:dev-bootstrap".to_owned(),
     };
     let (key, _) = keys::create(app.store.as_ref(), &app.audit, &app.policy(), &template).await?;
     Ok(Some(key))

@@ -162,8 +162,8 @@ pub struct NewKey {
     pub contexts: Vec<ContextId>,
     pub tier: Option<TierName>,
     pub expires_in: Option<Duration>,
-    /// Who asked (`cli`, `serve:dev-bootstrap`), for the trail.
-    pub actor: &'static str,
+    /// Who asked (`cli`, `serve:dev-bootstrap`, `key:<key_id>`), for the trail.
+    pub actor: String,
 }
 
 /// A key as shown to operators (never the secret, except `key` right after creation).
@@ -228,7 +228,7 @@ fn new_record(
     policy: &Policy,
     now: OffsetDateTime,
 ) -> Result<KeyRecord, KeyError> {
-    if template.name.trim().is_empty() || template.name.len() > 128 {
+    if template.name.trim().is_empty() || template.name.chars().count() > 128 {
         return Err(KeyError::Invalid(
             "a key name is 1 to 128 characters".into(),
         ));
@@ -268,7 +268,6 @@ fn new_record(
                 .ok_or_else(|| KeyError::Invalid("expiry is too far in the future".into()))
         })
         .transpose()?;
-    let secret_hash = hash_secret(key.secret()).map_err(KeyError::Invalid)?;
     Ok(KeyRecord {
         key_id: key.key_id().clone(),
         name: template.name.trim().to_owned(),
@@ -276,7 +275,7 @@ fn new_record(
         contexts: (!template.contexts.is_empty())
             .then(|| template.contexts.iter().cloned().collect::<BTreeSet<_>>()),
         tier,
-        secret_hash,
+        secret_hash: String::new(),
         created_at: timestamp(now),
         expires_at,
         revoked_at: None,
@@ -284,10 +283,12 @@ fn new_record(
     })
 }
 
-fn created_event(record: &KeyRecord, actor: &str) -> PendingEvent {
+/// KEY_CREATED: the new key as stored (never its secret or hash), who made it and, over HTTP, under
+/// which request.
+pub fn created_event(record: &KeyRecord, actor: &str, trace_id: Option<&TraceId>) -> PendingEvent {
     PendingEvent::new(
         EventType::KeyCreated,
-        None,
+        trace_id,
         json!({
             "key_id": record.key_id,
             "name": record.name,
@@ -315,6 +316,28 @@ pub fn revoked_event(
     )
 }
 
+/// A new key as `template` asks, checked against the policy, its secret not yet hashed (see
+/// [`seal_secret`]): nothing audited or stored.
+pub fn draft(template: &NewKey, policy: &Policy) -> Result<(ApiKey, KeyRecord), KeyError> {
+    let key = ApiKey::generate().map_err(|e| KeyError::Invalid(format!("no randomness: {e}")))?;
+    let record = new_record(&key, template, policy, OffsetDateTime::now_utc())?;
+    Ok((key, record))
+}
+
+/// Puts the hash of `key`'s secret in its record: argon2, tens of milliseconds of CPU (a blocking
+/// thread's work when serving).
+pub fn seal_secret(key: &ApiKey, record: &mut KeyRecord) -> Result<(), KeyError> {
+    record.secret_hash = hash_secret(key.secret()).map_err(KeyError::Invalid)?;
+    Ok(())
+}
+
+/// [`draft`] and [`seal_secret`].
+pub fn prepare(template: &NewKey, policy: &Policy) -> Result<(ApiKey, KeyRecord), KeyError> {
+    let (key, mut record) = draft(template, policy)?;
+    seal_secret(&key, &mut record)?;
+    Ok((key, record))
+}
+
 /// Creates a key; the returned [`ApiKey`] is the only time its secret exists outside a hash.
 pub async fn create(
     store: &dyn Store,
@@ -322,13 +345,72 @@ pub async fn create(
     policy: &Policy,
     template: &NewKey,
 ) -> Result<(ApiKey, KeyRecord), KeyError> {
-    let key = ApiKey::generate().map_err(|e| KeyError::Invalid(format!("no randomness: {e}")))?;
-    let record = new_record(&key, template, policy, OffsetDateTime::now_utc())?;
+    let (key, record) = prepare(template, policy)?;
     audit
-        .append(vec![created_event(&record, template.actor)])
+        .append(vec![created_event(&record, &template.actor, None)])
         .await?;
     store.insert_key(&record).await?;
     Ok((key, record))
+}
+
+/// What a key may hand out when it creates or rotates a key: no more than it holds. The new key's
+/// contexts lie within the holder's (a key limited to some contexts cannot make one for every
+/// context); its role grants nothing the holder's role is not granted in those contexts, and escapes
+/// no deny rule the holder meets (see [`Policy::role_within`]); its tier allows no more requests (an
+/// unlimited tier only from an unlimited key; otherwise neither the rate nor the burst higher); and,
+/// when the holder expires, it expires no later. On refusal, says which of these it breaks.
+pub fn grants_within(
+    policy: &Policy,
+    holder: &KeyRecord,
+    granted: &KeyRecord,
+) -> Result<(), String> {
+    if let Some(mine) = &holder.contexts {
+        match &granted.contexts {
+            None => {
+                return Err(format!(
+                    "a key limited to contexts {} cannot make one for every context",
+                    names(mine)
+                ));
+            }
+            Some(theirs) if !theirs.is_subset(mine) => {
+                return Err(format!(
+                    "contexts {} are not all among this key's {}",
+                    names(theirs),
+                    names(mine)
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    policy.role_within(&granted.role, &holder.role, granted.contexts.as_ref())?;
+    let (_, mine) = policy.tier(&holder.tier);
+    let (_, theirs) = policy.tier(&granted.tier);
+    if !theirs.within(mine) {
+        return Err(format!(
+            "tier {} allows more requests than this key's tier {}",
+            granted.tier, holder.tier
+        ));
+    }
+    if let Some(mine) = &holder.expires_at {
+        let later = granted
+            .expires_at
+            .as_ref()
+            .is_none_or(|theirs| crate::event::micros_of(theirs) > crate::event::micros_of(mine));
+        if later {
+            return Err(format!(
+                "this key expires at {mine}: the new key must expire no later (give expires_in)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn names(contexts: &BTreeSet<ContextId>) -> String {
+    contexts
+        .iter()
+        .map(ContextId::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Revokes a key; every instance refuses it within the key directory's bound
@@ -337,7 +419,7 @@ pub async fn revoke(
     store: &dyn Store,
     audit: &AuditLog,
     key_id: &KeyId,
-    actor: &'static str,
+    actor: &str,
 ) -> Result<(), KeyError> {
     match store.get_key(key_id).await? {
         Some(k) if k.revoked_at.is_none() => {}
@@ -353,43 +435,62 @@ pub async fn revoke(
     Ok(())
 }
 
-/// Replaces a key with a new one of the same name, role, contexts and tier, revoking the old one in
-/// the same transaction. The remaining lifetime is not carried over: a rotated key starts afresh
-/// without expiry unless `expires_in` is given.
-pub async fn rotate(
-    store: &dyn Store,
-    audit: &AuditLog,
-    policy: &Policy,
-    key_id: &KeyId,
+/// The replacement of `old`: a new key of the same name, role, contexts and tier, marked as rotated
+/// from it, not yet audited or stored, its secret not yet hashed (see [`seal_secret`]). The remaining
+/// lifetime is not carried over: it starts afresh without expiry unless `expires_in` is given.
+pub fn replacement(
+    old: &KeyRecord,
     expires_in: Option<Duration>,
-    actor: &'static str,
+    policy: &Policy,
+    actor: &str,
 ) -> Result<(ApiKey, KeyRecord), KeyError> {
-    let old = match store.get_key(key_id).await? {
-        Some(k) if k.revoked_at.is_none() => k,
-        _ => return Err(KeyError::NotFound(key_id.clone())),
-    };
     let template = NewKey {
         name: old.name.clone(),
         role: old.role.clone(),
         contexts: old.contexts.iter().flatten().cloned().collect(),
         tier: Some(old.tier.clone()),
         expires_in,
-        actor,
+        actor: actor.to_owned(),
     };
-    let key = ApiKey::generate().map_err(|e| KeyError::Invalid(format!("no randomness: {e}")))?;
-    let now = OffsetDateTime::now_utc();
-    let mut record = new_record(&key, &template, policy, now)?;
+    let (key, mut record) = draft(&template, policy)?;
     record.rotated_from = Some(old.key_id.clone());
+    Ok((key, record))
+}
+
+/// KEY_CREATED for the replacement and KEY_REVOKED (`rotated`) for the key it replaces.
+pub fn rotated_events(
+    old: &KeyId,
+    replacement: &KeyRecord,
+    actor: &str,
+    trace_id: Option<&TraceId>,
+) -> Vec<PendingEvent> {
+    vec![
+        created_event(replacement, actor, trace_id),
+        revoked_event(old, "rotated", actor, trace_id),
+    ]
+}
+
+/// Replaces a key with a new one of the same name, role, contexts and tier (see [`replacement`]),
+/// revoking the old one in the same transaction.
+pub async fn rotate(
+    store: &dyn Store,
+    audit: &AuditLog,
+    policy: &Policy,
+    key_id: &KeyId,
+    expires_in: Option<Duration>,
+    actor: &str,
+) -> Result<(ApiKey, KeyRecord), KeyError> {
+    let old = match store.get_key(key_id).await? {
+        Some(k) if k.revoked_at.is_none() => k,
+        _ => return Err(KeyError::NotFound(key_id.clone())),
+    };
+    let (key, mut record) = replacement(&old, expires_in, policy, actor)?;
+    seal_secret(&key, &mut record)?;
     audit
-        .append(vec![
-            created_event(&record, actor),
-            revoked_event(&old.key_id, "rotated", actor, None),
-        ])
+        .append(rotated_events(&old.key_id, &record, actor, None))
         .await?;
-    if !store
-        .rotate_key(&old.key_id, &record, &timestamp(now))
-        .await?
-    {
+    let now = timestamp(OffsetDateTime::now_utc());
+    if !store.rotate_key(&old.key_id, &record, &now).await? {
         return Err(KeyError::NotFound(key_id.clone()));
     }
     Ok((key, record))

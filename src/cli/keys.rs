@@ -86,7 +86,7 @@ pub(super) async fn keys_command(config: Config, cmd: KeysCommand) -> anyhow::Re
                     .map(keys::parse_duration)
                     .transpose()
                     .map_err(anyhow::Error::msg)?,
-                actor: "cli",
+                actor: "cli".to_owned(),
             };
             keys::create(store.as_ref(), &audit, &policy, &template)
                 .await

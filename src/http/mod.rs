@@ -63,8 +63,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/audit/chains", get(audit::chains))
         .route("/v1/executors/{name}/disable", post(switches::disable))
         .route("/v1/executors/{name}/enable", post(switches::enable))
-        .route("/v1/keys", get(keys::list))
+        .route("/v1/keys", get(keys::list).post(keys::create))
         .route("/v1/keys/{key_id}/revoke", post(keys::revoke))
+        .route("/v1/keys/{key_id}/rotate", post(keys::rotate))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/models", get(openai::models))
         .route("/console", get(console::index))
@@ -100,6 +101,7 @@ async fn observe(State(app): State<Arc<App>>, mut req: Request, next: Next) -> R
             "/v1/executors/{name}/enable" => "/v1/executors/{name}/enable",
             "/v1/keys" => "/v1/keys",
             "/v1/keys/{key_id}/revoke" => "/v1/keys/{key_id}/revoke",
+            "/v1/keys/{key_id}/rotate" => "/v1/keys/{key_id}/rotate",
             "/v1/chat/completions" => "/v1/chat/completions",
             "/v1/models" => "/v1/models",
             "/mcp" => "/mcp",

@@ -35,7 +35,9 @@ const BEARER_SCHEME: &str = "bearer";
         super::switches::disable,
         super::switches::enable,
         super::keys::list,
+        super::keys::create,
         super::keys::revoke,
+        super::keys::rotate,
         super::console::index,
         super::console::file,
         super::openai::models,
@@ -51,6 +53,9 @@ const BEARER_SCHEME: &str = "bearer";
         super::switches::ReasonBody,
         super::keys::KeyList,
         super::keys::Revoked,
+        super::keys::CreateKey,
+        super::keys::RotateKey,
+        super::keys::IssuedKey,
         crate::audit_read::DecisionPage,
         crate::audit_read::DecisionRow,
         crate::audit_read::ChainsState,
@@ -148,8 +153,23 @@ pub fn document(policy: &Policy) -> Result<Value, serde_json::Error> {
     {
         schemas.extend(process_body_schemas(policy));
         schemas.extend(chat_body_schemas(policy));
+        if let Some(create) = schemas.get_mut("CreateKey") {
+            name_policy_values(create, policy);
+        }
     }
     Ok(doc)
+}
+
+/// The roles, contexts and tiers a new key may name: the loaded policy's.
+fn name_policy_values(create: &mut Value, policy: &Policy) {
+    let roles: Vec<&str> = policy.roles().map(|r| r.as_str()).collect();
+    let contexts: Vec<&str> = policy.contexts().map(|c| c.as_str()).collect();
+    let mut tiers: Vec<Value> = policy.tiers().map(|(t, _)| json!(t.as_str())).collect();
+    tiers.push(Value::Null);
+    let properties = &mut create["properties"];
+    properties["role"]["enum"] = json!(roles);
+    properties["contexts"]["items"] = json!({ "type": "string", "enum": contexts });
+    properties["tier"]["enum"] = Value::Array(tiers);
 }
 
 fn error_ref() -> Value {

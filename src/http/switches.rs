@@ -118,7 +118,9 @@ async fn switch(
     let actor = format!("key:{}", change.key.key_id);
     let made = switches::new_switch(name, disabled, &actor, &reason);
     change
-        .record(app, || switches::switched_event(&made, Some(trace_id)))
+        .record(app, || {
+            vec![switches::switched_event(&made, Some(trace_id))]
+        })
         .await?;
     if let Err(e) = app.store.set_executor_switch(&made).await {
         tracing::error!(error = %e, "executor switch recorded but not stored");

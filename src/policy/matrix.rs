@@ -259,6 +259,20 @@ impl Rule {
         })
     }
 
+    /// Whether the rule names one of `roles`, `context` and `action` (its conditions aside).
+    fn scope_holds(
+        &self,
+        roles: &BTreeSet<RoleName>,
+        context: &ContextId,
+        action: &ActionName,
+    ) -> bool {
+        roles
+            .iter()
+            .any(|r| self.roles.iter().any(|p| p.matches(r.as_str())))
+            && self.contexts.iter().any(|p| p.matches(context.as_str()))
+            && self.actions.iter().any(|p| p.matches(action.as_str()))
+    }
+
     /// Whether the rule applies; `Err` when one of its conditions cannot be evaluated.
     fn applies(
         &self,
@@ -267,13 +281,7 @@ impl Rule {
         action: &ActionName,
         payload: &Value,
     ) -> Result<bool, EvalError> {
-        let role_ok = roles
-            .iter()
-            .any(|r| self.roles.iter().any(|p| p.matches(r.as_str())));
-        if !role_ok
-            || !self.contexts.iter().any(|p| p.matches(context.as_str()))
-            || !self.actions.iter().any(|p| p.matches(action.as_str()))
-        {
+        if !self.scope_holds(roles, context, action) {
             return Ok(false);
         }
         for condition in &self.when {
@@ -295,6 +303,69 @@ fn deny(reason: ReasonCode, rules: Vec<String>) -> MatrixDecision {
         reason_codes: vec![reason],
         determining_rules: rules,
     }
+}
+
+/// Whether a key of role `holder` may hand out a key of role `granted` in `contexts` without handing
+/// out more than it holds (the caller compares the keys' own contexts, tier and expiry). For every
+/// action and every context in `contexts`, wherever an allow rule could let `granted` act (whatever
+/// its conditions), `holder` is allowed too: by that same rule, or by one without conditions; and every
+/// deny rule that binds `holder` there binds `granted` as well, so `granted` escapes no refusal
+/// `holder` meets. On refusal, says where `granted` would exceed `holder`.
+pub(super) fn role_within<'a>(
+    policy: &Policy,
+    granted: &RoleName,
+    holder: &RoleName,
+    contexts: impl IntoIterator<Item = &'a ContextId>,
+) -> Result<(), String> {
+    let (Some(granted_roles), Some(holder_roles)) = (
+        policy.effective_roles.get(granted),
+        policy.effective_roles.get(holder),
+    ) else {
+        return Err(format!(
+            "role {granted} or {holder} is not defined in the policy"
+        ));
+    };
+    let contexts: Vec<&ContextId> = contexts.into_iter().collect();
+    for action in policy.actions.keys() {
+        for &context in &contexts {
+            let granted_allows: Vec<&Rule> = policy
+                .rules
+                .iter()
+                .filter(|r| {
+                    r.effect == Effect::Allow && r.scope_holds(granted_roles, context, action)
+                })
+                .collect();
+            if granted_allows.is_empty() {
+                continue;
+            }
+            let holder_always = policy.rules.iter().any(|r| {
+                r.effect == Effect::Allow
+                    && r.when.is_empty()
+                    && r.scope_holds(holder_roles, context, action)
+            });
+            if !holder_always
+                && let Some(r) = granted_allows
+                    .iter()
+                    .find(|r| !r.scope_holds(holder_roles, context, action))
+            {
+                return Err(format!(
+                    "rule {} allows role {granted} {action} in {context}, which role {holder} may not always do",
+                    r.id
+                ));
+            }
+            if let Some(d) = policy.rules.iter().find(|r| {
+                r.effect == Effect::Deny
+                    && r.scope_holds(holder_roles, context, action)
+                    && !r.scope_holds(granted_roles, context, action)
+            }) {
+                return Err(format!(
+                    "deny rule {} refuses role {holder} {action} in {context} but not role {granted}",
+                    d.id
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 pub(super) fn evaluate(
@@ -498,5 +569,103 @@ reason_code = "CONTEXT_FORBIDDEN"
         let p = policy(RULES);
         let d = eval(&p, "ghost", "work", "echo", json!({}));
         assert_eq!(d.reason_codes, vec![ReasonCode::PolicyEvalError]);
+    }
+
+    fn within(p: &Policy, granted: &str, holder: &str, contexts: &[&str]) -> Result<(), String> {
+        let role = |r: &str| RoleName::parse(r).unwrap();
+        let contexts: BTreeSet<ContextId> = contexts
+            .iter()
+            .map(|c| ContextId::parse(c).unwrap())
+            .collect();
+        p.role_within(&role(granted), &role(holder), Some(&contexts))
+    }
+
+    #[test]
+    fn a_role_is_within_one_that_is_allowed_all_it_is_allowed() {
+        let p = policy(
+            r#"
+[[rules]]
+id = "all-echo"
+effect = "allow"
+roles = ["analyst"]
+contexts = ["*"]
+actions = ["echo"]
+[[rules]]
+id = "admins-collect"
+effect = "allow"
+roles = ["admin"]
+contexts = ["work"]
+actions = ["lic.*"]
+"#,
+        );
+        // The same rule allows both (admin inherits analyst).
+        assert_eq!(within(&p, "analyst", "admin", &["work", "partner"]), Ok(()));
+        let up = within(&p, "admin", "analyst", &["work"]).unwrap_err();
+        assert!(up.contains("admins-collect"), "{up}");
+        // Where the stronger role's extra rule does not reach, it grants nothing more.
+        assert_eq!(within(&p, "admin", "analyst", &["partner"]), Ok(()));
+    }
+
+    #[test]
+    fn a_conditional_allow_covers_only_the_same_rule() {
+        let p = policy(
+            r#"
+[roles.guest]
+[[rules]]
+id = "guests-echo-small"
+effect = "allow"
+roles = ["guest"]
+contexts = ["work"]
+actions = ["echo"]
+[[rules.when]]
+pointer = "/n"
+max = 3
+[[rules]]
+id = "analysts-echo-big"
+effect = "allow"
+roles = ["analyst"]
+contexts = ["work"]
+actions = ["echo"]
+[[rules.when]]
+pointer = "/n"
+min = 100
+[[rules]]
+id = "admins-echo"
+effect = "allow"
+roles = ["admin"]
+contexts = ["work"]
+actions = ["echo"]
+"#,
+        );
+        let e = within(&p, "guest", "analyst", &["work"]).unwrap_err();
+        assert!(e.contains("guests-echo-small"), "{e}");
+        // An allow without conditions covers any condition.
+        assert_eq!(within(&p, "guest", "admin", &["work"]), Ok(()));
+    }
+
+    #[test]
+    fn a_deny_that_binds_the_holder_must_bind_what_it_grants() {
+        let p = policy(
+            r#"
+[roles.guest]
+[[rules]]
+id = "everyone-echoes"
+effect = "allow"
+roles = ["*"]
+contexts = ["*"]
+actions = ["echo"]
+[[rules]]
+id = "no-echo-for-admins-at-partners"
+effect = "deny"
+roles = ["admin"]
+contexts = ["partner"]
+actions = ["echo"]
+"#,
+        );
+        let e = within(&p, "guest", "admin", &["partner"]).unwrap_err();
+        assert!(e.contains("no-echo-for-admins-at-partners"), "{e}");
+        assert_eq!(within(&p, "guest", "admin", &["work"]), Ok(()));
+        // A deny binding the granted role too is met by both.
+        assert_eq!(within(&p, "analyst", "admin", &["work"]), Ok(()));
     }
 }

@@ -333,6 +333,10 @@ impl Policy {
         self.roles.contains_key(name)
     }
 
+    pub fn roles(&self) -> impl Iterator<Item = &RoleName> {
+        self.roles.keys()
+    }
+
     pub fn contexts(&self) -> impl Iterator<Item = &ContextId> {
         self.contexts.keys()
     }
@@ -355,6 +359,20 @@ impl Policy {
 
     pub fn has_tier(&self, name: &TierName) -> bool {
         self.tiers.contains_key(name)
+    }
+
+    /// Whether a key of role `holder` may grant role `granted` in `contexts` (`None`: every context)
+    /// without granting more than it holds (see [`matrix::role_within`]); the reason when it may not.
+    pub fn role_within(
+        &self,
+        granted: &RoleName,
+        holder: &RoleName,
+        contexts: Option<&BTreeSet<ContextId>>,
+    ) -> Result<(), String> {
+        match contexts {
+            Some(c) => matrix::role_within(self, granted, holder, c),
+            None => matrix::role_within(self, granted, holder, self.contexts.keys()),
+        }
     }
 
     /// G4: the action matrix. Default deny, deny overrides allow, any evaluation error denies.

@@ -533,12 +533,13 @@ impl AuthorizedChange {
     pub async fn record(
         &mut self,
         app: &App,
-        change: impl FnOnce() -> PendingEvent,
+        change: impl FnOnce() -> Vec<PendingEvent>,
     ) -> Result<(), ApiError> {
         // Made in story order: an event's id and time are taken when it is made.
         let start = self.d.start_event();
         let allow = self.d.event("allow", Gate::ActionMatrix, &[]);
-        let events = vec![start, allow, change()];
+        let mut events = vec![start, allow];
+        events.extend(change());
         commit(app, &self.d, events, Moment::Allow).await?;
         self.recorded = true;
         Ok(())
@@ -568,6 +569,19 @@ impl AuthorizedChange {
 
     pub fn trace_id(&self) -> &TraceId {
         &self.d.trace_id
+    }
+
+    /// Refuses the change for what it asks, after the matrix allowed its action (a key asked to grant
+    /// more than it holds): the DECISION is a deny at the action matrix with `code`, durable before the
+    /// refusal is answered. Only before [`Self::record`].
+    pub async fn refuse(self, app: &App, code: ReasonCode, message: String) -> ApiError {
+        debug_assert!(!self.recorded, "a recorded change is not refused");
+        refuse(
+            app,
+            self.d,
+            Refusal::new(Gate::ActionMatrix, code, message, None),
+        )
+        .await
     }
 }
 

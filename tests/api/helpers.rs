@@ -114,6 +114,14 @@ contexts = ["work"]
 actions = ["licitacoes.digest", "licitacoes.collect"]
 
 [[rules]]
+id = "operators-make-keys"
+effect = "allow"
+description = "Operators may make keys, within what they hold: for the escalation tests."
+roles = ["operator"]
+contexts = ["*"]
+actions = ["keys.create"]
+
+[[rules]]
 id = "nobody-forbidden"
 effect = "deny"
 roles = ["*"]
@@ -312,7 +320,7 @@ impl TestApp {
                 .collect(),
             tier: Some(TierName::parse(spec.tier).unwrap()),
             expires_in: spec.expires_in,
-            actor: "test",
+            actor: "test".to_owned(),
         };
         let (key, _) = keys::create(
             self.app.store.as_ref(),

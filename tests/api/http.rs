@@ -32,6 +32,7 @@ async fn openapi_is_generated_and_describes_every_route() {
         "/v1/audit/chains",
         "/v1/keys",
         "/v1/keys/{key_id}/revoke",
+        "/v1/keys/{key_id}/rotate",
         "/console",
         "/console/{file}",
         "/openapi.json",
@@ -40,6 +41,28 @@ async fn openapi_is_generated_and_describes_every_route() {
     }
     assert!(doc["components"]["schemas"].get("ActionResult").is_some());
     assert!(doc["components"]["schemas"].get("ErrorBody").is_some());
+}
+
+#[tokio::test]
+async fn openapi_offers_a_new_key_only_the_loaded_policy_s_roles_contexts_and_tiers() {
+    let app = spawn_app().await;
+    let doc: Value = app.get_json("/openapi.json").await;
+    let create = &doc["components"]["schemas"]["CreateKey"]["properties"];
+    let policy = app.app.policy();
+    let roles: Vec<&str> = policy.roles().map(|r| r.as_str()).collect();
+    let contexts: Vec<&str> = policy.contexts().map(|c| c.as_str()).collect();
+    assert!(
+        roles.contains(&"admin") && roles.contains(&"digester"),
+        "{roles:?}"
+    );
+    assert_eq!(create["role"]["enum"], json!(roles));
+    assert_eq!(create["contexts"]["items"]["enum"], json!(contexts));
+    let tiers = create["tier"]["enum"].as_array().unwrap();
+    assert!(tiers.contains(&json!("standard")) && tiers.contains(&Value::Null));
+    assert_eq!(
+        doc["components"]["schemas"]["CreateKey"]["additionalProperties"],
+        false
+    );
 }
 
 #[tokio::test]
@@ -59,7 +82,9 @@ async fn openapi_names_both_ways_of_presenting_a_key_on_the_routes_that_need_one
         ("/v1/audit/decisions", "get"),
         ("/v1/audit/chains", "get"),
         ("/v1/keys", "get"),
+        ("/v1/keys", "post"),
         ("/v1/keys/{key_id}/revoke", "post"),
+        ("/v1/keys/{key_id}/rotate", "post"),
     ] {
         assert_eq!(doc["paths"][path][method]["security"], either, "{path}");
     }

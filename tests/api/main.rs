@@ -22,6 +22,7 @@ mod front_door_http;
 mod gates;
 mod http;
 mod keys;
+mod keys_http;
 mod llm;
 mod logs;
 mod secrets;
