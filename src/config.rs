@@ -203,6 +203,9 @@ struct FileConfig {
     http_body_timeout_secs: Option<u64>,
     http_idle_timeout_secs: Option<u64>,
     max_connections: Option<usize>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    behind_tls_proxy: Option<bool>,
 }
 
 /// Limits of the HTTP front door: how long a connection may take to send its headers, its body, or
@@ -283,6 +286,21 @@ pub struct Config {
     /// Peers whose `X-Forwarded-For` names the client; every other peer is the client itself.
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub http: HttpLimits,
+    /// `CATRACA_TLS_CERT` and `CATRACA_TLS_KEY`: serve HTTPS with this certificate chain and key (PEM),
+    /// reloaded when the files change.
+    pub tls: Option<TlsFiles>,
+    /// `CATRACA_BEHIND_TLS_PROXY`: the gateway sits behind a proxy that terminates TLS, so `prod` mode
+    /// may listen on a non-loopback address without TLS of its own.
+    pub behind_tls_proxy: bool,
+}
+
+/// The PEM files HTTPS is served with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 /// A trusted proxy: a CIDR (`10.0.0.0/8`) or a single address (`192.0.2.7`).
@@ -316,6 +334,24 @@ impl Config {
             None => FileConfig::default(),
         };
         Self::resolve(parsed, env_var)
+    }
+
+    /// Refuses what `prod` must not do: answer plain HTTP on an address other machines reach, unless
+    /// a TLS-terminating proxy sits in front (`behind_tls_proxy`).
+    pub fn check_exposure(&self) -> anyhow::Result<()> {
+        if self.mode == Mode::Prod
+            && self.tls.is_none()
+            && !self.behind_tls_proxy
+            && !self.listen.ip().is_loopback()
+        {
+            anyhow::bail!(
+                "prod mode listens on {} only with TLS: set CATRACA_TLS_CERT and CATRACA_TLS_KEY, \
+                 listen on a loopback address, or, behind a proxy that terminates TLS, set \
+                 CATRACA_BEHIND_TLS_PROXY=true",
+                self.listen
+            );
+        }
+        Ok(())
     }
 
     /// Defaults for everything, as if no file and no variable were present; used by tests.
@@ -417,6 +453,21 @@ impl Config {
                 idle_timeout: Duration::from_secs(file.http_idle_timeout_secs.unwrap_or(60)),
                 max_connections: file.max_connections.unwrap_or(1024),
             },
+            tls: match (
+                text("CATRACA_TLS_CERT")
+                    .map(PathBuf::from)
+                    .or(file.tls_cert),
+                text("CATRACA_TLS_KEY").map(PathBuf::from).or(file.tls_key),
+            ) {
+                (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+                (None, None) => None,
+                _ => anyhow::bail!(
+                    "CATRACA_TLS_CERT and CATRACA_TLS_KEY (tls_cert, tls_key) go together: set both or neither"
+                ),
+            },
+            behind_tls_proxy: parsed(&env, "CATRACA_BEHIND_TLS_PROXY")?
+                .or(file.behind_tls_proxy)
+                .unwrap_or(false),
         };
         if !config.database_url.is_sqlite() && !config.database_url.is_postgres() {
             anyhow::bail!(
@@ -453,6 +504,39 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_files_go_together_and_a_proxy_may_terminate_tls() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        let both = Config::resolve(
+            FileConfig::default(),
+            env(&[("CATRACA_TLS_CERT", "c.pem"), ("CATRACA_TLS_KEY", "k.pem")]),
+        )
+        .unwrap();
+        assert_eq!(
+            both.tls,
+            Some(TlsFiles {
+                cert: "c.pem".into(),
+                key: "k.pem".into()
+            })
+        );
+        let err = Config::resolve(FileConfig::default(), env(&[("CATRACA_TLS_CERT", "c.pem")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("CATRACA_TLS_KEY"), "{err}");
+        let proxied = Config::resolve(
+            FileConfig::default(),
+            env(&[("CATRACA_BEHIND_TLS_PROXY", "true")]),
+        )
+        .unwrap();
+        assert!(proxied.behind_tls_proxy && proxied.tls.is_none());
+    }
 
     #[test]
     fn environment_overrides_the_file() {

@@ -18,11 +18,16 @@ pub struct Server {
     pub app: Arc<App>,
     listener: tokio::net::TcpListener,
     writer: WriterTask,
+    tls: Option<serve::Tls>,
 }
 
 impl Server {
-    /// Builds the app and binds `config.listen` (port 0 picks a free port).
+    /// Builds the app and binds `config.listen` (port 0 picks a free port). Refuses, before anything
+    /// else, to serve plain HTTP where `prod` must not (see [`Config::check_exposure`]) and TLS files
+    /// that cannot be used.
     pub async fn bind(config: Config, kinds: Kinds) -> anyhow::Result<Self> {
+        config.check_exposure()?;
+        let tls = config.tls.as_ref().map(serve::Tls::load).transpose()?;
         let listen = config.listen;
         let (app, writer) = app::build(config, &kinds).await?;
         let listener = tokio::net::TcpListener::bind(listen)
@@ -32,6 +37,7 @@ impl Server {
             app,
             listener,
             writer,
+            tls,
         })
     }
 
@@ -49,6 +55,7 @@ impl Server {
             app,
             listener,
             writer,
+            tls,
         } = self;
         let reload = (app.config.mode == Mode::Dev).then(|| app::spawn_policy_reload(app.clone()));
         let summaries = app::spawn_throttle_summaries(app.clone());
@@ -63,7 +70,7 @@ impl Server {
                     .inc();
             }
         };
-        serve::serve(listener, router, app.config.http, refused, shutdown).await;
+        serve::serve(listener, router, app.config.http, tls, refused, shutdown).await;
         for task in reload.into_iter().chain([summaries]) {
             task.abort();
             let _ = task.await;

@@ -5,11 +5,16 @@
 //! (else the input gate answers 408 `INPUT_TIMEOUT`). Slow or silent connections are closed, so they
 //! cannot hold descriptors or permits that legitimate clients need.
 //!
+//! With [`Tls`], connections are HTTPS: the handshake must end within the header timeout (it counts
+//! as the start of the first request), then HTTP/2 or HTTP/1.1 as ALPN chose; HTTP/2 streams share the
+//! connection's clock and permit.
+//!
 //! It knows nothing of routes: `startup` hands it the router.
 
 mod body;
 mod clock;
 mod refuse;
+mod tls;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -26,9 +31,10 @@ use axum::extract::ConnectInfo;
 use hyper::Request;
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderValue};
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
@@ -37,6 +43,7 @@ use tower_service::Service as _;
 pub use body::BodyTimeout;
 use body::{Leftover, TimedBody};
 use clock::{Clock, InFlight, Wait, Watched};
+pub use tls::{RELOAD_EVERY as TLS_RELOAD_EVERY, Tls};
 
 use crate::config::HttpLimits;
 
@@ -54,6 +61,13 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// a connection over the cap is closed without an answer rather than holding yet another descriptor.
 const REFUSALS_AT_ONCE: usize = 64;
 
+/// Requests one HTTP/2 connection may have in flight at once.
+const MAX_STREAMS: u32 = 64;
+
+/// Most bytes of an HTTP/2 request's headers, past which the stream is refused: well above what the
+/// front door answers with a JSON 431 (`MAX_HEADER_BYTES`), as hyper's HTTP/1 buffer is.
+const MAX_H2_HEADER_LIST: u32 = 256 * 1024;
+
 /// Serves `router` on `listener` until `shutdown` resolves. Then it stops accepting, closes connections
 /// with no request in flight, lets requests in flight finish for at most [`DRAIN_LIMIT`] and returns.
 /// `on_refused` is called for each connection refused at the cap (for metrics).
@@ -61,9 +75,12 @@ pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: HttpLimits,
+    tls: Option<Tls>,
     on_refused: impl Fn(),
     shutdown: impl Future<Output = ()>,
 ) {
+    // Dropped (and so stopped) when serving ends.
+    let _watching = tls.clone().map(|t| AbortOnDrop(tokio::spawn(t.watch())));
     // More permits than a semaphore holds would be more connections than any system has descriptors.
     let permits = Arc::new(Semaphore::new(
         limits.max_connections.min(Semaphore::MAX_PERMITS),
@@ -105,6 +122,7 @@ pub async fn serve(
                     peer,
                     stop: stopped.clone(),
                     permit,
+                    tls: tls.as_ref().map(|t| t.acceptor.clone()),
                 };
                 connections.spawn(connection.run(stream));
             }
@@ -155,6 +173,8 @@ struct Connection {
     stop: watch::Receiver<bool>,
     /// Held while the connection is open: one of `max_connections`.
     permit: OwnedSemaphorePermit,
+    /// The handshake of an HTTPS connection.
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Connection {
@@ -208,41 +228,123 @@ impl Connection {
                 }
             })
         };
-        // Hyper's header timer would also run while a kept-alive connection waits for its next
-        // request, so the clock times both waits instead.
-        let connection = http1::Builder::new()
-            .keep_alive(true)
-            .header_read_timeout(None)
-            .serve_connection(TokioIo::new(Watched::new(stream, clock.clone())), service);
-        let mut connection = Box::pin(connection);
         let peer = self.peer;
-        tokio::select! {
-            ended = connection.as_mut() => {
-                if let Err(e) = ended {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
-                }
+        let stream = Watched::new(stream, clock.clone());
+        let Some(acceptor) = self.tls.take() else {
+            let connection = http1_builder().serve_connection(TokioIo::new(stream), service);
+            drive(
+                connection,
+                &clock,
+                &mut self.stop,
+                &self.limits,
+                peer,
+                self.permit,
+            )
+            .await;
+            return;
+        };
+        // The handshake is the start of the first request: it has the header timeout, like headers.
+        let handshake = tokio::select! {
+            done = acceptor.accept(stream) => done,
+            _ = clock.expired() => {
+                tracing::debug!(%peer, "closing a connection whose TLS handshake did not end within {header_timeout:?}");
+                return;
             }
-            wait = clock.expired() => match wait {
-                Wait::Headers => tracing::debug!(
-                    %peer, "closing a connection whose request headers did not arrive within {header_timeout:?}"
-                ),
-                Wait::Idle => tracing::debug!(
-                    %peer, "closing a connection idle for {idle_timeout:?}"
-                ),
-            },
-            () = stopping(&mut self.stop) => {
-                // Shutting down: a connection with no request in flight is owed nothing and closes
-                // now; one with a request finishes it (the server bounds the wait) and then closes.
-                if clock.is_busy() {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.as_mut().await;
-                }
+            () = stopping(&mut self.stop) => return,
+        };
+        let stream = match handshake {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+        };
+        if stream.get_ref().1.alpn_protocol() == Some(tls::H2) {
+            let connection = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(MAX_STREAMS)
+                .max_header_list_size(MAX_H2_HEADER_LIST)
+                .serve_connection(TokioIo::new(stream), service);
+            drive(
+                connection,
+                &clock,
+                &mut self.stop,
+                &self.limits,
+                peer,
+                self.permit,
+            )
+            .await;
+        } else {
+            let connection = http1_builder().serve_connection(TokioIo::new(stream), service);
+            drive(
+                connection,
+                &clock,
+                &mut self.stop,
+                &self.limits,
+                peer,
+                self.permit,
+            )
+            .await;
+        }
+    }
+}
+
+/// The HTTP/1.1 connection builder. Hyper's header timer would also run while a kept-alive
+/// connection waits for its next request, so the connection's clock times both waits instead.
+fn http1_builder() -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder.keep_alive(true).header_read_timeout(None);
+    builder
+}
+
+/// Serves `connection` until it ends, its clock runs out, or the server stops (then a request in
+/// flight is finished first).
+async fn drive<C>(
+    connection: C,
+    clock: &Clock,
+    stop: &mut watch::Receiver<bool>,
+    limits: &HttpLimits,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+) where
+    C: GracefulConnection,
+    C::Error: std::fmt::Display,
+{
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        ended = connection.as_mut() => {
+            if let Err(e) = ended {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         }
-        // The permit goes back before the socket closes, so a client that sees this connection
-        // close and connects again finds it free.
-        drop(self.permit);
-        drop(connection);
+        wait = clock.expired() => match wait {
+            Wait::Headers => tracing::debug!(
+                %peer, "closing a connection whose request headers did not arrive within {:?}", limits.header_timeout
+            ),
+            Wait::Idle => tracing::debug!(
+                %peer, "closing a connection idle for {:?}", limits.idle_timeout
+            ),
+        },
+        () = stopping(stop) => {
+            // Shutting down: a connection with no request in flight is owed nothing and closes
+            // now; one with a request finishes it (the server bounds the wait) and then closes.
+            if clock.is_busy() {
+                connection.as_mut().graceful_shutdown();
+                let _ = connection.as_mut().await;
+            }
+        }
+    }
+    // The permit goes back before the socket closes (with `connection`, after this), so a client
+    // that sees this connection close and connects again finds it free.
+    drop(permit);
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

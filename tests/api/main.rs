@@ -29,3 +29,4 @@ mod secrets;
 mod startup;
 mod store;
 mod switches;
+mod tls;
