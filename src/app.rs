@@ -72,7 +72,7 @@ pub fn load_policy(
 
 /// Opens the store and applies migrations.
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    let store = store::connect(&config.database_url)
+    let store = store::connect_with(&config.database_url, &config.postgres)
         .await
         .with_context(|| format!("opening {}", config.database_url))?;
     store.migrate().await.context("applying migrations")?;
@@ -117,13 +117,15 @@ pub async fn build(config: Config, kinds: &Kinds) -> anyhow::Result<(Arc<App>, W
         .refresh()
         .await
         .context("reading the key revision")?;
-    crate::watch::spawn_watcher(auth.keys(), config.key_refresh);
+    let nudges = crate::store::ChangeNudges::default();
+    crate::watch::spawn_watcher(auth.keys(), config.key_refresh, nudges.keys.clone());
     let switches = Arc::new(ExecutorSwitches::new(store.clone(), config.key_refresh));
     switches
         .refresh()
         .await
         .context("reading the executor switches")?;
-    crate::watch::spawn_watcher(&switches, config.key_refresh);
+    crate::watch::spawn_watcher(&switches, config.key_refresh, nudges.switches.clone());
+    store.push_changes(nudges);
     // One limiter shared by every instance when Redis is configured, behind a circuit so a dead Redis
     // costs milliseconds per request; else each instance its own, which is always available.
     let limiter: Arc<dyn RateLimiter> = match &config.redis_url {

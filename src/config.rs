@@ -206,6 +206,8 @@ struct FileConfig {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     behind_tls_proxy: Option<bool>,
+    postgres_max_connections: Option<u32>,
+    postgres_statement_timeout_ms: Option<u64>,
 }
 
 /// Limits of the HTTP front door: how long a connection may take to send its headers, its body, or
@@ -292,6 +294,9 @@ pub struct Config {
     /// `CATRACA_BEHIND_TLS_PROXY`: the gateway sits behind a proxy that terminates TLS, so `prod` mode
     /// may listen on a non-loopback address without TLS of its own.
     pub behind_tls_proxy: bool,
+    /// The PostgreSQL pool's size and statement timeout (`postgres_max_connections`,
+    /// `postgres_statement_timeout_ms`); SQLite ignores them.
+    pub postgres: crate::store::PgSettings,
 }
 
 /// The PEM files HTTPS is served with.
@@ -468,6 +473,17 @@ impl Config {
             behind_tls_proxy: parsed(&env, "CATRACA_BEHIND_TLS_PROXY")?
                 .or(file.behind_tls_proxy)
                 .unwrap_or(false),
+            postgres: {
+                let default = crate::store::PgSettings::default();
+                crate::store::PgSettings {
+                    max_connections: file
+                        .postgres_max_connections
+                        .unwrap_or(default.max_connections),
+                    statement_timeout: file
+                        .postgres_statement_timeout_ms
+                        .map_or(default.statement_timeout, Duration::from_millis),
+                }
+            },
         };
         if !config.database_url.is_sqlite() && !config.database_url.is_postgres() {
             anyhow::bail!(
@@ -481,9 +497,12 @@ impl Config {
         if config.argon2_concurrency == 0
             || config.http.max_connections == 0
             || config.key_refresh.is_zero()
+            || config.postgres.max_connections == 0
+            || config.postgres.statement_timeout.is_zero()
         {
             anyhow::bail!(
-                "argon2_concurrency, max_connections and key_refresh_ms must be positive"
+                "argon2_concurrency, max_connections, key_refresh_ms, postgres_max_connections and \
+                 postgres_statement_timeout_ms must be positive"
             );
         }
         let http = config.http;

@@ -6,6 +6,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use tokio::sync::Notify;
 
 use crate::store::StoreError;
 
@@ -24,16 +25,19 @@ pub trait Watched: Send + Sync + 'static {
     async fn refresh(&self) -> Result<(), StoreError>;
 }
 
-/// Reads `watched` every `period` until it is dropped; logs once when reads start failing and once when
-/// they recover.
-pub fn spawn_watcher<T: Watched>(watched: &Arc<T>, period: Duration) {
+/// Reads `watched` every `period`, and at once when `nudge` is notified (a change the store pushed),
+/// until it is dropped; logs once when reads start failing and once when they recover.
+pub fn spawn_watcher<T: Watched>(watched: &Arc<T>, period: Duration, nudge: Arc<Notify>) {
     let weak: Weak<T> = Arc::downgrade(watched);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = nudge.notified() => tick.reset(),
+            }
             let Some(watched) = weak.upgrade() else {
                 return;
             };

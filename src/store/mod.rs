@@ -9,6 +9,7 @@ mod sqlite_trail;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -134,12 +135,44 @@ pub trait TrailAppender: Send {
     fn probe_write(&mut self) -> Result<(), StoreError>;
 }
 
+/// How a PostgreSQL store's pool is sized and its statements bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PgSettings {
+    /// Connections the pool opens at most (`postgres_max_connections`).
+    pub max_connections: u32,
+    /// The server cancels a statement running longer (`postgres_statement_timeout_ms`).
+    pub statement_timeout: Duration,
+}
+
+impl Default for PgSettings {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            statement_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Wakes the watchers of shared state (key rows, executor switches) when the store tells of a change,
+/// ahead of their next interval.
+#[derive(Debug, Clone, Default)]
+pub struct ChangeNudges {
+    pub keys: Arc<tokio::sync::Notify>,
+    pub switches: Arc<tokio::sync::Notify>,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Applies the embedded migrations of this backend.
     async fn migrate(&self) -> Result<(), StoreError>;
     /// Cheap round trip for readiness.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Wakes `to` whenever another process changes keys or switches, as far as this backend can tell
+    /// (PostgreSQL: LISTEN/NOTIFY, on a task of its own, reconnecting); the default tells nothing and
+    /// the watchers' polling alone keeps the bound.
+    fn push_changes(&self, to: ChangeNudges) {
+        let _ = to;
+    }
 
     async fn insert_key(&self, key: &KeyRecord) -> Result<(), StoreError>;
     async fn get_key(&self, key_id: &KeyId) -> Result<Option<KeyRecord>, StoreError>;
@@ -238,8 +271,16 @@ pub trait Store: Send + Sync + 'static {
 
 /// Opens the store named by the URL scheme.
 pub async fn connect(url: &DatabaseUrl) -> Result<Arc<dyn Store>, StoreError> {
+    connect_with(url, &PgSettings::default()).await
+}
+
+/// [`connect`], a PostgreSQL pool sized and bounded by `pg`.
+pub async fn connect_with(
+    url: &DatabaseUrl,
+    pg: &PgSettings,
+) -> Result<Arc<dyn Store>, StoreError> {
     if url.is_postgres() {
-        Ok(Arc::new(PgStore::connect(url.expose()).await?))
+        Ok(Arc::new(PgStore::connect_with(url.expose(), pg).await?))
     } else {
         Ok(Arc::new(SqliteStore::connect(url.expose()).await?))
     }

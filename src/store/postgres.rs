@@ -1,16 +1,18 @@
 //! PostgreSQL store: for several instances sharing one audit database (each instance keeps its own chain).
 
+use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{PgPool, Postgres, QueryBuilder, SqlSafeStr};
 
 use super::rows::{KeyRow, Sightings};
 use super::{
-    ChainInfo, ChainTail, CollectorRun, ExecutorSwitch, KeyRecord, LockHolder, SNAPSHOT_CHUNK,
-    SnapshotRow, Store, StoreError, TrailAppender, Verification, contexts_to_text, probe_event,
+    ChainInfo, ChainTail, ChangeNudges, CollectorRun, ExecutorSwitch, KeyRecord, LockHolder,
+    PgSettings, SNAPSHOT_CHUNK, SnapshotRow, Store, StoreError, TrailAppender, Verification,
+    contexts_to_text, probe_event,
 };
 use crate::domain::KeyId;
 use crate::event::SealedEvent;
@@ -73,6 +75,13 @@ fn migrator() -> Migrator {
             include_str!("../../migrations/postgres/0007_verifications.sql").into_sql_str(),
             false,
         ),
+        Migration::new(
+            8,
+            "change notifications".into(),
+            MigrationType::Simple,
+            include_str!("../../migrations/postgres/0008_change_notifications.sql").into_sql_str(),
+            false,
+        ),
     ])
 }
 
@@ -96,12 +105,28 @@ fn insert_statement(events: &[SealedEvent]) -> QueryBuilder<Postgres> {
     qb
 }
 
+/// The channel the change triggers notify (migration 8).
+const CHANGES_CHANNEL: &str = "catraca_changes";
+
+/// Pause before listening again after the listening connection failed.
+const LISTEN_RETRY: Duration = Duration::from_secs(1);
+
 impl PgStore {
+    /// A pool with the default [`PgSettings`].
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(url, &PgSettings::default()).await
+    }
+
+    /// A pool of at most `settings.max_connections`, each statement cancelled by the server past
+    /// `settings.statement_timeout`.
+    pub async fn connect_with(url: &str, settings: &PgSettings) -> Result<Self, StoreError> {
+        let timeout_ms = settings.statement_timeout.as_millis().max(1).to_string();
+        let options =
+            PgConnectOptions::from_str(url)?.options([("statement_timeout", timeout_ms.as_str())]);
         let pool = PgPoolOptions::new()
-            .max_connections(16)
+            .max_connections(settings.max_connections.max(1))
             .acquire_timeout(Duration::from_secs(10))
-            .connect(url)
+            .connect_with(options)
             .await?;
         Ok(Self { pool })
     }
@@ -132,6 +157,24 @@ async fn append_on(pool: &PgPool, events: &[SealedEvent]) -> Result<(), StoreErr
     PgStore::insert_events(&mut tx, events).await?;
     tx.commit().await?;
     Ok(())
+}
+
+/// Listens on [`CHANGES_CHANNEL`] and wakes the watcher of each table that changed; returns when the
+/// listening connection fails. Everything is read once on (re)connecting: what changed while nobody
+/// listened is not missed.
+async fn listen_for_changes(pool: &PgPool, to: &ChangeNudges) -> Result<(), sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(CHANGES_CHANNEL).await?;
+    to.keys.notify_one();
+    to.switches.notify_one();
+    loop {
+        let change = listener.recv().await?;
+        match change.payload() {
+            "api_keys" => to.keys.notify_one(),
+            "executor_switches" => to.switches.notify_one(),
+            _ => {}
+        }
+    }
 }
 
 /// The audit table takes a row (its triggers and constraints), rolled back; then a committed write
@@ -178,6 +221,22 @@ impl Store for PgStore {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    fn push_changes(&self, to: ChangeNudges) {
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            let mut failing = false;
+            loop {
+                if let Err(e) = listen_for_changes(&pool, &to).await
+                    && !failing
+                {
+                    tracing::warn!(error = %e, "not listening for key and switch changes; polling only until it is back");
+                }
+                failing = true;
+                tokio::time::sleep(LISTEN_RETRY).await;
+            }
+        });
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(key_id = %k.key_id))]

@@ -414,3 +414,44 @@ async fn a_key_made_by_one_gateway_expires_on_the_other_on_postgres() {
     );
     assert_auth_refusal(&second, refusal, &id, "AUTH_KEY_EXPIRED").await;
 }
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL at CATRACA_TEST_POSTGRES_URL"]
+async fn a_revocation_is_pushed_to_the_other_gateway_long_before_its_next_poll_on_postgres() {
+    // Arrange: gateways that poll only every 20 s, so only the push can explain a prompt refusal.
+    let url = crate::store::postgres_url().await;
+    let on = |instance: &'static str| {
+        let url = url.clone();
+        move |c: &mut catraca::config::Config| {
+            c.database_url = DatabaseUrl::new(url);
+            c.instance_id = instance.into();
+            c.key_refresh = Duration::from_secs(20);
+        }
+    };
+    let first = spawn_app_with(on("first")).await;
+    let second = spawn_app_with(on("second")).await;
+    let key = first.admin_key().await;
+    let id = key_id(&key);
+    assert_eq!(second.process(Some(&key), &echo("x")).await.status(), 200);
+
+    // Act
+    keys::revoke(first.app.store.as_ref(), &first.app.audit, &id, "test")
+        .await
+        .unwrap();
+    let revoked = Instant::now();
+
+    // Assert: refused within a fraction of the polling interval.
+    loop {
+        let resp = second.process(Some(&key), &echo("x")).await;
+        if resp.status() == 401 {
+            assert_auth_refusal(&second, resp, &id, "AUTH_KEY_REVOKED").await;
+            break;
+        }
+        assert!(
+            revoked.elapsed() < Duration::from_secs(2),
+            "still accepted {:?} after the revocation: nothing was pushed",
+            revoked.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

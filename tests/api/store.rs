@@ -408,6 +408,42 @@ mod sqlite_and_postgres {
 
 #[tokio::test]
 #[ignore = "needs PostgreSQL at CATRACA_TEST_POSTGRES_URL"]
+async fn instances_starting_at_once_migrate_one_fresh_postgres_database_safely() {
+    // A fresh database nobody migrated yet.
+    let base = std::env::var("CATRACA_TEST_POSTGRES_URL").unwrap();
+    let name = format!("catraca_test_{}", uuid::Uuid::now_v7().simple());
+    let mut admin = sqlx::PgConnection::connect(&base).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let url = format!("{}/{name}", base.rsplit_once('/').unwrap().0);
+
+    // Four instances start at once, each applying the migrations.
+    let starts = (0..4).map(|_| {
+        let url = url.clone();
+        tokio::spawn(async move { PgStore::connect(&url).await?.migrate().await })
+    });
+    for started in futures_util::future::join_all(starts).await {
+        started.unwrap().unwrap();
+    }
+
+    // Each migration applied once, and the store works.
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    let (applied, distinct): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT version) FROM _sqlx_migrations WHERE success",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(applied, distinct);
+    assert!(applied >= 8, "{applied} migrations");
+    let store = PgStore::connect(&url).await.unwrap();
+    store.append_events(&chain("c", 2)).await.unwrap();
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL at CATRACA_TEST_POSTGRES_URL"]
 async fn postgres_rejects_update_and_delete_on_the_audit_table() {
     let url = postgres_url().await;
     let store = PgStore::connect(&url).await.unwrap();
