@@ -296,7 +296,25 @@ pub struct Config {
     pub behind_tls_proxy: bool,
     /// The PostgreSQL pool's size and statement timeout (`postgres_max_connections`,
     /// `postgres_statement_timeout_ms`); SQLite ignores them.
-    pub postgres: crate::store::PgSettings,
+    pub postgres: PgSettings,
+}
+
+/// How a PostgreSQL store's pool is sized and its statements bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PgSettings {
+    /// Connections the pool opens at most (`postgres_max_connections`).
+    pub max_connections: u32,
+    /// The server cancels a statement running longer (`postgres_statement_timeout_ms`).
+    pub statement_timeout: Duration,
+}
+
+impl Default for PgSettings {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            statement_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 /// The PEM files HTTPS is served with.
@@ -474,8 +492,8 @@ impl Config {
                 .or(file.behind_tls_proxy)
                 .unwrap_or(false),
             postgres: {
-                let default = crate::store::PgSettings::default();
-                crate::store::PgSettings {
+                let default = PgSettings::default();
+                PgSettings {
                     max_connections: file
                         .postgres_max_connections
                         .unwrap_or(default.max_connections),

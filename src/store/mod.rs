@@ -9,7 +9,6 @@ mod sqlite_trail;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -17,6 +16,7 @@ pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use crate::config::DatabaseUrl;
+pub use crate::config::PgSettings;
 use crate::domain::{ContextId, KeyId, RoleName, TierName};
 use crate::event::SealedEvent;
 
@@ -133,24 +133,6 @@ pub trait TrailAppender: Send {
     /// Proves a committed write reaches the disk right now (the audit tables take a row, rolled back;
     /// a row of its own is rewritten and committed).
     fn probe_write(&mut self) -> Result<(), StoreError>;
-}
-
-/// How a PostgreSQL store's pool is sized and its statements bounded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PgSettings {
-    /// Connections the pool opens at most (`postgres_max_connections`).
-    pub max_connections: u32,
-    /// The server cancels a statement running longer (`postgres_statement_timeout_ms`).
-    pub statement_timeout: Duration,
-}
-
-impl Default for PgSettings {
-    fn default() -> Self {
-        Self {
-            max_connections: 16,
-            statement_timeout: Duration::from_secs(30),
-        }
-    }
 }
 
 /// Wakes the watchers of shared state (key rows, executor switches) when the store tells of a change,
