@@ -120,22 +120,13 @@ pub(super) async fn revoke(
         message: format!("no active key with id {key_id:?}"),
         trace_id: Some(trace_id.clone()),
     };
-    let active = match KeyId::parse(&key_id) {
-        Ok(id) => match app.store.get_key(&id).await {
-            Ok(Some(k)) if k.revoked_at.is_none() => Some(id),
-            Ok(_) => None,
-            Err(e) => {
-                change
-                    .finish(&app, StatusCode::INTERNAL_SERVER_ERROR)
-                    .await?;
-                return Err(ApiError::internal(e, Some(&trace_id)));
-            }
-        },
-        Err(_) => None,
-    };
-    let Some(id) = active else {
-        change.finish(&app, StatusCode::NOT_FOUND).await?;
-        return Err(not_found());
+    let id = match active_key(&app, &key_id).await {
+        Ok(Some(k)) => k.key_id,
+        Ok(None) => return Err(fail(&app, change, StatusCode::NOT_FOUND, not_found()).await),
+        Err(e) => {
+            let error = ApiError::internal(e, Some(&trace_id));
+            return Err(fail(&app, change, StatusCode::INTERNAL_SERVER_ERROR, error).await);
+        }
     };
     let actor = format!("key:{}", change.key.key_id);
     change
@@ -296,6 +287,21 @@ fn lifetime(
     text.map(keys::parse_duration)
         .transpose()
         .map_err(|e| rejected(trace_id, format!("expires_in: {e}")))
+}
+
+/// The key `key_id` names when it is well-formed, stored and not revoked.
+async fn active_key(
+    app: &App,
+    key_id: &str,
+) -> Result<Option<KeyRecord>, crate::store::StoreError> {
+    let Ok(id) = KeyId::parse(key_id) else {
+        return Ok(None);
+    };
+    Ok(app
+        .store
+        .get_key(&id)
+        .await?
+        .filter(|k| k.revoked_at.is_none()))
 }
 
 /// Ends an allowed change that could not be made: its REQUEST_END, then `error`.
@@ -468,19 +474,13 @@ pub(super) async fn rotate(
         message: format!("no active key with id {key_id:?}"),
         trace_id: Some(trace_id.clone()),
     };
-    let old = match KeyId::parse(&key_id) {
-        Ok(id) => match app.store.get_key(&id).await {
-            Ok(Some(k)) if k.revoked_at.is_none() => Some(k),
-            Ok(_) => None,
-            Err(e) => {
-                let error = ApiError::internal(e, Some(&trace_id));
-                return Err(fail(&app, change, StatusCode::INTERNAL_SERVER_ERROR, error).await);
-            }
-        },
-        Err(_) => None,
-    };
-    let Some(old) = old else {
-        return Err(fail(&app, change, StatusCode::NOT_FOUND, not_found()).await);
+    let old = match active_key(&app, &key_id).await {
+        Ok(Some(k)) => k,
+        Ok(None) => return Err(fail(&app, change, StatusCode::NOT_FOUND, not_found()).await),
+        Err(e) => {
+            let error = ApiError::internal(e, Some(&trace_id));
+            return Err(fail(&app, change, StatusCode::INTERNAL_SERVER_ERROR, error).await);
+        }
     };
     let actor = format!("key:{}", change.key.key_id);
     let (key, record) = match keys::replacement(&old, expires_in, &app.policy(), &actor) {

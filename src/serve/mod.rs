@@ -232,15 +232,7 @@ impl Connection {
         let stream = Watched::new(stream, clock.clone());
         let Some(acceptor) = self.tls.take() else {
             let connection = http1_builder().serve_connection(TokioIo::new(stream), service);
-            drive(
-                connection,
-                &clock,
-                &mut self.stop,
-                &self.limits,
-                peer,
-                self.permit,
-            )
-            .await;
+            self.drive(connection, &clock).await;
             return;
         };
         // The handshake is the start of the first request: it has the header timeout, like headers.
@@ -265,26 +257,10 @@ impl Connection {
                 .max_concurrent_streams(MAX_STREAMS)
                 .max_header_list_size(MAX_H2_HEADER_LIST)
                 .serve_connection(TokioIo::new(stream), service);
-            drive(
-                connection,
-                &clock,
-                &mut self.stop,
-                &self.limits,
-                peer,
-                self.permit,
-            )
-            .await;
+            self.drive(connection, &clock).await;
         } else {
             let connection = http1_builder().serve_connection(TokioIo::new(stream), service);
-            drive(
-                connection,
-                &clock,
-                &mut self.stop,
-                &self.limits,
-                peer,
-                self.permit,
-            )
-            .await;
+            self.drive(connection, &clock).await;
         }
     }
 }
@@ -297,46 +273,43 @@ fn http1_builder() -> http1::Builder {
     builder
 }
 
-/// Serves `connection` until it ends, its clock runs out, or the server stops (then a request in
-/// flight is finished first).
-async fn drive<C>(
-    connection: C,
-    clock: &Clock,
-    stop: &mut watch::Receiver<bool>,
-    limits: &HttpLimits,
-    peer: SocketAddr,
-    permit: OwnedSemaphorePermit,
-) where
-    C: GracefulConnection,
-    C::Error: std::fmt::Display,
-{
-    let mut connection = std::pin::pin!(connection);
-    tokio::select! {
-        ended = connection.as_mut() => {
-            if let Err(e) = ended {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+impl Connection {
+    /// Serves `connection` until it ends, its clock runs out, or the server stops (then a request in
+    /// flight is finished first).
+    async fn drive<C>(mut self, connection: C, clock: &Clock)
+    where
+        C: GracefulConnection,
+        C::Error: std::fmt::Display,
+    {
+        let (peer, limits) = (self.peer, self.limits);
+        let mut connection = std::pin::pin!(connection);
+        tokio::select! {
+            ended = connection.as_mut() => {
+                if let Err(e) = ended {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+            }
+            wait = clock.expired() => match wait {
+                Wait::Headers => tracing::debug!(
+                    %peer, "closing a connection whose request headers did not arrive within {:?}", limits.header_timeout
+                ),
+                Wait::Idle => tracing::debug!(
+                    %peer, "closing a connection idle for {:?}", limits.idle_timeout
+                ),
+            },
+            () = stopping(&mut self.stop) => {
+                // Shutting down: a connection with no request in flight is owed nothing and closes
+                // now; one with a request finishes it (the server bounds the wait) and then closes.
+                if clock.is_busy() {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.as_mut().await;
+                }
             }
         }
-        wait = clock.expired() => match wait {
-            Wait::Headers => tracing::debug!(
-                %peer, "closing a connection whose request headers did not arrive within {:?}", limits.header_timeout
-            ),
-            Wait::Idle => tracing::debug!(
-                %peer, "closing a connection idle for {:?}", limits.idle_timeout
-            ),
-        },
-        () = stopping(stop) => {
-            // Shutting down: a connection with no request in flight is owed nothing and closes
-            // now; one with a request finishes it (the server bounds the wait) and then closes.
-            if clock.is_busy() {
-                connection.as_mut().graceful_shutdown();
-                let _ = connection.as_mut().await;
-            }
-        }
+        // The permit goes back before the socket closes (with `connection`, after this), so a client
+        // that sees this connection close and connects again finds it free.
+        drop(self.permit);
     }
-    // The permit goes back before the socket closes (with `connection`, after this), so a client
-    // that sees this connection close and connects again finds it free.
-    drop(permit);
 }
 
 /// Aborts its task when dropped.
