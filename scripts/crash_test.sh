@@ -105,11 +105,13 @@ with open(out, "w") as f:
 PY
 LOAD_PID=$!
 sleep "$KILL_AFTER"
-# Taken just before the signal (seconds since the epoch, UTC): a request that started before this moment
-# and ended after it without a response was in flight when the gateway died; an event committed but not
-# yet in its file at the kill must have occurred shortly before it.
-KILLED_AT=$(date +%s.%N)
+# The kill's window, taken just before and just after the signal (seconds since the epoch, UTC): a request
+# that started before the window's end and ended after its start without a response was in flight when the
+# gateway died. A fast gateway answers several requests while `date` runs, so one moment taken before the
+# signal would miss the requests sent in between, which are the ones the kill cuts.
+KILL_FROM=$(date +%s.%N)
 kill -9 "$SERVER_PID"
+KILL_TO=$(date +%s.%N)
 wait "$SERVER_PID" 2>/dev/null || true
 echo "crash test: SIGKILL sent to the gateway after ${KILL_AFTER}s of load" >&2
 start 2
@@ -152,11 +154,12 @@ wait "$SERVER_PID" 2>/dev/null || true
 SERVER_PID=""
 "$CATRACA_BIN" audit export --since 2000-01-01 >"$WORK/trail.jsonl"
 
-python3 - "$WORK/requests.tsv" "$WORK/after_restart.tsv" "$WORK/trail.jsonl" "$KILLED_AT" <<'PY' || fail "requests in flight at the kill, or their audit stories (see above)"
+python3 - "$WORK/requests.tsv" "$WORK/after_restart.tsv" "$WORK/trail.jsonl" "$KILL_FROM" "$KILL_TO" <<'PY' || fail "requests in flight at the kill, or their audit stories (see above)"
 import json, sys, collections
 def rows(path):
     return [l.rstrip("\n").split("\t") for l in open(path) if l.strip()]
-load, after, killed_at = rows(sys.argv[1]), rows(sys.argv[2]), float(sys.argv[4])
+load, after = rows(sys.argv[1]), rows(sys.argv[2])
+kill_from, kill_to = float(sys.argv[4]), float(sys.argv[5])
 events = collections.defaultdict(list)
 for line in open(sys.argv[3]):
     e = json.loads(line)
@@ -173,7 +176,7 @@ def story_problems(answered):
     return bad
 ok = True
 answered = [(t, int(o)) for t, o, _, _ in load if not o.startswith("error:")]
-in_flight = [t for t, o, s, e in load if o.startswith("error:") and float(s) < killed_at <= float(e)]
+in_flight = [t for t, o, s, e in load if o.startswith("error:") and float(s) < kill_to and float(e) >= kill_from]
 by_status = collections.Counter(s for _, s in answered)
 bad = story_problems(answered)
 print(f"crash test: {len(load)} requests sent by the load, {len(answered)} answered ({dict(sorted(by_status.items()))}); "
