@@ -1,7 +1,9 @@
 //! The application state: everything a request needs, built once from a configuration (store, executors,
-//! policy, gates, audit writer), and the dev-mode policy reload that may swap its policy.
+//! policy, gates, audit writer), and the policy reload that may swap its policy (on SIGHUP, when
+//! `catraca policy reload` asks every gateway on the database, and in dev mode when its files change).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -23,7 +25,7 @@ use crate::policy::Policy;
 use crate::store::{self, Store};
 use crate::telemetry::Telemetry;
 
-/// Everything a request needs. Built once; the policy can be swapped by a dev-mode reload.
+/// Everything a request needs. Built once; the policy can be swapped by a reload.
 pub struct App {
     pub config: Config,
     pub store: Arc<dyn Store>,
@@ -39,6 +41,15 @@ pub struct App {
     pub metrics: Metrics,
     /// OpenTelemetry export, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
     pub telemetry: Option<Arc<Telemetry>>,
+    /// Policy reloads asked through the store.
+    reloads: ReloadRequests,
+}
+
+/// The policy reloads asked of every gateway on the database (`catraca policy reload`): the latest one
+/// this gateway has honoured, and the nudge the store pushes when one is asked.
+struct ReloadRequests {
+    honoured: AtomicI64,
+    asked: Arc<tokio::sync::Notify>,
 }
 
 impl App {
@@ -89,6 +100,16 @@ pub async fn build(config: Config, kinds: &Kinds) -> anyhow::Result<(Arc<App>, W
         dir: config.executors_dir.clone(),
         overrides: config.executor_overrides.clone(),
     };
+    // Read before the files: a reload asked from now on is one this gateway has not seen.
+    let reloads = ReloadRequests {
+        honoured: AtomicI64::new(
+            store
+                .policy_reload_requested()
+                .await
+                .context("reading the policy reload requests")?,
+        ),
+        asked: Arc::default(),
+    };
     let (registry, policy) = load_policy(&config, kinds, &env)?;
     let (audit, writer) = AuditLog::start(
         store.clone(),
@@ -117,7 +138,10 @@ pub async fn build(config: Config, kinds: &Kinds) -> anyhow::Result<(Arc<App>, W
         .refresh()
         .await
         .context("reading the key revision")?;
-    let nudges = crate::store::ChangeNudges::default();
+    let nudges = crate::store::ChangeNudges {
+        policy: reloads.asked.clone(),
+        ..Default::default()
+    };
     crate::watch::spawn_watcher(auth.keys(), config.key_refresh, nudges.keys.clone());
     let switches = Arc::new(ExecutorSwitches::new(store.clone(), config.key_refresh));
     switches
@@ -152,6 +176,7 @@ pub async fn build(config: Config, kinds: &Kinds) -> anyhow::Result<(Arc<App>, W
         switches,
         metrics,
         telemetry: Telemetry::from_env(&config.instance_id)?,
+        reloads,
         config,
     };
     Ok((Arc::new(app), writer))
@@ -211,44 +236,116 @@ fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
     out
 }
 
-/// Dev mode only: reloads the policy when its files change. A policy that fails to load is recorded
-/// as POLICY_REJECTED and the old one keeps serving.
+/// Reloads the policy from its files when asked: on SIGHUP, when `catraca policy reload` asks every
+/// gateway on the database (pushed by the store where it can, else read every `key_refresh_ms`), and in
+/// dev mode whenever the files change. The new policy is recorded as POLICY_LOADED; one that fails to
+/// load as POLICY_REJECTED, and the old one keeps serving. A request keeps the policy it started with,
+/// so none is decided by a mix of two.
 pub fn spawn_policy_reload(app: Arc<App>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        let dev = app.config.mode == Mode::Dev;
         let dir = app.config.policies_dir.clone();
-        let mut seen = fingerprint(&dir);
+        let mut files = fingerprint(&dir);
+        let mut files_tick = tokio::time::interval(RELOAD_POLL);
+        let mut asked_tick = tokio::time::interval(app.config.key_refresh);
+        asked_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut hangup = Hangup::listen();
+        let mut unreadable = false;
         loop {
-            tokio::time::sleep(RELOAD_POLL).await;
-            let now = fingerprint(&dir);
-            if now == seen {
-                continue;
-            }
-            seen = now;
-            let event = match Policy::load(&dir, |n| app.executors.contains(n)) {
-                Ok(policy) if policy.revision == app.policy().revision => continue,
-                Ok(policy) => {
-                    tracing::info!(revision = %policy.revision, "policy reloaded");
-                    let event = policy_loaded(&policy, app.config.mode, "reload");
-                    app.replace_policy(policy);
-                    event
+            let trigger = tokio::select! {
+                _ = files_tick.tick(), if dev => {
+                    let now = fingerprint(&dir);
+                    if now == files {
+                        continue;
+                    }
+                    files = now;
+                    // The name dev-mode reloads have always had in the trail.
+                    "reload"
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "policy reload rejected; the previous policy keeps serving");
-                    PendingEvent::new(
-                        EventType::PolicyRejected,
-                        None,
-                        json!({
-                            "error": e.to_string(),
-                            "serving_revision": app.policy().revision,
-                        }),
-                    )
-                }
+                _ = asked_tick.tick() => "request",
+                () = app.reloads.asked.notified() => "request",
+                () = hangup.recv() => "signal",
             };
-            if let Err(e) = app.audit.append(vec![event]).await {
-                tracing::error!(error = %e, "could not audit the policy reload");
+            if trigger == "request" {
+                match app.store.policy_reload_requested().await {
+                    Ok(latest) => {
+                        unreadable = false;
+                        if latest <= app.reloads.honoured.swap(latest, Ordering::Relaxed) {
+                            continue;
+                        }
+                    }
+                    Err(e) => {
+                        if !unreadable {
+                            tracing::warn!(error = %e, "cannot read the policy reload requests; retrying every key_refresh_ms");
+                        }
+                        unreadable = true;
+                        continue;
+                    }
+                }
             }
+            reload_policy(&app, trigger).await;
         }
     })
+}
+
+/// Loads the policy files again and swaps the policy in force when they load and differ, auditing the
+/// outcome.
+async fn reload_policy(app: &App, trigger: &str) {
+    let dir = app.config.policies_dir.clone();
+    let event = match Policy::load(&dir, |n| app.executors.contains(n)) {
+        Ok(policy) if policy.revision == app.policy().revision => {
+            tracing::info!(revision = %policy.revision, trigger, "policy reload: the files are unchanged");
+            return;
+        }
+        Ok(policy) => {
+            tracing::info!(revision = %policy.revision, trigger, "policy reloaded");
+            let event = policy_loaded(&policy, app.config.mode, trigger);
+            app.replace_policy(policy);
+            event
+        }
+        Err(e) => {
+            tracing::error!(error = %e, trigger, "policy reload rejected; the previous policy keeps serving");
+            PendingEvent::new(
+                EventType::PolicyRejected,
+                None,
+                json!({
+                    "error": e.to_string(),
+                    "serving_revision": app.policy().revision,
+                    "trigger": trigger,
+                }),
+            )
+        }
+    };
+    if let Err(e) = app.audit.append(vec![event]).await {
+        tracing::error!(error = %e, "could not audit the policy reload");
+    }
+}
+
+/// SIGHUP, the conventional "read your configuration again"; never fires where it cannot be listened
+/// for.
+struct Hangup(Option<tokio::signal::unix::Signal>);
+
+impl Hangup {
+    fn listen() -> Self {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(signal) => Self(Some(signal)),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGHUP: policy reloads by signal are off");
+                Self(None)
+            }
+        }
+    }
+
+    async fn recv(&mut self) {
+        let received = match &mut self.0 {
+            Some(signal) => signal.recv().await,
+            None => None,
+        };
+        if received.is_none() {
+            self.0 = None;
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// Writes the pending REQUESTS_THROTTLED summaries; at every interval and once more at shutdown.

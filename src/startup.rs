@@ -9,7 +9,7 @@ use anyhow::Context as _;
 
 use crate::app::{self, App};
 use crate::audit::WriterTask;
-use crate::config::{Config, Mode};
+use crate::config::Config;
 use crate::executors::Kinds;
 use crate::serve;
 
@@ -57,7 +57,7 @@ impl Server {
             writer,
             tls,
         } = self;
-        let reload = (app.config.mode == Mode::Dev).then(|| app::spawn_policy_reload(app.clone()));
+        let reload = app::spawn_policy_reload(app.clone());
         let summaries = app::spawn_throttle_summaries(app.clone());
         let router = crate::http::router(app.clone());
         let refused = {
@@ -71,7 +71,7 @@ impl Server {
             }
         };
         serve::serve(listener, router, app.config.http, tls, refused, shutdown).await;
-        for task in reload.into_iter().chain([summaries]) {
+        for task in [reload, summaries] {
             task.abort();
             let _ = task.await;
         }

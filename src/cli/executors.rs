@@ -12,15 +12,6 @@ use crate::config::Config;
 use crate::executors::Kinds;
 use crate::executors::switches;
 
-/// Who switched: the CLI and the operating-system user running it.
-fn actor() -> String {
-    let user = ["USER", "LOGNAME"]
-        .iter()
-        .find_map(|v| std::env::var(v).ok().filter(|u| !u.is_empty()))
-        .unwrap_or_else(|| "unknown".to_owned());
-    format!("cli:{user}")
-}
-
 pub(super) async fn executors_command(
     config: Config,
     cmd: ExecutorsCommand,
@@ -65,7 +56,7 @@ pub(super) async fn executors_command(
         anyhow::bail!("--reason must say why");
     }
     let (audit, writer) = super::command_audit(&config, store.clone()).await?;
-    let actor = actor();
+    let actor = super::actor();
     let result = switches::switch(store.as_ref(), &audit, &name, disabled, &actor, &reason).await;
     drop(audit);
     writer.finish().await;

@@ -164,6 +164,10 @@ enum PolicyCommand {
     Check,
     /// Run the cases in <policies>/tests/*.toml.
     Test,
+    /// Ask every gateway on the database to reload its policy files (once this machine's files load):
+    /// pushed at once on PostgreSQL, honoured within key_refresh_ms everywhere. Each gateway reads its
+    /// own files, reports the revision on /ready and records POLICY_LOADED (or POLICY_REJECTED).
+    Reload,
 }
 
 /// The process log on stderr: text (coloured only on a terminal) or one JSON object per line, where
@@ -215,6 +219,15 @@ async fn command_audit(
     .await
 }
 
+/// Who ran a command that changes governed state: the CLI and the operating-system user running it.
+fn actor() -> String {
+    let user = ["USER", "LOGNAME"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|u| !u.is_empty()))
+        .unwrap_or_else(|| "unknown".to_owned());
+    format!("cli:{user}")
+}
+
 /// What commands that load executor files without serving give them: no database or metrics, the
 /// configuration's overrides (so `policy check` builds executors exactly as `serve` would).
 fn executor_env(config: &Config) -> ExecutorEnv {
@@ -236,7 +249,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Keys(cmd) => keys::keys_command(config, cmd).await,
-        Command::Policy(cmd) => policy::policy_command(&config, cmd),
+        Command::Policy(cmd) => policy::policy_command(&config, cmd).await,
         Command::Audit(cmd) => audit::audit_command(&config, cmd).await,
         Command::Executors(cmd) => executors::executors_command(config, cmd).await,
         Command::Seed { keys, events } => seed::seed(&config, keys, events).await,

@@ -1,7 +1,9 @@
-//! `catraca policy check` and `catraca policy test`: load executors and policies as `serve` would,
-//! report problems, run the policy test cases.
+//! `catraca policy check`, `test` and `reload`: load executors and policies as `serve` would, report
+//! problems, run the policy test cases, ask every gateway on the database to reload its policy files.
 
 use std::process::ExitCode;
+
+use anyhow::Context as _;
 
 use super::{PolicyCommand, executor_env};
 use crate::app;
@@ -9,7 +11,10 @@ use crate::config::Config;
 use crate::executors::Kinds;
 use crate::policy::testcases;
 
-pub(super) fn policy_command(config: &Config, cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
+pub(super) async fn policy_command(
+    config: &Config,
+    cmd: PolicyCommand,
+) -> anyhow::Result<ExitCode> {
     let (registry, policy) = app::load_policy(config, &Kinds::builtin(), &executor_env(config))?;
     match cmd {
         PolicyCommand::Check => {
@@ -46,6 +51,22 @@ pub(super) fn policy_command(config: &Config, cmd: PolicyCommand) -> anyhow::Res
             } else {
                 ExitCode::FAILURE
             })
+        }
+        PolicyCommand::Reload => {
+            let store = app::open_store(config).await?;
+            let at = crate::event::timestamp(time::OffsetDateTime::now_utc());
+            let request = store
+                .request_policy_reload(&at, &super::actor(), &policy.revision)
+                .await
+                .context("asking the gateways to reload their policy")?;
+            println!(
+                "policy reload {request} asked (this machine's files: revision {}); every gateway on {} \
+                 reloads its files within {} ms and reports its revision on /ready",
+                policy.revision,
+                config.database_url,
+                config.key_refresh.as_millis()
+            );
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -50,6 +50,9 @@ pub struct Readiness {
     /// `ok` or the failure, per dependency (`database`, `audit`, `rate_limiter`).
     #[schema(value_type = Object)]
     pub checks: Value,
+    /// The revision of the policy in force (SHA-256 of its files), as in every decision: a fleet whose
+    /// instances all report the same one decides by the same rules.
+    pub policy_revision: String,
 }
 
 pub fn router(app: Arc<App>) -> Router {
@@ -251,6 +254,7 @@ async fn ready(State(app): State<Arc<App>>) -> (StatusCode, Json<Readiness>) {
     let body = Readiness {
         status: if ok { "ready" } else { "unavailable" },
         checks: json!({ "database": show(database), "audit": show(audit), "rate_limiter": limiter }),
+        policy_revision: app.policy().revision.clone(),
     };
     let status = if ok {
         StatusCode::OK

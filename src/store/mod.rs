@@ -141,6 +141,8 @@ pub trait TrailAppender: Send {
 pub struct ChangeNudges {
     pub keys: Arc<tokio::sync::Notify>,
     pub switches: Arc<tokio::sync::Notify>,
+    /// A policy reload asked of every gateway (`catraca policy reload`).
+    pub policy: Arc<tokio::sync::Notify>,
 }
 
 #[async_trait]
@@ -166,6 +168,15 @@ pub trait Store: Send + Sync + 'static {
     async fn executor_switches(&self) -> Result<Vec<ExecutorSwitch>, StoreError>;
     /// A counter that moves on every change to the keys table, by any process.
     async fn key_revision(&self) -> Result<i64, StoreError>;
+    /// Asks every gateway on this database to reload its policy files; returns the request's number.
+    async fn request_policy_reload(
+        &self,
+        at: &str,
+        by: &str,
+        revision: &str,
+    ) -> Result<i64, StoreError>;
+    /// The number of the latest policy reload asked (0 when none was).
+    async fn policy_reload_requested(&self) -> Result<i64, StoreError>;
     async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
     async fn count_keys(&self) -> Result<i64, StoreError>;
     /// Marks the key revoked at `at`; `false` when it does not exist or was already revoked.

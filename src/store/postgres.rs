@@ -82,6 +82,13 @@ fn migrator() -> Migrator {
             include_str!("../../migrations/postgres/0008_change_notifications.sql").into_sql_str(),
             false,
         ),
+        Migration::new(
+            9,
+            "policy reloads".into(),
+            MigrationType::Simple,
+            include_str!("../../migrations/postgres/0009_policy_reloads.sql").into_sql_str(),
+            false,
+        ),
     ])
 }
 
@@ -167,11 +174,13 @@ async fn listen_for_changes(pool: &PgPool, to: &ChangeNudges) -> Result<(), sqlx
     listener.listen(CHANGES_CHANNEL).await?;
     to.keys.notify_one();
     to.switches.notify_one();
+    to.policy.notify_one();
     loop {
         let change = listener.recv().await?;
         match change.payload() {
             "api_keys" => to.keys.notify_one(),
             "executor_switches" => to.switches.notify_one(),
+            "policy_reloads" => to.policy.notify_one(),
             _ => {}
         }
     }
@@ -275,6 +284,30 @@ impl Store for PgStore {
     async fn key_revision(&self) -> Result<i64, StoreError> {
         Ok(
             sqlx::query_scalar("SELECT revision FROM key_revision WHERE id = 1")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn request_policy_reload(
+        &self,
+        at: &str,
+        by: &str,
+        revision: &str,
+    ) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "INSERT INTO policy_reloads (requested_at, requested_by, revision) VALUES ($1, $2, $3) RETURNING id",
+        )
+        .bind(at)
+        .bind(by)
+        .bind(revision)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn policy_reload_requested(&self) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM policy_reloads")
                 .fetch_one(&self.pool)
                 .await?,
         )

@@ -100,6 +100,13 @@ fn migrations() -> Vec<Migration> {
             include_str!("../../migrations/sqlite/0009_trail_runs.sql").into_sql_str(),
             false,
         ),
+        Migration::new(
+            10,
+            "policy reloads".into(),
+            MigrationType::Simple,
+            include_str!("../../migrations/sqlite/0010_policy_reloads.sql").into_sql_str(),
+            false,
+        ),
     ]
 }
 
@@ -245,6 +252,30 @@ impl Store for SqliteStore {
     async fn key_revision(&self) -> Result<i64, StoreError> {
         Ok(
             sqlx::query_scalar("SELECT revision FROM key_revision WHERE id = 1")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn request_policy_reload(
+        &self,
+        at: &str,
+        by: &str,
+        revision: &str,
+    ) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "INSERT INTO policy_reloads (requested_at, requested_by, revision) VALUES (?, ?, ?) RETURNING id",
+        )
+        .bind(at)
+        .bind(by)
+        .bind(revision)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn policy_reload_requested(&self) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM policy_reloads")
                 .fetch_one(&self.pool)
                 .await?,
         )

@@ -285,6 +285,15 @@ impl Serve {
         }
     }
 
+    /// Sends it a signal by name (`HUP`, `TERM`, ...) with the kill program.
+    pub fn signal(&self, name: &str) {
+        let sent = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{name} failed");
+    }
+
     /// Stops it as an operator would (SIGTERM: drain, flush the trail) and returns its whole stdout
     /// and stderr.
     pub fn stop(mut self) -> (String, String) {

@@ -25,6 +25,7 @@ mod keys;
 mod keys_http;
 mod llm;
 mod logs;
+mod policy_reload;
 mod secrets;
 mod startup;
 mod store;

@@ -212,6 +212,21 @@ async fn trace_lookup_returns_chain_order(store: Arc<dyn Store>) {
     assert!(store.events_for_trace("nothing").await.unwrap().is_empty());
 }
 
+async fn policy_reload_requests_are_numbered_in_order(store: Arc<dyn Store>) {
+    assert_eq!(store.policy_reload_requested().await.unwrap(), 0);
+    let at = "2026-12-06T10:00:00.000000Z";
+    let first = store
+        .request_policy_reload(at, "cli:test", "aaaa")
+        .await
+        .unwrap();
+    let second = store
+        .request_policy_reload(at, "cli:test", "bbbb")
+        .await
+        .unwrap();
+    assert!(first > 0 && second > first, "{first}, {second}");
+    assert_eq!(store.policy_reload_requested().await.unwrap(), second);
+}
+
 async fn collector_locks_runs_and_baselines(store: Arc<dyn Store>) {
     let t = |s: &str| format!("2026-11-22T{s}.000000Z");
     assert_eq!(
@@ -401,9 +416,37 @@ mod sqlite_and_postgres {
         trace_lookup_returns_chain_order_on_postgres
     );
     store_story!(
+        policy_reload_requests_are_numbered_in_order,
+        policy_reload_requests_are_numbered_in_order_on_postgres
+    );
+    store_story!(
         collector_locks_runs_and_baselines,
         collector_locks_runs_and_baselines_on_postgres
     );
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL at CATRACA_TEST_POSTGRES_URL"]
+async fn a_policy_reload_request_is_pushed_to_listening_gateways_on_postgres() {
+    // Arrange: a listener, as every gateway on PostgreSQL has; it wakes everything once on connecting.
+    let store = postgres().await;
+    let nudges = catraca::store::ChangeNudges::default();
+    let asked = nudges.policy.clone();
+    store.push_changes(nudges);
+    tokio::time::timeout(std::time::Duration::from_secs(10), asked.notified())
+        .await
+        .expect("the listener connects and wakes the policy watcher once");
+
+    // Act
+    store
+        .request_policy_reload("2026-12-06T10:00:00.000000Z", "cli:test", "aaaa")
+        .await
+        .unwrap();
+
+    // Assert: woken by the push, not by the next poll (nothing polls here).
+    tokio::time::timeout(std::time::Duration::from_secs(5), asked.notified())
+        .await
+        .expect("the request is pushed by NOTIFY");
 }
 
 #[tokio::test]
