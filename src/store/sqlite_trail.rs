@@ -24,6 +24,12 @@ const STATEMENT_CACHE: usize = 8;
 /// grows (it did: a 16 MiB cache was most of the gateway's growth in its first minute).
 const CACHE_KIB: i64 = 2 * 1024;
 
+/// Log pages after which a commit copies the log into the database file (SQLite's default is 1000).
+/// The copy and its sync run inside that commit, so every request queued behind it waits: half the
+/// pages, twice as often, halves the wait and took the p99 of `/process` at half its saturated rate
+/// from about 6.5 ms to under 5 ms here (scripts/bench.sh), for no throughput the noise could show.
+const CHECKPOINT_PAGES: i64 = 512;
+
 const INSERT_RUN: &str =
     "INSERT INTO audit_runs (pos, n, at_min, hashes, bodies) VALUES (?1, ?2, ?3, ?4, ?5)";
 const INSERT_TRACE: &str = "INSERT OR IGNORE INTO audit_run_traces (trace_id, pos) VALUES (?1, ?2)";
@@ -62,6 +68,7 @@ impl SqliteTrail {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
+        conn.pragma_update(None, "wal_autocheckpoint", CHECKPOINT_PAGES)?;
         Ok(Arc::new(Mutex::new(Self {
             conn,
             chain_nos: HashMap::new(),
