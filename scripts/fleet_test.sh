@@ -214,7 +214,7 @@ wait "$POLICY_LOAD" || fail "the policy load failed"
 
 # ── 5. kill -9 of one instance under load ────────────────────────────────────────────────────────────
 KILL_CLIENTS=4
-$LOAD load --target "$LB" --key "$ADMIN" --prefix kill --clients $KILL_CLIENTS --seconds 6 --out "$WORK/kill.jsonl" &
+$LOAD load --target "$LB" --key "$ADMIN" --prefix kill --clients $KILL_CLIENTS --seconds 8 --out "$WORK/kill.jsonl" &
 KILL_LOAD=$!
 sleep 1.5
 KILL_FROM=$(now)
