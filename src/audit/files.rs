@@ -417,6 +417,23 @@ fn remove_if_present(path: &Path) -> io::Result<()> {
     }
 }
 
+/// The trail's files in `dir` in the order they were written (a day's rotated parts, then its live
+/// file; days in order), each part once: a part whose compressed copy is in place is read from it (the
+/// uncompressed one is about to be removed).
+pub fn trail_paths(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut names = trail_names(dir)?;
+    names.sort();
+    let compressed: std::collections::HashSet<String> = names
+        .iter()
+        .filter_map(|n| n.strip_suffix(".gz").map(str::to_owned))
+        .collect();
+    Ok(names
+        .into_iter()
+        .filter(|n| !compressed.contains(n))
+        .map(|n| dir.join(n))
+        .collect())
+}
+
 /// A reader of a trail file's lines, decompressing `.gz` files.
 pub fn open_lines(path: &Path) -> io::Result<Box<dyn io::BufRead>> {
     let file = File::open(path)?;

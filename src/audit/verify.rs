@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use time::OffsetDateTime;
 
-use crate::audit::timestamp;
+use crate::audit::{files, timestamp};
 use crate::event::{GENESIS_HASH, SealedEvent, chain_hash, map_in_two};
 use crate::store::{Store, StoreError, Verification};
 
@@ -144,6 +144,8 @@ struct ChainChecker {
     /// Positions later chains claim, filled in as they pass.
     wanted: HashMap<i64, Option<String>>,
     last_seq: i64,
+    /// The first seq seen (a file's chain may begin mid-way).
+    first_seq: Option<i64>,
 }
 
 fn finding(problem: Problem, chain_id: &str, seq: i64, message: impl Into<String>) -> Finding {
@@ -164,6 +166,7 @@ impl ChainChecker {
             must_start_at_one,
             wanted: wanted.into_iter().map(|s| (s, None)).collect(),
             last_seq: 0,
+            first_seq: None,
         }
     }
 
@@ -274,6 +277,7 @@ impl ChainChecker {
         self.expected = Some(e.seq.saturating_add(1));
         self.last_hash = Some(e.hash.clone());
         self.last_seq = e.seq;
+        self.first_seq.get_or_insert(e.seq);
         Ok(claim)
     }
 }
@@ -568,52 +572,175 @@ pub fn event_from_line(line: &str) -> Result<SealedEvent, String> {
     Ok(event)
 }
 
-/// Verifies one JSON Lines file (a rotated part may be gzip-compressed: `.jsonl.gz`). Chains are checked in file order; a chain may begin mid-way (it
-/// continues from the previous day's file), and links to chains outside the file are not checked.
+/// Verifies one JSON Lines file (a rotated part may be gzip-compressed: `.jsonl.gz`) or, given a folder,
+/// every file of the trail in it in the order they were written ([`files::trail_paths`]): each chain
+/// across the files it spans. A chain may begin mid-way (its earlier files may be archived). Each
+/// CHAIN_OPENED's claim about its predecessor is checked when what is read holds the predecessor's
+/// events from the claimed one or earlier, so files cut short (a tail lost to a crash, the last lines
+/// removed) are a truncation; links to chains that are not in what is read are not checked.
 pub fn verify_file(path: &Path, mut progress: impl FnMut(u64)) -> std::io::Result<Report> {
     let started = Instant::now();
-    let file = super::files::open_lines(path)?;
+    let paths = if path.is_dir() {
+        files::trail_paths(path)?
+    } else {
+        vec![path.to_path_buf()]
+    };
+    // First pass: the claims, so the second knows which positions of each chain to keep.
+    let claims = claims_in_files(&paths)?;
+    let mut wanted: HashMap<&str, Vec<i64>> = HashMap::new();
+    for c in &claims {
+        wanted
+            .entry(c.previous_chain_id.as_str())
+            .or_default()
+            .push(c.previous_seq);
+    }
     let mut checkers: BTreeMap<String, ChainChecker> = BTreeMap::new();
     let mut report = Report::default();
     let mut last_progress = Instant::now();
-    for (n, line) in file.lines().enumerate() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        report.events += 1;
-        let event = match event_from_line(&line) {
-            Ok(e) => e,
-            Err(why) => {
-                report.finding = Some(finding(
-                    Problem::HashMismatch,
-                    "?",
-                    0,
-                    format!("line {}: {why}", n + 1),
-                ));
-                break;
+    'files: for file_path in &paths {
+        let name = file_path
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        for (n, line) in files::open_lines(file_path)?.lines().enumerate() {
+            let line = line?;
+            if line.trim().is_empty() {
+                continue;
             }
-        };
-        let checker = checkers
-            .entry(event.chain_id.clone())
-            .or_insert_with(|| ChainChecker::new(&event.chain_id, false, []));
-        if let Err(f) = checker.check(&event) {
-            report.finding = Some(f);
-            break;
-        }
-        if last_progress.elapsed() >= PROGRESS_EVERY {
-            progress(report.events);
-            last_progress = Instant::now();
+            report.events += 1;
+            let event = match event_from_line(&line) {
+                Ok(e) => e,
+                Err(why) => {
+                    report.finding = Some(finding(
+                        Problem::HashMismatch,
+                        "?",
+                        0,
+                        format!("{name} line {}: {why}", n + 1),
+                    ));
+                    break 'files;
+                }
+            };
+            let checker = checkers.entry(event.chain_id.clone()).or_insert_with(|| {
+                let wanted = wanted.get(event.chain_id.as_str()).cloned();
+                ChainChecker::new(&event.chain_id, false, wanted.unwrap_or_default())
+            });
+            if let Err(f) = checker.check(&event) {
+                report.finding = Some(f);
+                break 'files;
+            }
+            if last_progress.elapsed() >= PROGRESS_EVERY {
+                progress(report.events);
+                last_progress = Instant::now();
+            }
         }
     }
-    report.chains = checkers.len();
+    if report.finding.is_none() {
+        // A claim is checked where the predecessor's events from the claimed one on were read.
+        let present: Vec<Claim> = claims
+            .into_iter()
+            .filter(|c| {
+                checkers
+                    .get(&c.previous_chain_id)
+                    .and_then(|p| p.first_seq)
+                    .is_some_and(|first| first <= c.previous_seq)
+            })
+            .collect();
+        let checkers: HashMap<String, ChainChecker> = checkers.into_iter().collect();
+        report.finding = check_claims(&present, &checkers);
+        report.chains = checkers.len();
+    } else {
+        report.chains = checkers.len();
+    }
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// The CHAIN_OPENED claims of `paths`' lines (lines that do not read as events are left to the second
+/// pass, which names them).
+fn claims_in_files(paths: &[std::path::PathBuf]) -> std::io::Result<Vec<Claim>> {
+    let mut claims = Vec::new();
+    for path in paths {
+        for line in files::open_lines(path)?.lines() {
+            let line = line?;
+            if !line.contains("\"CHAIN_OPENED\"") {
+                continue;
+            }
+            if let Ok(e) = event_from_line(&line)
+                && e.seq == 1
+                && let Ok(Some(claim)) = ChainChecker::new(&e.chain_id, false, []).check(&e)
+            {
+                claims.push(claim);
+            }
+        }
+    }
+    Ok(claims)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A JSON Lines record of `chain` at `seq` after `prev`, with `extra` members; returns it and its hash.
+    fn line(chain: &str, seq: i64, prev: &str, event_type: &str, extra: Value) -> (String, String) {
+        let mut event = serde_json::json!({
+            "chain_id": chain, "seq": seq, "prev_hash": prev, "event_type": event_type,
+            "event_id": format!("{chain}-{seq}"), "occurred_at": "2026-12-06T10:00:00.000000Z",
+            "instance_id": "i",
+        });
+        if let (Value::Object(e), Value::Object(x)) = (&mut event, extra) {
+            e.extend(x);
+        }
+        let hash = chain_hash(prev, &crate::event::canonical_text(&event).unwrap());
+        event["hash"] = Value::String(hash.clone());
+        (format!("{event}\n"), hash)
+    }
+
+    #[test]
+    fn a_claim_is_checked_only_where_the_predecessor_is_read_from_the_claimed_event_or_earlier() {
+        // Chain a (1..5), and chain b opened while a ran (a CLI command beside a gateway), naming a's
+        // seq 3; a's first three events went into an earlier part.
+        let mut a = vec![(GENESIS_HASH.to_owned(), String::new())];
+        for seq in 1..=5 {
+            let kind = if seq == 1 {
+                "CHAIN_OPENED"
+            } else {
+                "POLICY_LOADED"
+            };
+            let prev = a.last().unwrap().0.clone();
+            let (text, hash) = line("a", seq, &prev, kind, serde_json::json!({}));
+            a.push((hash, text));
+        }
+        let claim = serde_json::json!({
+            "previous_chain_id": "a", "previous_seq": 3, "previous_hash": a[3].0,
+        });
+        let (b1, _) = line("b", 1, &a[3].0, "CHAIN_OPENED", claim);
+        let dir = tempfile::tempdir().unwrap();
+        let earlier = format!("{}{}{}", a[1].1, a[2].1, a[3].1);
+        let later = format!("{b1}{}{}", a[4].1, a[5].1);
+        std::fs::write(dir.path().join("audit.2026-12-06.0001.jsonl"), earlier).unwrap();
+        std::fs::write(dir.path().join("audit.2026-12-06.jsonl"), later.clone()).unwrap();
+
+        // The later part alone: a begins at 4, past the claim, which is not checked.
+        let alone = verify_file(&dir.path().join("audit.2026-12-06.jsonl"), |_| {}).unwrap();
+        // The folder: a is read from 1, the claim holds.
+        let folder = verify_file(dir.path(), |_| {}).unwrap();
+        // The earlier part cut after a's seq 2: the claimed event is gone from what is read.
+        std::fs::write(
+            dir.path().join("audit.2026-12-06.0001.jsonl"),
+            format!("{}{}", a[1].1, a[2].1),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("audit.2026-12-06.jsonl"), b1).unwrap();
+        let cut = verify_file(dir.path(), |_| {}).unwrap();
+
+        assert!(alone.finding.is_none(), "{:?}", alone.finding);
+        assert!(folder.finding.is_none(), "{:?}", folder.finding);
+        assert_eq!((folder.chains, folder.events), (2, 6));
+        let finding = cut.finding.expect("a's tail is gone");
+        assert_eq!(
+            (finding.problem, finding.chain_id.as_str(), finding.seq),
+            (Problem::Truncation, "a", 3)
+        );
+    }
 
     #[test]
     fn a_forged_line_at_the_largest_seq_is_a_finding_not_a_panic() {

@@ -77,10 +77,11 @@ enum ExecutorsCommand {
 
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
-    /// Verify every hash chain in the database (or one JSON Lines file). Exit 0 when intact; 3 hash
+    /// Verify every hash chain in the database (or JSON Lines files). Exit 0 when intact; 3 hash
     /// mismatch, 4 gap, 5 reordering, 6 truncation, 7 broken link, 1 could not verify.
     Verify {
-        /// Verify this JSON Lines file instead of the database.
+        /// Verify this JSON Lines file (.jsonl or .jsonl.gz), or every trail file of this folder in
+        /// write order, instead of the database.
         #[arg(long)]
         file: Option<PathBuf>,
         /// Print only the summary line.

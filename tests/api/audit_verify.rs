@@ -536,3 +536,82 @@ async fn a_tampered_json_lines_file_fails_verification() {
         printed(&out)
     );
 }
+
+#[tokio::test]
+async fn a_folder_is_verified_across_its_chains_and_a_tail_lost_before_a_restart_is_a_truncation() {
+    // Arrange: two runs of one gateway writing to one folder (the first chain, then the one its
+    // restart opened, linked to it).
+    let first = spawn_app().await;
+    let key = first.admin_key().await;
+    for i in 0..3 {
+        first.process(Some(&key), &echo(&format!("m{i}"))).await;
+    }
+    let url = first.db_url();
+    let dir = first.stop().await;
+    let folder = dir.path().join("audit");
+    let second = spawn_app_with(|c| {
+        c.database_url = DatabaseUrl::new(url.clone());
+        c.audit_dir = folder.clone();
+    })
+    .await;
+    second.process(Some(&key), &echo("again")).await;
+    second.stop().await;
+    let intact = catraca::audit::verify::verify_file(&folder, |_| {}).unwrap();
+    assert!(intact.finding.is_none(), "{:?}", intact.finding);
+    assert!(intact.chains >= 2, "{} chains", intact.chains);
+
+    // Act: a copy of the folder whose first chain lost its last line (what a crash could leave
+    // before the files were brought level).
+    let copy = dir.path().join("cut");
+    std::fs::create_dir(&copy).unwrap();
+    let files: Vec<(std::path::PathBuf, String)> = std::fs::read_dir(&folder)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .map(|p| {
+            let text = std::fs::read_to_string(&p).unwrap();
+            (p, text)
+        })
+        .collect();
+    let opened: Value = files
+        .iter()
+        .flat_map(|(_, text)| text.lines())
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|e| e["event_type"] == "CHAIN_OPENED" && e["previous_chain_id"].is_string())
+        .expect("the restart's CHAIN_OPENED names the first chain");
+    let chain = opened["previous_chain_id"].as_str().unwrap().to_owned();
+    let seq = opened["previous_seq"].as_i64().unwrap();
+    for (path, text) in &files {
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                let e: Value = serde_json::from_str(l).unwrap();
+                !(e["chain_id"] == chain.as_str() && e["seq"] == seq)
+            })
+            .collect();
+        std::fs::write(copy.join(path.file_name().unwrap()), kept.join("\n") + "\n").unwrap();
+    }
+    let report = catraca::audit::verify::verify_file(&copy, |_| {}).unwrap();
+    let out = Cli::new().output(&["audit", "verify", "--file", copy.to_str().unwrap()]);
+
+    // Assert: named at the first chain, where its tail should have gone on.
+    let finding = report
+        .finding
+        .expect("a tail lost before a restart is a finding");
+    assert_eq!(finding.problem, Problem::Truncation, "{finding:?}");
+    assert_eq!(
+        (finding.chain_id.as_str(), finding.seq),
+        (chain.as_str(), seq)
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(readme_exit_code(Problem::Truncation)),
+        "{}",
+        printed(&out)
+    );
+    assert!(
+        names_chain_and_seq(&printed(&out), &chain, seq),
+        "{}",
+        printed(&out)
+    );
+}
