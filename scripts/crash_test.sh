@@ -8,7 +8,7 @@
 #     writer appends each batch before answering, and the restarted gateway brings the killed chain's
 #     files level with the database before it opens its own chain,
 #   * `catraca audit verify` passes across the restart (exit code 0), with the key chain and both
-#     server chains in the database.
+#     server chains in the database, and so does `catraca audit verify --file` of the files' folder.
 #
 #   bash scripts/crash_test.sh                      # defaults: 8 clients, kill after 1.5 s
 #   CLIENTS=16 KILL_AFTER=3 bash scripts/crash_test.sh
@@ -246,6 +246,10 @@ PY
 
 # Exit code 0 means intact (README, Auditing); the summary line is shown, not parsed.
 VERIFY=$("$CATRACA_BIN" audit verify --quiet) || fail "audit verify after the restart (exit code $?): $VERIFY"
+echo "crash test: $VERIFY"
+# The folder on its own: the killed chain and the ones after it, followed across the files.
+VERIFY=$("$CATRACA_BIN" audit verify --quiet --file "$WORK/audit") ||
+  fail "audit verify of the JSON Lines folder after the restart (exit code $?): $VERIFY"
 echo "crash test: $VERIFY"
 CHAINS=$(python3 -c 'import sqlite3, sys
 con = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
