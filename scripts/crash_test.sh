@@ -251,6 +251,10 @@ echo "crash test: $VERIFY"
 VERIFY=$("$CATRACA_BIN" audit verify --quiet --file "$WORK/audit") ||
   fail "audit verify of the JSON Lines folder after the restart (exit code $?): $VERIFY"
 echo "crash test: $VERIFY"
+# And the gateway's own comparison of the database with the folder (the check above, done by catraca).
+VERIFY=$("$CATRACA_BIN" audit verify --quiet --against-files "$WORK/audit") ||
+  fail "audit verify --against-files after the restart (exit code $?): $VERIFY"
+echo "crash test: $VERIFY"
 CHAINS=$(python3 -c 'import sqlite3, sys
 con = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
 print(con.execute("SELECT COUNT(DISTINCT chain_id) FROM audit_events").fetchone()[0])' "$WORK/catraca.db")

@@ -10,7 +10,8 @@
 #      the new revision on /ready) and no request is decided by a mix of revisions;
 #   5. `kill -9` of one instance under load: the balancer routes around it, every answered request has
 #      its full story, the instance restarts with a new chain linked to its old one;
-# and finally `catraca audit verify` passes over every chain of the fleet.
+# and finally `catraca audit verify` passes over every chain of the fleet, and each instance's JSON Lines
+# folder holds exactly its chains' events (`catraca audit verify --against-files`).
 #
 #   bash scripts/fleet_test.sh
 #   CATRACA_FLEET_POSTGRES_URL=postgres://… CATRACA_FLEET_REDIS_URL=redis://… bash scripts/fleet_test.sh
@@ -80,6 +81,8 @@ printf 'auth_failures_per_minute = 100000000\n' >"$WORK/catraca.toml"
 export CATRACA_DATABASE_URL="${PG_ADMIN%/*}/$DB" CATRACA_REDIS_URL="$REDIS_URL"
 export CATRACA_POLICIES_DIR="$WORK/policies" CATRACA_EXECUTORS_DIR="$ROOT/executors"
 export CATRACA_CONFIG="$WORK/catraca.toml" CATRACA_MODE=staging CATRACA_LOG=warn
+# The commands run here (keys, policy reload, verify) write a chain of their own, under this name.
+export CATRACA_INSTANCE_ID=fleet-cli CATRACA_AUDIT_DIR="$WORK/audit-cli"
 
 "$BIN" migrate 2>/dev/null
 ADMIN=$("$BIN" keys create --name fleet-admin --role admin --tier unlimited 2>/dev/null)
@@ -243,4 +246,11 @@ $LOAD kill --record "$WORK/kill.jsonl" --trail "$WORK/trail.jsonl" --instance fl
 
 VERIFY=$("$BIN" audit verify --quiet 2>&1) || fail "audit verify over the fleet's chains: $VERIFY"
 echo "fleet test: $VERIFY"
+# Each instance's JSON Lines folder holds exactly its chains' events, the killed one's included.
+for i in $(seq 1 $INSTANCES); do
+  COMPARED=$("$BIN" audit verify --quiet --against-files "$WORK/audit-$i" 2>&1) ||
+    fail "instance $i's files and the database differ: $COMPARED"
+  COMPARED=${COMPARED##*; }
+  echo "fleet test: instance $i's files hold its chains' events: ${COMPARED%)}"
+done
 echo "FLEET TEST PASSED"

@@ -4,7 +4,7 @@
 //! with its `(chain_id, seq)` and a distinct exit code per kind.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io::BufRead;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -29,6 +29,8 @@ pub enum Problem {
     Truncation,
     /// An event does not link to the one before it, or a chain does not link to its predecessor.
     BrokenLink,
+    /// The database and the JSON Lines files disagree: an event missing from one, or different.
+    FilesDiffer,
 }
 
 impl Problem {
@@ -39,6 +41,7 @@ impl Problem {
             Self::Reorder => 5,
             Self::Truncation => 6,
             Self::BrokenLink => 7,
+            Self::FilesDiffer => 8,
         }
     }
 
@@ -49,6 +52,7 @@ impl Problem {
             Self::Reorder => "reordering",
             Self::Truncation => "truncation",
             Self::BrokenLink => "broken link",
+            Self::FilesDiffer => "database and files differ",
         }
     }
 }
@@ -652,6 +656,222 @@ pub fn verify_file(path: &Path, mut progress: impl FnMut(u64)) -> std::io::Resul
     }
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// Compares the database with the trail files in `dir` (read in write order, compressed parts
+/// included): every event of each chain the files hold, from the first one they hold (earlier files may
+/// be archived), must be in both, in the same order, with the same bytes and hash; and every chain of an
+/// instance the files hold, opened since the files' earliest event, must be in the files. The first
+/// difference is reported ([`Problem::FilesDiffer`]), naming the event and which side lacks it.
+pub async fn compare_with_files(
+    store: &dyn Store,
+    dir: &Path,
+    mut progress: impl FnMut(u64),
+) -> anyhow::Result<Report> {
+    let started = Instant::now();
+    let mut report = Report::default();
+    let mut cursors: HashMap<String, DbCursor> = HashMap::new();
+    let mut instances: HashSet<String> = HashSet::new();
+    let mut earliest: Option<String> = None;
+    let mut last_progress = Instant::now();
+    let differ =
+        |chain: &str, seq: i64, msg: String| finding(Problem::FilesDiffer, chain, seq, msg);
+    'files: for path in files::trail_paths(dir)? {
+        let name = path
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        for (n, line) in files::open_lines(&path)?.lines().enumerate() {
+            let line = line?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            report.events += 1;
+            let e = match event_from_line(&line) {
+                Ok(e) => e,
+                Err(why) => {
+                    report.finding = Some(differ("?", 0, format!("{name} line {}: {why}", n + 1)));
+                    break 'files;
+                }
+            };
+            instances.insert(e.instance_id.clone());
+            if earliest.as_ref().is_none_or(|t| e.occurred_at < *t) {
+                earliest = Some(e.occurred_at.clone());
+            }
+            let cursor = cursors
+                .entry(e.chain_id.clone())
+                .or_insert_with(|| DbCursor::from(e.seq - 1));
+            if e.seq <= cursor.compared {
+                report.finding = Some(differ(
+                    &e.chain_id,
+                    e.seq,
+                    format!(
+                        "event {} is in the files twice or out of order ({name} line {})",
+                        e.seq,
+                        n + 1
+                    ),
+                ));
+                break 'files;
+            }
+            let next = cursor.next(store, &e.chain_id).await?;
+            let problem = match next {
+                Some(d) if d.seq < e.seq => Some(differ(
+                    &e.chain_id,
+                    d.seq,
+                    format!(
+                        "event {} is in the database but not in the files (they go on at {})",
+                        d.seq, e.seq
+                    ),
+                )),
+                Some(d) if d.seq == e.seq && (d.hash != e.hash || d.body != e.body) => {
+                    Some(differ(
+                        &e.chain_id,
+                        e.seq,
+                        format!(
+                            "event {} differs between the database and the files ({name} line {})",
+                            e.seq,
+                            n + 1
+                        ),
+                    ))
+                }
+                Some(d) if d.seq == e.seq => None,
+                _ => Some(differ(
+                    &e.chain_id,
+                    e.seq,
+                    format!(
+                        "event {} is in the files ({name} line {}) but not in the database",
+                        e.seq,
+                        n + 1
+                    ),
+                )),
+            };
+            if let Some(f) = problem {
+                report.finding = Some(f);
+                break 'files;
+            }
+            cursor.consume();
+            if last_progress.elapsed() >= PROGRESS_EVERY {
+                progress(report.events);
+                last_progress = Instant::now();
+            }
+        }
+    }
+    report.chains = cursors.len();
+    if report.finding.is_none() {
+        report.finding =
+            missing_from_files(store, &mut cursors, &instances, earliest.as_deref()).await?;
+    }
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+/// What the database holds that the files lack once they are read to their end: the rest of each chain
+/// they hold, and chains of their instances they do not hold at all (opened since `earliest`).
+async fn missing_from_files(
+    store: &dyn Store,
+    cursors: &mut HashMap<String, DbCursor>,
+    instances: &HashSet<String>,
+    earliest: Option<&str>,
+) -> Result<Option<Finding>, StoreError> {
+    let mut chains: Vec<&String> = cursors.keys().collect();
+    chains.sort();
+    let mut left = None;
+    for chain in chains {
+        let cursor = cursors.get(chain).map(|c| c.compared);
+        if let Some(after) = cursor
+            && let Some(d) = store
+                .chain_events(chain, after, 1)
+                .await?
+                .into_iter()
+                .next()
+        {
+            left = Some(finding(
+                Problem::FilesDiffer,
+                chain,
+                d.seq,
+                format!(
+                    "event {} is in the database but not in the files (they end at {after})",
+                    d.seq
+                ),
+            ));
+            break;
+        }
+    }
+    if left.is_some() {
+        return Ok(left);
+    }
+    let Some(earliest) = earliest else {
+        return Ok(None);
+    };
+    for info in store.chains().await? {
+        if cursors.contains_key(&info.chain_id) || info.first_at.as_str() < earliest {
+            continue;
+        }
+        let Some(first) = store
+            .chain_events(&info.chain_id, 0, 1)
+            .await?
+            .into_iter()
+            .next()
+        else {
+            continue;
+        };
+        if instances.contains(&first.instance_id) {
+            return Ok(Some(finding(
+                Problem::FilesDiffer,
+                &info.chain_id,
+                first.seq,
+                format!(
+                    "chain {} of instance {} ({} events) is in the database but not in the files",
+                    info.chain_id, first.instance_id, info.events
+                ),
+            )));
+        }
+    }
+    Ok(None)
+}
+
+/// A chain's events in the database, read a page at a time, behind the files' reading.
+struct DbCursor {
+    /// The last seq compared (or before the first the files hold).
+    compared: i64,
+    page: VecDeque<SealedEvent>,
+    /// The last seq read from the database.
+    read_to: i64,
+    ended: bool,
+}
+
+impl DbCursor {
+    fn from(before: i64) -> Self {
+        Self {
+            compared: before,
+            page: VecDeque::new(),
+            read_to: before,
+            ended: false,
+        }
+    }
+
+    /// The database's next event after the last compared one, if any.
+    async fn next(
+        &mut self,
+        store: &dyn Store,
+        chain: &str,
+    ) -> Result<Option<&SealedEvent>, StoreError> {
+        if self.page.is_empty() && !self.ended {
+            let page = store.chain_events(chain, self.read_to, PAGE).await?;
+            self.ended = (page.len() as i64) < PAGE;
+            if let Some(last) = page.last() {
+                self.read_to = last.seq;
+            }
+            self.page = page.into();
+        }
+        Ok(self.page.front())
+    }
+
+    /// The front event matched the files' line.
+    fn consume(&mut self) {
+        if let Some(e) = self.page.pop_front() {
+            self.compared = e.seq;
+        }
+    }
 }
 
 /// The CHAIN_OPENED claims of `paths`' lines (lines that do not read as events are left to the second

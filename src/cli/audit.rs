@@ -14,13 +14,17 @@ use crate::config::Config;
 
 pub(super) async fn audit_command(config: &Config, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        AuditCommand::Verify { file, quiet } => {
+        AuditCommand::Verify {
+            file,
+            against_files,
+            quiet,
+        } => {
             let progress = |n: u64| {
                 if !quiet {
                     eprintln!("audit verify: {n} events checked ...");
                 }
             };
-            let (what, report) = match &file {
+            let (what, mut report) = match &file {
                 Some(path) => (
                     path.display().to_string(),
                     verify::verify_file(path, progress)
@@ -38,6 +42,23 @@ pub(super) async fn audit_command(config: &Config, cmd: AuditCommand) -> anyhow:
                     (config.database_url.to_string(), report)
                 }
             };
+            let mut what = what;
+            if let Some(dir) = against_files.as_deref()
+                && report.finding.is_none()
+            {
+                let store = app::open_store(config).await?;
+                let compared = verify::compare_with_files(store.as_ref(), dir, progress)
+                    .await
+                    .with_context(|| format!("comparing with {}", dir.display()))?;
+                what = format!(
+                    "{what}; {} events of {} chains in {} compared",
+                    compared.events,
+                    compared.chains,
+                    dir.display()
+                );
+                report.finding = compared.finding;
+                report.elapsed += compared.elapsed;
+            }
             let seconds = report.elapsed.as_secs_f64();
             let summary = format!(
                 "{} chains, {} events, {seconds:.2}s, {:.0} events/s ({what})",

@@ -78,12 +78,17 @@ enum ExecutorsCommand {
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
     /// Verify every hash chain in the database (or JSON Lines files). Exit 0 when intact; 3 hash
-    /// mismatch, 4 gap, 5 reordering, 6 truncation, 7 broken link, 1 could not verify.
+    /// mismatch, 4 gap, 5 reordering, 6 truncation, 7 broken link, 8 database and files differ, 1
+    /// could not verify.
     Verify {
         /// Verify this JSON Lines file (.jsonl or .jsonl.gz), or every trail file of this folder in
         /// write order, instead of the database.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "against_files")]
         file: Option<PathBuf>,
+        /// After verifying the database, compare it with the JSON Lines files of this folder: any
+        /// event missing from either, or different, is named (exit 8).
+        #[arg(long, value_name = "DIR")]
+        against_files: Option<PathBuf>,
         /// Print only the summary line.
         #[arg(long)]
         quiet: bool,

@@ -38,6 +38,7 @@ fn readme_exit_code(problem: Problem) -> i32 {
         Problem::Reorder => 5,
         Problem::Truncation => 6,
         Problem::BrokenLink => 7,
+        Problem::FilesDiffer => 8,
     }
 }
 
@@ -614,4 +615,101 @@ async fn a_folder_is_verified_across_its_chains_and_a_tail_lost_before_a_restart
         "{}",
         printed(&out)
     );
+}
+
+/// `catraca audit verify --against-files DIR` on the database at `url`.
+fn compare_cli(url: &str, dir: &std::path::Path) -> std::process::Output {
+    Cli::new().env("CATRACA_DATABASE_URL", url).output(&[
+        "audit",
+        "verify",
+        "--against-files",
+        dir.to_str().unwrap(),
+    ])
+}
+
+#[tokio::test]
+async fn the_database_is_compared_with_the_files_and_an_event_missing_or_different_in_them_is_named()
+ {
+    // Arrange: one gateway's run, its database and its folder.
+    let app = spawn_app().await;
+    let key = app.admin_key().await;
+    for i in 0..3 {
+        app.process(Some(&key), &echo(&format!("m{i}"))).await;
+    }
+    let url = app.db_url();
+    let dir = app.stop().await;
+    let folder = dir.path().join("audit");
+    let (path, text) = std::fs::read_dir(&folder)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .map(|p| {
+            let text = std::fs::read_to_string(&p).unwrap();
+            (p, text)
+        })
+        .unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let fifth: Value = serde_json::from_str(lines[4]).unwrap();
+    let (chain, seq) = (
+        fifth["chain_id"].as_str().unwrap().to_owned(),
+        fifth["seq"].as_i64().unwrap(),
+    );
+    // Three copies of the folder: a line removed, a line's text altered, a forged line appended.
+    let copy = |name: &str, lines: Vec<String>| {
+        let to = dir.path().join(name);
+        std::fs::create_dir(&to).unwrap();
+        std::fs::write(to.join(path.file_name().unwrap()), lines.join("\n") + "\n").unwrap();
+        to
+    };
+    let owned = |ls: &[&str]| ls.iter().map(|l| (*l).to_owned()).collect::<Vec<_>>();
+    let mut removed = owned(&lines);
+    removed.remove(4);
+    let mut altered = owned(&lines);
+    let mut changed = fifth.clone();
+    changed["instance_id"] = json!("elsewhere");
+    altered[4] = changed.to_string();
+    let mut appended = owned(&lines);
+    let last: Value = serde_json::from_str(lines[lines.len() - 1]).unwrap();
+    let mut forged = last.clone();
+    forged["seq"] = json!(last["seq"].as_i64().unwrap() + 1);
+    forged["prev_hash"] = last["hash"].clone();
+    appended.push(forged.to_string());
+
+    // Act
+    let intact = compare_cli(&url, &folder);
+    let missing = compare_cli(&url, &copy("removed", removed));
+    let different = compare_cli(&url, &copy("altered", altered));
+    let extra = compare_cli(&url, &copy("appended", appended));
+
+    // Assert: the untouched folder agrees; each change is named with exit code 8.
+    assert_eq!(intact.status.code(), Some(0), "{}", printed(&intact));
+    assert!(
+        printed(&intact).contains("compared"),
+        "{}",
+        printed(&intact)
+    );
+    for (out, chain, seq, says) in [
+        (
+            &missing,
+            chain.as_str(),
+            seq,
+            "in the database but not in the files",
+        ),
+        (&different, chain.as_str(), seq, "differs"),
+        (
+            &extra,
+            forged["chain_id"].as_str().unwrap(),
+            forged["seq"].as_i64().unwrap(),
+            "in the files",
+        ),
+    ] {
+        let text = printed(out);
+        assert_eq!(
+            out.status.code(),
+            Some(readme_exit_code(Problem::FilesDiffer)),
+            "{text}"
+        );
+        assert!(names_chain_and_seq(&text, chain, seq), "{text}");
+        assert!(text.contains(says), "{text}");
+    }
 }
