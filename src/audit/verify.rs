@@ -601,40 +601,32 @@ pub fn verify_file(path: &Path, mut progress: impl FnMut(u64)) -> std::io::Resul
     let mut checkers: BTreeMap<String, ChainChecker> = BTreeMap::new();
     let mut report = Report::default();
     let mut last_progress = Instant::now();
-    'files: for file_path in &paths {
-        let name = file_path
-            .file_name()
-            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-        for (n, line) in files::open_lines(file_path)?.lines().enumerate() {
-            let line = line?;
-            if line.trim().is_empty() {
-                continue;
+    for read in events_in_files(&paths) {
+        let (at, event) = read?;
+        report.events += 1;
+        let event = match event {
+            Ok(e) => e,
+            Err(why) => {
+                report.finding = Some(finding(
+                    Problem::HashMismatch,
+                    "?",
+                    0,
+                    format!("{at}: {why}"),
+                ));
+                break;
             }
-            report.events += 1;
-            let event = match event_from_line(&line) {
-                Ok(e) => e,
-                Err(why) => {
-                    report.finding = Some(finding(
-                        Problem::HashMismatch,
-                        "?",
-                        0,
-                        format!("{name} line {}: {why}", n + 1),
-                    ));
-                    break 'files;
-                }
-            };
-            let checker = checkers.entry(event.chain_id.clone()).or_insert_with(|| {
-                let wanted = wanted.get(event.chain_id.as_str()).cloned();
-                ChainChecker::new(&event.chain_id, false, wanted.unwrap_or_default())
-            });
-            if let Err(f) = checker.check(&event) {
-                report.finding = Some(f);
-                break 'files;
-            }
-            if last_progress.elapsed() >= PROGRESS_EVERY {
-                progress(report.events);
-                last_progress = Instant::now();
-            }
+        };
+        let checker = checkers.entry(event.chain_id.clone()).or_insert_with(|| {
+            let wanted = wanted.get(event.chain_id.as_str()).cloned();
+            ChainChecker::new(&event.chain_id, false, wanted.unwrap_or_default())
+        });
+        if let Err(f) = checker.check(&event) {
+            report.finding = Some(f);
+            break;
+        }
+        if last_progress.elapsed() >= PROGRESS_EVERY {
+            progress(report.events);
+            last_progress = Instant::now();
         }
     }
     if report.finding.is_none() {
@@ -676,83 +668,70 @@ pub async fn compare_with_files(
     let mut last_progress = Instant::now();
     let differ =
         |chain: &str, seq: i64, msg: String| finding(Problem::FilesDiffer, chain, seq, msg);
-    'files: for path in files::trail_paths(dir)? {
-        let name = path
-            .file_name()
-            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-        for (n, line) in files::open_lines(&path)?.lines().enumerate() {
-            let line = line?;
-            if line.trim().is_empty() {
-                continue;
+    for read in events_in_files(&files::trail_paths(dir)?) {
+        let (at, e) = read?;
+        report.events += 1;
+        let e = match e {
+            Ok(e) => e,
+            Err(why) => {
+                report.finding = Some(differ("?", 0, format!("{at}: {why}")));
+                break;
             }
-            report.events += 1;
-            let e = match event_from_line(&line) {
-                Ok(e) => e,
-                Err(why) => {
-                    report.finding = Some(differ("?", 0, format!("{name} line {}: {why}", n + 1)));
-                    break 'files;
-                }
-            };
-            instances.insert(e.instance_id.clone());
-            if earliest.as_ref().is_none_or(|t| e.occurred_at < *t) {
-                earliest = Some(e.occurred_at.clone());
-            }
-            let cursor = cursors
-                .entry(e.chain_id.clone())
-                .or_insert_with(|| DbCursor::from(e.seq - 1));
-            if e.seq <= cursor.compared {
-                report.finding = Some(differ(
-                    &e.chain_id,
-                    e.seq,
-                    format!(
-                        "event {} is in the files twice or out of order ({name} line {})",
-                        e.seq,
-                        n + 1
-                    ),
-                ));
-                break 'files;
-            }
-            let next = cursor.next(store, &e.chain_id).await?;
-            let problem = match next {
-                Some(d) if d.seq < e.seq => Some(differ(
-                    &e.chain_id,
-                    d.seq,
-                    format!(
-                        "event {} is in the database but not in the files (they go on at {})",
-                        d.seq, e.seq
-                    ),
-                )),
-                Some(d) if d.seq == e.seq && (d.hash != e.hash || d.body != e.body) => {
-                    Some(differ(
-                        &e.chain_id,
-                        e.seq,
-                        format!(
-                            "event {} differs between the database and the files ({name} line {})",
-                            e.seq,
-                            n + 1
-                        ),
-                    ))
-                }
-                Some(d) if d.seq == e.seq => None,
-                _ => Some(differ(
-                    &e.chain_id,
-                    e.seq,
-                    format!(
-                        "event {} is in the files ({name} line {}) but not in the database",
-                        e.seq,
-                        n + 1
-                    ),
-                )),
-            };
-            if let Some(f) = problem {
-                report.finding = Some(f);
-                break 'files;
-            }
-            cursor.consume();
-            if last_progress.elapsed() >= PROGRESS_EVERY {
-                progress(report.events);
-                last_progress = Instant::now();
-            }
+        };
+        instances.insert(e.instance_id.clone());
+        if earliest.as_ref().is_none_or(|t| e.occurred_at < *t) {
+            earliest = Some(e.occurred_at.clone());
+        }
+        let cursor = cursors
+            .entry(e.chain_id.clone())
+            .or_insert_with(|| DbCursor::from(e.seq - 1));
+        if e.seq <= cursor.compared {
+            report.finding = Some(differ(
+                &e.chain_id,
+                e.seq,
+                format!(
+                    "event {} is in the files twice or out of order ({at})",
+                    e.seq
+                ),
+            ));
+            break;
+        }
+        let next = cursor.next(store, &e.chain_id).await?;
+        let problem = match next {
+            Some(d) if d.seq < e.seq => Some(differ(
+                &e.chain_id,
+                d.seq,
+                format!(
+                    "event {} is in the database but not in the files (they go on at {})",
+                    d.seq, e.seq
+                ),
+            )),
+            Some(d) if d.seq == e.seq && (d.hash != e.hash || d.body != e.body) => Some(differ(
+                &e.chain_id,
+                e.seq,
+                format!(
+                    "event {} differs between the database and the files ({at})",
+                    e.seq
+                ),
+            )),
+            Some(d) if d.seq == e.seq => None,
+            _ => Some(differ(
+                &e.chain_id,
+                e.seq,
+                format!(
+                    "event {} is in the files ({at}) but not in the database",
+                    e.seq
+                ),
+            )),
+        };
+        if let Some(f) = problem {
+            report.finding = Some(f);
+            break;
+        }
+        cursor.consume();
+        if last_progress.elapsed() >= PROGRESS_EVERY {
+            progress(report.events);
+            last_progress = Instant::now();
         }
     }
     report.chains = cursors.len();
@@ -872,6 +851,29 @@ impl DbCursor {
             self.compared = e.seq;
         }
     }
+}
+
+/// Each event of `paths`' lines in order (blank lines skipped): where it stands (`<file> line <n>`) and
+/// what reading it gave.
+fn events_in_files(
+    paths: &[std::path::PathBuf],
+) -> impl Iterator<Item = std::io::Result<(String, Result<SealedEvent, String>)>> + '_ {
+    paths.iter().flat_map(|path| {
+        let name = path
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        let lines: Box<dyn Iterator<Item = std::io::Result<String>>> = match files::open_lines(path)
+        {
+            Ok(reader) => Box::new(reader.lines()),
+            Err(e) => Box::new(std::iter::once(Err(e))),
+        };
+        lines
+            .enumerate()
+            .filter(|(_, line)| !line.as_ref().is_ok_and(|l| l.trim().is_empty()))
+            .map(move |(n, line)| {
+                line.map(|l| (format!("{name} line {}", n + 1), event_from_line(&l)))
+            })
+    })
 }
 
 /// The CHAIN_OPENED claims of `paths`' lines (lines that do not read as events are left to the second

@@ -57,18 +57,25 @@ fn add_action(policies: &std::path::Path, name: &str) {
     .unwrap();
 }
 
-#[tokio::test]
-async fn a_staging_gateway_reads_edited_policy_files_only_when_asked_by_command_or_signal() {
-    // Arrange: a staging gateway on its own copy of the example policy.
-    let dir = tempfile::tempdir().unwrap();
-    let policies = dir.path().join("policies");
+/// A staging gateway serving its own copy of the example policy (in `dir/policies`), and the CLI on
+/// its database and policy.
+fn staging_gateway(dir: &std::path::Path) -> (Cli, std::path::PathBuf, Serve) {
+    let policies = dir.join("policies");
     copy_dir(&repo("policies"), &policies);
-    let db = format!("sqlite://{}", dir.path().join("catraca.db").display());
-    let cli = Cli::on(&db, dir.path(), "reload")
+    let db = format!("sqlite://{}", dir.join("catraca.db").display());
+    let cli = Cli::on(&db, dir, "reload")
         .env("CATRACA_MODE", "staging")
         .env("CATRACA_LOG", "info")
         .env("CATRACA_POLICIES_DIR", policies.display().to_string());
     let serve = Serve::start(&cli);
+    (cli, policies, serve)
+}
+
+#[tokio::test]
+async fn a_staging_gateway_reads_edited_policy_files_only_when_asked_by_command_or_signal() {
+    // Arrange: a staging gateway on its own copy of the example policy.
+    let dir = tempfile::tempdir().unwrap();
+    let (cli, policies, serve) = staging_gateway(dir.path());
     let started = ready_revision(&serve).await;
     assert_eq!(started, files_revision(&cli));
 
@@ -123,14 +130,7 @@ async fn a_staging_gateway_reads_edited_policy_files_only_when_asked_by_command_
 async fn a_reload_of_files_that_do_not_load_is_refused_and_the_policy_in_force_keeps_serving() {
     // Arrange
     let dir = tempfile::tempdir().unwrap();
-    let policies = dir.path().join("policies");
-    copy_dir(&repo("policies"), &policies);
-    let db = format!("sqlite://{}", dir.path().join("catraca.db").display());
-    let cli = Cli::on(&db, dir.path(), "reload")
-        .env("CATRACA_MODE", "staging")
-        .env("CATRACA_LOG", "info")
-        .env("CATRACA_POLICIES_DIR", policies.display().to_string());
-    let serve = Serve::start(&cli);
+    let (cli, policies, serve) = staging_gateway(dir.path());
     let started = ready_revision(&serve).await;
 
     // Act: a broken file; the command refuses to ask, a signal asks anyway.

@@ -356,8 +356,9 @@ async fn sqlite() -> (Arc<dyn Store>, tempfile::TempDir) {
     (Arc::new(store), dir)
 }
 
-/// The URL of a fresh, migrated database on the server named by `CATRACA_TEST_POSTGRES_URL`.
-pub async fn postgres_url() -> String {
+/// The URL of a fresh, empty database (not migrated) on the server named by
+/// `CATRACA_TEST_POSTGRES_URL`.
+async fn fresh_postgres_database() -> String {
     let base = std::env::var("CATRACA_TEST_POSTGRES_URL")
         .expect("CATRACA_TEST_POSTGRES_URL must name a PostgreSQL server for this test");
     let name = format!("catraca_test_{}", uuid::Uuid::now_v7().simple());
@@ -368,7 +369,12 @@ pub async fn postgres_url() -> String {
         .await
         .unwrap();
     let (prefix, _) = base.rsplit_once('/').unwrap();
-    let url = format!("{prefix}/{name}");
+    format!("{prefix}/{name}")
+}
+
+/// The URL of a fresh, migrated database on the server named by `CATRACA_TEST_POSTGRES_URL`.
+pub async fn postgres_url() -> String {
+    let url = fresh_postgres_database().await;
     PgStore::connect(&url)
         .await
         .unwrap()
@@ -453,14 +459,7 @@ async fn a_policy_reload_request_is_pushed_to_listening_gateways_on_postgres() {
 #[ignore = "needs PostgreSQL at CATRACA_TEST_POSTGRES_URL"]
 async fn instances_starting_at_once_migrate_one_fresh_postgres_database_safely() {
     // A fresh database nobody migrated yet.
-    let base = std::env::var("CATRACA_TEST_POSTGRES_URL").unwrap();
-    let name = format!("catraca_test_{}", uuid::Uuid::now_v7().simple());
-    let mut admin = sqlx::PgConnection::connect(&base).await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    let url = format!("{}/{name}", base.rsplit_once('/').unwrap().0);
+    let url = fresh_postgres_database().await;
 
     // Four instances start at once, each applying the migrations.
     let starts = (0..4).map(|_| {
