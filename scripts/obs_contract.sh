@@ -52,6 +52,8 @@ catraca_collector_refusals_total{executor,reason}
 catraca_collector_runs_total{executor,outcome}
 catraca_audit_events_total{event_type}
 catraca_audit_write_failures_total{}
+catraca_checkpoints_total{}
+catraca_witness_failures_total{}
 catraca_audit_flush_duration_seconds_bucket{le}
 catraca_audit_flush_duration_seconds_sum{}
 catraca_audit_flush_duration_seconds_count{}

@@ -10,7 +10,10 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use serde_json::json;
 
-use crate::audit::{AuditLog, EventType, PendingEvent, ThrottledLedger, WriterOptions, WriterTask};
+use crate::audit::anchor::PublicKey;
+use crate::audit::{
+    AuditLog, Checkpointing, EventType, PendingEvent, ThrottledLedger, WriterOptions, WriterTask,
+};
 use crate::config::{Config, Mode};
 use crate::domain::{ApiKey, RoleName, TierName};
 use crate::executors::switches::ExecutorSwitches;
@@ -34,6 +37,8 @@ pub struct App {
     pub auth: AuthGate,
     pub limiter: Arc<dyn RateLimiter>,
     pub audit: AuditLog,
+    /// The public half of the key that signs this gateway's checkpoints.
+    pub audit_public_key: PublicKey,
     /// Refusals of throttled addresses, written as REQUESTS_THROTTLED summaries.
     pub throttled: ThrottledLedger,
     /// Executors switched off by an operator, fresh within the key bound.
@@ -111,6 +116,8 @@ pub async fn build(config: Config, kinds: &Kinds) -> anyhow::Result<(Arc<App>, W
         asked: Arc::default(),
     };
     let (registry, policy) = load_policy(&config, kinds, &env)?;
+    let checkpoints = Checkpointing::from_config(&config, &metrics)?;
+    let audit_public_key = checkpoints.key.public().clone();
     let (audit, writer) = AuditLog::start(
         store.clone(),
         metrics.clone(),
@@ -120,6 +127,7 @@ pub async fn build(config: Config, kinds: &Kinds) -> anyhow::Result<(Arc<App>, W
             batch_max: config.audit_batch_max,
             files_dir: Some(&config.audit_dir),
             file_max_bytes: config.audit_file_max_bytes,
+            checkpoints,
         },
     )
     .await
@@ -172,6 +180,7 @@ pub async fn build(config: Config, kinds: &Kinds) -> anyhow::Result<(Arc<App>, W
         auth,
         limiter,
         audit,
+        audit_public_key,
         throttled: ThrottledLedger::default(),
         switches,
         metrics,

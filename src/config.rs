@@ -208,6 +208,10 @@ struct FileConfig {
     behind_tls_proxy: Option<bool>,
     postgres_max_connections: Option<u32>,
     postgres_statement_timeout_ms: Option<u64>,
+    audit_signing_key: Option<String>,
+    witness_url: Option<String>,
+    checkpoint_interval_ms: Option<u64>,
+    checkpoint_max_events: Option<u64>,
 }
 
 /// Limits of the HTTP front door: how long a connection may take to send its headers, its body, or
@@ -297,6 +301,38 @@ pub struct Config {
     /// The PostgreSQL pool's size and statement timeout (`postgres_max_connections`,
     /// `postgres_statement_timeout_ms`); SQLite ignores them.
     pub postgres: PgSettings,
+    /// `CATRACA_AUDIT_SIGNING_KEY`: the key that signs audit checkpoints, or a file holding it.
+    pub audit_signing_key: Option<KeySource>,
+    /// `CATRACA_WITNESS_URL`: every signed checkpoint is POSTed there too.
+    pub witness_url: Option<String>,
+    /// A chain's head is signed at least this often while it grows (`checkpoint_interval_ms`, 1 s)…
+    pub checkpoint_interval: Duration,
+    /// …and after at most this many events (`checkpoint_max_events`, 10 000), and when its writer stops.
+    pub checkpoint_max_events: u64,
+}
+
+/// A secret given as itself or as the path of a file: shown only as a path, never as its value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeySource(String);
+
+impl KeySource {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.starts_with("PRIVATE+") {
+            f.write_str("KeySource(***)")
+        } else {
+            write!(f, "KeySource({:?})", self.0)
+        }
+    }
 }
 
 /// How a PostgreSQL store's pool is sized and its statements bounded.
@@ -502,6 +538,14 @@ impl Config {
                         .map_or(default.statement_timeout, Duration::from_millis),
                 }
             },
+            audit_signing_key: text("CATRACA_AUDIT_SIGNING_KEY")
+                .or(file.audit_signing_key)
+                .map(KeySource::new),
+            witness_url: text("CATRACA_WITNESS_URL").or(file.witness_url),
+            checkpoint_interval: Duration::from_millis(
+                file.checkpoint_interval_ms.unwrap_or(1_000),
+            ),
+            checkpoint_max_events: file.checkpoint_max_events.unwrap_or(10_000),
         };
         if !config.database_url.is_sqlite() && !config.database_url.is_postgres() {
             anyhow::bail!(
@@ -517,10 +561,12 @@ impl Config {
             || config.key_refresh.is_zero()
             || config.postgres.max_connections == 0
             || config.postgres.statement_timeout.is_zero()
+            || config.checkpoint_interval.is_zero()
+            || config.checkpoint_max_events == 0
         {
             anyhow::bail!(
-                "argon2_concurrency, max_connections, key_refresh_ms, postgres_max_connections and \
-                 postgres_statement_timeout_ms must be positive"
+                "argon2_concurrency, max_connections, key_refresh_ms, postgres_max_connections, \
+                 postgres_statement_timeout_ms, checkpoint_interval_ms and checkpoint_max_events must be positive"
             );
         }
         let http = config.http;

@@ -2,6 +2,7 @@
 //! its status and headers. Unexpected errors become a generic 500 whose detail goes to the log only.
 //! It sits below the turnstile and the HTTP routes, which both speak it.
 
+use crate::audit::anchor::Receipt;
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -25,6 +26,9 @@ pub struct Denial {
     pub decision_id: Uuid,
     pub retry_after_secs: Option<u64>,
     pub violations: Vec<Violation>,
+    /// Where the refusal's DECISION is in the trail; `None` for a refusal summarised instead of
+    /// recorded one by one (a throttled address).
+    pub receipt: Option<Receipt>,
 }
 
 fn codes_text(codes: &[ReasonCode]) -> String {
@@ -56,6 +60,8 @@ pub enum ApiError {
         decision_id: Uuid,
         action: String,
         executor_id: String,
+        /// Where the request's DECISION (allow) is in the trail (boxed: errors travel by value).
+        receipt: Option<Box<Receipt>>,
     },
     /// The audit store cannot write: nothing runs unaudited. `executed` when the action had already
     /// run (its ALLOW was recorded) and only its outcome could not be.
@@ -144,6 +150,11 @@ pub struct ErrorBody {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub executor_id: Option<String>,
+    /// Where the request's DECISION event is in the audit trail (every recorded refusal, and an
+    /// execution failure): prove it with `GET /v1/audit/proofs/{decision_id}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub receipt: Option<Receipt>,
 }
 
 /// How an error is answered, apart from its body: the status and the headers that go with it.
@@ -204,6 +215,7 @@ impl ApiError {
                     violations: d.violations,
                     action: None,
                     executor_id: None,
+                    receipt: d.receipt,
                 }
             }
             Self::ExecutionFailed {
@@ -212,6 +224,7 @@ impl ApiError {
                 decision_id,
                 action,
                 executor_id,
+                receipt,
             } => ErrorBody {
                 error: "EXECUTION_FAILED",
                 gate: None,
@@ -222,6 +235,7 @@ impl ApiError {
                 violations: vec![],
                 action: Some(action),
                 executor_id: Some(executor_id),
+                receipt: receipt.map(|r| *r),
             },
             Self::AuditUnavailable {
                 trace_id,
@@ -248,6 +262,7 @@ impl ApiError {
                     violations: vec![],
                     action: None,
                     executor_id: None,
+                    receipt: None,
                 }
             }
             Self::NotFound { message, trace_id } => ErrorBody {
@@ -260,6 +275,7 @@ impl ApiError {
                 violations: vec![],
                 action: None,
                 executor_id: None,
+                receipt: None,
             },
             Self::Rejected {
                 reason,
@@ -275,6 +291,7 @@ impl ApiError {
                 violations: vec![],
                 action: None,
                 executor_id: None,
+                receipt: None,
             },
             Self::Internal { detail, trace_id } => {
                 tracing::error!(%detail, trace_id = ?trace_id.as_ref().map(TraceId::as_str), "internal error");
@@ -288,6 +305,7 @@ impl ApiError {
                     violations: vec![],
                     action: None,
                     executor_id: None,
+                    receipt: None,
                 }
             }
         };

@@ -32,6 +32,10 @@ pub struct Metrics {
     pub collector_runs: IntCounterVec,
     pub audit_events: IntCounterVec,
     pub audit_write_failures: IntCounter,
+    /// Signed checkpoints stored (and appended to the checkpoints file).
+    pub checkpoints: IntCounter,
+    /// Checkpoints a witness did not take after every retry (or that found its queue full).
+    pub witness_failures: IntCounter,
     pub audit_flush_duration: Histogram,
     pub audit_queue_depth: IntGauge,
     /// 1 while the rate limiter can decide, 0 while its circuit is open.
@@ -126,6 +130,20 @@ impl Metrics {
                 IntCounter::new(
                     "catraca_audit_write_failures_total",
                     "Audit batches the store refused; each one made requests fail closed",
+                )?,
+            )?,
+            checkpoints: register(
+                &r,
+                IntCounter::new(
+                    "catraca_checkpoints_total",
+                    "Signed checkpoints of audit chains stored",
+                )?,
+            )?,
+            witness_failures: register(
+                &r,
+                IntCounter::new(
+                    "catraca_witness_failures_total",
+                    "Signed checkpoints the witness did not take (after retries) or that were dropped",
                 )?,
             )?,
             audit_flush_duration: register(

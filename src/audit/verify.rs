@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use time::OffsetDateTime;
 
+use super::anchored::{self, Anchors, ChainAnchors};
 use crate::audit::{files, timestamp};
 use crate::event::{GENESIS_HASH, SealedEvent, chain_hash, map_in_two};
 use crate::store::{Store, StoreError, Verification};
@@ -31,6 +32,14 @@ pub enum Problem {
     BrokenLink,
     /// The database and the JSON Lines files disagree: an event missing from one, or different.
     FilesDiffer,
+    /// A chain's events do not hash to the root of its signed checkpoint: it was rewritten.
+    CheckpointMismatch,
+    /// A checkpoint does not open with the public key: forged, altered or signed by another key.
+    BadCheckpoint,
+    /// A checkpoint kept outside the database is not in it: deleted, or the database rolled back.
+    MissingCheckpoint,
+    /// Events follow a chain's closing checkpoint: appended after its writer stopped.
+    Unanchored,
 }
 
 impl Problem {
@@ -42,6 +51,10 @@ impl Problem {
             Self::Truncation => 6,
             Self::BrokenLink => 7,
             Self::FilesDiffer => 8,
+            Self::CheckpointMismatch => 9,
+            Self::BadCheckpoint => 10,
+            Self::MissingCheckpoint => 11,
+            Self::Unanchored => 12,
         }
     }
 
@@ -53,6 +66,10 @@ impl Problem {
             Self::Truncation => "truncation",
             Self::BrokenLink => "broken link",
             Self::FilesDiffer => "database and files differ",
+            Self::CheckpointMismatch => "checkpoint mismatch",
+            Self::BadCheckpoint => "bad checkpoint",
+            Self::MissingCheckpoint => "missing checkpoint",
+            Self::Unanchored => "events after the closing checkpoint",
         }
     }
 }
@@ -150,6 +167,8 @@ struct ChainChecker {
     last_seq: i64,
     /// The first seq seen (a file's chain may begin mid-way).
     first_seq: Option<i64>,
+    /// The chain's signed checkpoints, when it is held to them.
+    anchors: Option<ChainAnchors>,
 }
 
 fn finding(problem: Problem, chain_id: &str, seq: i64, message: impl Into<String>) -> Finding {
@@ -171,6 +190,7 @@ impl ChainChecker {
             wanted: wanted.into_iter().map(|s| (s, None)).collect(),
             last_seq: 0,
             first_seq: None,
+            anchors: None,
         }
     }
 
@@ -278,6 +298,9 @@ impl ChainChecker {
             *slot = Some(e.hash.clone());
         }
         // A forged line may carry any seq, up to i64::MAX: saturate rather than overflow.
+        if let Some(anchors) = self.anchors.as_mut() {
+            anchors.follow(&self.chain_id, e.seq, &e.hash);
+        }
         self.expected = Some(e.seq.saturating_add(1));
         self.last_hash = Some(e.hash.clone());
         self.last_seq = e.seq;
@@ -388,7 +411,7 @@ fn check_claims(claims: &[Claim], chains: &HashMap<String, ChainChecker>) -> Opt
 }
 
 /// Events read per page; bounds memory whatever the size of the trail.
-const PAGE: i64 = 10_000;
+pub const PAGE: i64 = 10_000;
 /// How often progress is reported.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
@@ -404,11 +427,34 @@ pub async fn verify_store(
 pub async fn verify_store_in_pages(
     store: &dyn Store,
     page: i64,
+    progress: impl FnMut(u64),
+) -> Result<Report, StoreError> {
+    verify_store_anchored(store, None, page, progress).await
+}
+
+/// [`verify_store_in_pages`], also holding every chain to its signed checkpoints and to the copies of
+/// them kept outside the database (see [`super::anchored`]), when `anchors` says with which key.
+pub async fn verify_store_anchored(
+    store: &dyn Store,
+    anchors: Option<&Anchors>,
+    page: i64,
     mut progress: impl FnMut(u64),
 ) -> Result<Report, StoreError> {
     let page = page.max(1);
     let started = Instant::now();
     let chains = store.chains().await?;
+    let mut gathered = match anchors {
+        Some(a) => Some(anchored::gather(store, a).await?),
+        None => None,
+    };
+    if let Some(bad) = gathered.as_mut().and_then(|g| g.bad.take()) {
+        return Ok(Report {
+            chains: chains.len(),
+            finding: Some(bad),
+            elapsed: started.elapsed(),
+            ..Report::default()
+        });
+    }
     // First pass: every chain's CHAIN_OPENED claim, so the second pass knows which positions to keep.
     let mut claims = Vec::new();
     for info in &chains {
@@ -432,6 +478,7 @@ pub async fn verify_store_in_pages(
         ..Report::default()
     };
     let mut checkers = HashMap::new();
+    let mut anchored_findings = Vec::new();
     let mut last_progress = Instant::now();
     for info in &chains {
         let mut checker = ChainChecker::new(
@@ -442,6 +489,9 @@ pub async fn verify_store_in_pages(
                 .cloned()
                 .unwrap_or_default(),
         );
+        if let Some(g) = gathered.as_mut() {
+            checker.anchors = Some(g.chains.remove(&info.chain_id).unwrap_or_default());
+        }
         let mut batch = read_pair(store, &info.chain_id, 0, page).await?;
         loop {
             // The next two pages are read (two reads at once, on the store's side) while these are
@@ -480,9 +530,25 @@ pub async fn verify_store_in_pages(
                 None => break,
             }
         }
+        if let Some(f) = checker
+            .anchors
+            .as_ref()
+            .and_then(|a| a.finish(&info.chain_id, checker.last_seq))
+        {
+            anchored_findings.push(f);
+        }
         checkers.insert(info.chain_id.clone(), checker);
     }
-    report.finding = check_claims(&claims, &checkers);
+    report.finding = check_claims(&claims, &checkers).or(anchored_findings.into_iter().next());
+    if let Some(g) = gathered {
+        // Checkpoints of chains the database does not hold at all, then copies it lacks.
+        let mut gone: Vec<_> = g.chains.into_iter().collect();
+        gone.sort_by(|a, b| a.0.cmp(&b.0));
+        report.finding = report
+            .finding
+            .or_else(|| gone.first().and_then(|(chain, a)| a.finish(chain, 0)))
+            .or(g.missing);
+    }
     report.elapsed = started.elapsed();
     Ok(report)
 }

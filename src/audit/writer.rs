@@ -21,7 +21,10 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
+use super::anchor::{CheckpointRecord, Frontier, Receipt, SigningKey, leaf};
 use super::files::TrailFiles;
+use super::witness::Witness;
+use crate::config::Config;
 use crate::event::{EventType, GENESIS_HASH, PendingEvent, PreparedEvent, SealedEvent};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError, TrailAppender};
@@ -50,8 +53,10 @@ pub enum AuditError {
     Files(String),
 }
 
-/// Where the writer reports whether a command's events are durable.
-type Ack = oneshot::Sender<Result<(), AuditError>>;
+/// Where the writer reports whether a command's events are durable, and where they went.
+type Ack = oneshot::Sender<Result<Appended, AuditError>>;
+/// Where the writer reports whether a probe reached the disk.
+type ProbeAck = oneshot::Sender<Result<(), AuditError>>;
 
 enum Command {
     Append {
@@ -59,8 +64,55 @@ enum Command {
         done: Ack,
     },
     Probe {
-        done: Ack,
+        done: ProbeAck,
     },
+}
+
+/// Where one append's events went: its chain, the first one's seq, and each one's hash in order.
+#[derive(Debug, Clone)]
+pub struct Appended {
+    pub chain_id: Arc<str>,
+    pub first_seq: i64,
+    pub hashes: Vec<String>,
+}
+
+impl Appended {
+    /// The receipt of the `i`-th event of the append.
+    pub fn receipt(&self, i: usize) -> Option<Receipt> {
+        Some(Receipt {
+            chain_id: self.chain_id.to_string(),
+            seq: self.first_seq + i64::try_from(i).ok()?,
+            hash: self.hashes.get(i)?.clone(),
+        })
+    }
+}
+
+/// How the writer signs its chain's head: with `key`, every `interval` while the chain grows, after at
+/// most `max_events` events, and when it stops; each checkpoint stored, appended to the files'
+/// `checkpoints.jsonl` and offered to the witness.
+#[derive(Clone)]
+pub struct Checkpointing {
+    pub key: SigningKey,
+    pub interval: Duration,
+    pub max_events: u64,
+    pub witness: Option<Witness>,
+}
+
+impl Checkpointing {
+    /// The configuration's key (see [`super::anchor::signing_key`]) and cadence, and its witness
+    /// started on the current runtime.
+    pub fn from_config(config: &Config, metrics: &Metrics) -> anyhow::Result<Self> {
+        Ok(Self {
+            key: super::anchor::signing_key(config)?,
+            interval: config.checkpoint_interval,
+            max_events: config.checkpoint_max_events,
+            witness: config
+                .witness_url
+                .as_deref()
+                .map(|url| Witness::start(url, metrics.clone()))
+                .transpose()?,
+        })
+    }
 }
 
 /// The handle the rest of the process uses to write audit events. Cheap to clone.
@@ -82,6 +134,7 @@ pub struct WriterOptions<'a> {
     pub files_dir: Option<&'a Path>,
     /// Size at which the live JSON Lines file is rotated and compressed.
     pub file_max_bytes: u64,
+    pub checkpoints: Checkpointing,
 }
 
 /// Keeps the writer thread alive; awaiting it writes everything queued and syncs the files.
@@ -167,6 +220,14 @@ impl AuditLog {
         let sealed = state.seal_all(vec![opened.prepare(&chain_id, opts.instance_id)?]);
         store.append_events(&sealed).await?;
         state.advance(&sealed);
+        let mut anchor = Anchor {
+            opts: opts.checkpoints,
+            frontier: Frontier::default(),
+            signed: 0,
+            last_signed: Instant::now(),
+            file: opts.files_dir.map(|dir| dir.join(CHECKPOINTS_FILE)),
+        };
+        anchor.grow(&sealed);
         metrics
             .audit_events
             .with_label_values(&[EventType::ChainOpened.as_str()])
@@ -197,6 +258,7 @@ impl AuditLog {
             files_behind: false,
             last_probe: None,
             batch_max: opts.batch_max,
+            anchor,
         };
         let join = std::thread::Builder::new()
             .name("catraca-audit".into())
@@ -214,11 +276,12 @@ impl AuditLog {
         self.healthy.load(Ordering::Relaxed)
     }
 
-    /// Makes `events` durable, in order and contiguous in the chain; returns once committed.
+    /// Makes `events` durable, in order and contiguous in the chain; returns once committed, with
+    /// where they went.
     ///
     /// Their canonical bodies are written here, in the caller's task, so that the one writer thread
     /// only places each in the chain and hashes it.
-    pub async fn append(&self, events: Vec<PendingEvent>) -> Result<(), AuditError> {
+    pub async fn append(&self, events: Vec<PendingEvent>) -> Result<Appended, AuditError> {
         let events = events
             .into_iter()
             .map(|e| e.prepare(&self.chain_id, &self.instance_id))
@@ -248,10 +311,10 @@ impl AuditLog {
         }
     }
 
-    async fn wait(
+    async fn wait<T>(
         &self,
-        wait: oneshot::Receiver<Result<(), AuditError>>,
-    ) -> Result<(), AuditError> {
+        wait: oneshot::Receiver<Result<T, AuditError>>,
+    ) -> Result<T, AuditError> {
         match tokio::time::timeout(COMMIT_TIMEOUT, wait).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(AuditError::Stopped),
@@ -304,11 +367,72 @@ struct Writer {
     /// [`PROBE_EVERY`]); cleared by any failed batch.
     last_probe: Option<Instant>,
     batch_max: usize,
+    anchor: Anchor,
+}
+
+/// The checkpoints file, in the audit folder beside the trail files.
+pub const CHECKPOINTS_FILE: &str = "checkpoints.jsonl";
+
+/// The writer's checkpoints: its chain's Merkle right edge and when it was last signed.
+struct Anchor {
+    opts: Checkpointing,
+    frontier: Frontier,
+    /// Events the last stored checkpoint covers.
+    signed: u64,
+    last_signed: Instant,
+    /// `checkpoints.jsonl` in the audit folder, if the writer keeps files.
+    file: Option<std::path::PathBuf>,
+}
+
+impl Anchor {
+    /// Adds committed events to the tree.
+    fn grow(&mut self, sealed: &[SealedEvent]) {
+        for e in sealed {
+            // The writer made these hashes: always 64 hex digits.
+            if let Some(l) = leaf(&e.hash)
+                && let Err(err) = self.frontier.push(l)
+            {
+                tracing::error!(error = %err, "the checkpoint tree could not take an event");
+            }
+        }
+    }
+
+    /// How long until unsigned events must be signed; `None` when everything is signed.
+    fn due_in(&self) -> Option<Duration> {
+        (self.frontier.size() > self.signed).then(|| {
+            self.opts
+                .interval
+                .saturating_sub(self.last_signed.elapsed())
+        })
+    }
+
+    fn is_due(&self) -> bool {
+        let unsigned = self.frontier.size().saturating_sub(self.signed);
+        unsigned >= self.opts.max_events
+            || (unsigned > 0 && self.last_signed.elapsed() >= self.opts.interval)
+    }
 }
 
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Command>) {
-        while let Some(first) = rx.blocking_recv() {
+        loop {
+            let first = match self.anchor.due_in() {
+                None => rx.blocking_recv(),
+                Some(wait) => {
+                    // Built inside the runtime: a timer needs its context.
+                    let next = self
+                        .runtime
+                        .block_on(async { tokio::time::timeout(wait, rx.recv()).await });
+                    match next {
+                        Ok(cmd) => cmd,
+                        Err(_) => {
+                            self.checkpoint(false);
+                            continue;
+                        }
+                    }
+                }
+            };
+            let Some(first) = first else { break };
             // Group commit: everything already queued (up to batch_max events) goes in one transaction.
             let mut appends = Vec::new();
             let mut probes = Vec::new();
@@ -329,6 +453,9 @@ impl Writer {
             self.metrics.audit_queue_depth.set(rx.len() as i64);
             if !appends.is_empty() {
                 self.commit(appends);
+                if self.anchor.is_due() {
+                    self.checkpoint(false);
+                }
             }
             if !probes.is_empty() {
                 let result = self.probe();
@@ -337,6 +464,7 @@ impl Writer {
                 }
             }
         }
+        self.checkpoint(true);
         if let Some(files) = self.files.as_mut()
             && let Err(e) = files.finish()
         {
@@ -349,8 +477,8 @@ impl Writer {
         let mut events = Vec::new();
         let mut waiters = Vec::with_capacity(appends.len());
         for (batch, done) in appends {
+            waiters.push((events.len(), batch.len(), done));
             events.extend(batch);
-            waiters.push(done);
         }
         let types: Vec<EventType> = events.iter().map(|e| e.event_type).collect();
         let sealed = self.state.seal_all(events);
@@ -363,6 +491,7 @@ impl Writer {
         match result {
             Ok(sealed) => {
                 self.state.advance(&sealed);
+                self.anchor.grow(&sealed);
                 for t in types {
                     self.metrics
                         .audit_events
@@ -376,8 +505,17 @@ impl Writer {
                     tracing::error!(error = %e, "audit batch committed but not written to the files; its requests fail closed");
                 }
                 self.healthy.store(filed.is_ok(), Ordering::Relaxed);
-                for done in waiters {
-                    let _ = done.send(filed.clone());
+                let chain_id: Arc<str> = Arc::from(self.state.chain_id.as_str());
+                for (from, count, done) in waiters {
+                    let placed = filed.clone().map(|()| Appended {
+                        chain_id: chain_id.clone(),
+                        first_seq: sealed.get(from).map_or(0, |e| e.seq),
+                        hashes: sealed[from..from + count]
+                            .iter()
+                            .map(|e| e.hash.clone())
+                            .collect(),
+                    });
+                    let _ = done.send(placed);
                 }
             }
             Err(e) => {
@@ -385,7 +523,7 @@ impl Writer {
                 self.metrics.audit_write_failures.inc();
                 self.healthy.store(false, Ordering::Relaxed);
                 tracing::error!(error = %e, "audit batch not written; its requests fail closed");
-                for done in waiters {
+                for (_, _, done) in waiters {
                     let _ = done.send(Err(e.clone()));
                 }
             }
@@ -394,6 +532,51 @@ impl Writer {
 }
 
 impl Writer {
+    /// Signs the chain's head and keeps the checkpoint: in the store, then in the checkpoints file,
+    /// then offered to the witness. `closed` marks the chain's last one (its writer is stopping). A
+    /// failure is logged and tried again at the next interval; requests are not held up by it (their
+    /// events are durable already, and a later checkpoint covers them).
+    fn checkpoint(&mut self, closed: bool) {
+        let anchor = &mut self.anchor;
+        anchor.last_signed = Instant::now();
+        let size = anchor.frontier.size();
+        if size == 0 || (!closed && size == anchor.signed) {
+            return;
+        }
+        let chain_id = self.state.chain_id.as_str();
+        let signed = anchor
+            .frontier
+            .root()
+            .and_then(|root| anchor.opts.key.sign(chain_id, size, root, closed));
+        let note = match signed {
+            Ok(note) => note,
+            Err(e) => {
+                tracing::error!(error = %e, chain_id, size, "checkpoint not signed");
+                return;
+            }
+        };
+        let record = CheckpointRecord {
+            chain_id: chain_id.to_owned(),
+            size: i64::try_from(size).unwrap_or(i64::MAX),
+            signed_at: crate::event::timestamp(time::OffsetDateTime::now_utc()),
+            note,
+        };
+        if let Err(e) = self.appender.append_checkpoint(&record) {
+            tracing::error!(error = %e, chain_id, size, "checkpoint not stored; signing again at the next interval");
+            return;
+        }
+        anchor.signed = size;
+        self.metrics.checkpoints.inc();
+        if let Some(path) = anchor.file.as_deref()
+            && let Err(e) = append_line(path, &record)
+        {
+            tracing::error!(error = %e, path = %path.display(), "checkpoint stored but not appended to the checkpoints file");
+        }
+        if let Some(witness) = &anchor.opts.witness {
+            witness.offer(record.note);
+        }
+    }
+
     /// Appends a committed batch to the files, first copying from the database whatever an earlier
     /// failed write left out.
     fn write_files(&mut self, sealed: &[SealedEvent]) -> Result<(), AuditError> {
@@ -465,6 +648,19 @@ impl Writer {
         self.last_probe = result.is_ok().then(Instant::now);
         result
     }
+}
+
+/// Appends `record` to the checkpoints file as one JSON line, synced.
+fn append_line(path: &Path, record: &CheckpointRecord) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut line = serde_json::to_vec(record)?;
+    line.push(b'\n');
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    file.write_all(&line)?;
+    file.sync_data()
 }
 
 /// Writes, syncs and removes a small file in `dir`: fails when the disk is full or read-only.

@@ -77,9 +77,10 @@ enum ExecutorsCommand {
 
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
-    /// Verify every hash chain in the database (or JSON Lines files). Exit 0 when intact; 3 hash
-    /// mismatch, 4 gap, 5 reordering, 6 truncation, 7 broken link, 8 database and files differ, 1
-    /// could not verify.
+    /// Verify every hash chain in the database (or JSON Lines files), and hold each to its signed
+    /// checkpoints. Exit 0 when intact; 3 hash mismatch, 4 gap, 5 reordering, 6 truncation, 7 broken
+    /// link, 8 database and files differ, 9 checkpoint mismatch, 10 bad checkpoint, 11 missing
+    /// checkpoint, 12 events after a closing checkpoint, 1 could not verify.
     Verify {
         /// Verify this JSON Lines file (.jsonl or .jsonl.gz), or every trail file of this folder in
         /// write order, instead of the database.
@@ -92,6 +93,37 @@ enum AuditCommand {
         /// Print only the summary line.
         #[arg(long)]
         quiet: bool,
+        /// The checkpoints' public key (or a file holding it); by default the public half of the
+        /// configured signing key.
+        #[arg(long, value_name = "KEY")]
+        public_key: Option<String>,
+        /// A copy of checkpoints.jsonl kept away from the database (repeatable); the audit folder's own
+        /// is always read when present.
+        #[arg(long, value_name = "FILE")]
+        checkpoints: Vec<PathBuf>,
+    },
+    /// Print the proof that the trail holds a decision (its receipt, DECISION event, signed checkpoint
+    /// and inclusion proof) as JSON, for `verify-receipt`.
+    Prove { decision_id: String },
+    /// Check a decision's proof offline (no database, no server): the checkpoint's signature, the
+    /// event's hash and its inclusion under the checkpoint. Exit 0 when genuine, 2 when not.
+    VerifyReceipt {
+        /// The proof, as `prove` or `GET /v1/audit/proofs/{decision_id}` gave it.
+        file: PathBuf,
+        /// The gateway's checkpoint public key (or a file holding it).
+        #[arg(long, value_name = "KEY")]
+        public_key: String,
+    },
+    /// Print the public key of the configured checkpoint signing key.
+    PublicKey,
+    /// Make a checkpoint signing key: the private key goes to FILE (readable by its owner only), the
+    /// public key is printed.
+    Keygen {
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// The name the key signs under.
+        #[arg(long, default_value = "catraca")]
+        name: String,
     },
     /// Every event of one request, in chain order.
     Trace {
@@ -211,15 +243,18 @@ async fn command_audit(
     config: &Config,
     store: std::sync::Arc<dyn crate::store::Store>,
 ) -> anyhow::Result<(crate::audit::AuditLog, crate::audit::WriterTask)> {
+    let metrics = crate::metrics::Metrics::new()?;
+    let checkpoints = crate::audit::Checkpointing::from_config(config, &metrics)?;
     crate::audit::AuditLog::start(
         store,
-        crate::metrics::Metrics::new()?,
+        metrics,
         crate::audit::WriterOptions {
             instance_id: &config.instance_id,
             queue_capacity: 16,
             batch_max: 16,
             files_dir: Some(&config.audit_dir),
             file_max_bytes: config.audit_file_max_bytes,
+            checkpoints,
         },
     )
     .await

@@ -38,15 +38,18 @@ pub(super) async fn seed(config: &Config, keys: usize, events: u64) -> anyhow::R
     let keys_took = started.elapsed();
 
     let started = Instant::now();
+    let metrics = Metrics::new()?;
+    let checkpoints = crate::audit::Checkpointing::from_config(config, &metrics)?;
     let (audit, writer) = AuditLog::start(
         store.clone(),
-        Metrics::new()?,
+        metrics,
         WriterOptions {
             instance_id: &config.instance_id,
             queue_capacity: IN_FLIGHT * 2,
             batch_max: 5_000,
             files_dir: None,
             file_max_bytes: config.audit_file_max_bytes,
+            checkpoints,
         },
     )
     .await?;

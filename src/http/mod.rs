@@ -64,6 +64,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/audit/traces/{trace_id}", get(audit::get_trace))
         .route("/v1/audit/decisions", get(audit::decisions))
         .route("/v1/audit/chains", get(audit::chains))
+        .route("/v1/audit/proofs/{decision_id}", get(audit::decision_proof))
+        .route("/v1/audit/public-key", get(audit::public_key))
         .route("/v1/executors/{name}/disable", post(switches::disable))
         .route("/v1/executors/{name}/enable", post(switches::enable))
         .route("/v1/keys", get(keys::list).post(keys::create))
@@ -100,6 +102,8 @@ async fn observe(State(app): State<Arc<App>>, mut req: Request, next: Next) -> R
             "/v1/audit/traces/{trace_id}" => "/v1/audit/traces/{trace_id}",
             "/v1/audit/decisions" => "/v1/audit/decisions",
             "/v1/audit/chains" => "/v1/audit/chains",
+            "/v1/audit/proofs/{decision_id}" => "/v1/audit/proofs/{decision_id}",
+            "/v1/audit/public-key" => "/v1/audit/public-key",
             "/v1/executors/{name}/disable" => "/v1/executors/{name}/disable",
             "/v1/executors/{name}/enable" => "/v1/executors/{name}/enable",
             "/v1/keys" => "/v1/keys",

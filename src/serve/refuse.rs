@@ -53,6 +53,7 @@ fn answer() -> Vec<u8> {
         violations: vec![],
         action: None,
         executor_id: None,
+        receipt: None,
     };
     let json = serde_json::to_vec(&body).unwrap_or_else(|e| {
         // Strings and a list of strings always serialize; this is only for the type's sake.

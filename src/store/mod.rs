@@ -12,6 +12,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+pub use crate::audit::anchor::CheckpointRecord;
+
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -133,6 +135,8 @@ pub trait TrailAppender: Send {
     /// Proves a committed write reaches the disk right now (the audit tables take a row, rolled back;
     /// a row of its own is rewritten and committed).
     fn probe_write(&mut self) -> Result<(), StoreError>;
+    /// Stores a signed checkpoint (committed on its own).
+    fn append_checkpoint(&mut self, checkpoint: &CheckpointRecord) -> Result<(), StoreError>;
 }
 
 /// Wakes the watchers of shared state (key rows, executor switches) when the store tells of a change,
@@ -192,6 +196,24 @@ pub trait Store: Send + Sync + 'static {
     async fn append_events(&self, events: &[SealedEvent]) -> Result<(), StoreError>;
     /// [`TrailAppender::probe_write`] from async code.
     async fn probe_write(&self) -> Result<(), StoreError>;
+    /// [`TrailAppender::append_checkpoint`] from async code.
+    async fn append_checkpoint(&self, checkpoint: &CheckpointRecord) -> Result<(), StoreError>;
+    /// Every stored checkpoint: by chain, then size, then in the order stored.
+    async fn checkpoints(&self) -> Result<Vec<CheckpointRecord>, StoreError>;
+    /// The checkpoint of `chain_id` with the most events, if it holds at least `covering` of them.
+    async fn latest_checkpoint(
+        &self,
+        chain_id: &str,
+        covering: i64,
+    ) -> Result<Option<CheckpointRecord>, StoreError>;
+    /// `(seq, hash)` of `chain_id`'s events after `after_seq`, in seq order, at most `limit` (what a
+    /// Merkle proof reads: no bodies).
+    async fn chain_hashes(
+        &self,
+        chain_id: &str,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, String)>, StoreError>;
     /// Tail of the most recently opened chain of `instance_id`.
     async fn latest_chain_tail(&self, instance_id: &str) -> Result<Option<ChainTail>, StoreError>;
     /// Events of one request, in chain order.

@@ -10,9 +10,9 @@ use sqlx::{PgPool, Postgres, QueryBuilder, SqlSafeStr};
 
 use super::rows::{KeyRow, Sightings};
 use super::{
-    ChainInfo, ChainTail, ChangeNudges, CollectorRun, ExecutorSwitch, KeyRecord, LockHolder,
-    PgSettings, SNAPSHOT_CHUNK, SnapshotRow, Store, StoreError, TrailAppender, Verification,
-    contexts_to_text, probe_event,
+    ChainInfo, ChainTail, ChangeNudges, CheckpointRecord, CollectorRun, ExecutorSwitch, KeyRecord,
+    LockHolder, PgSettings, SNAPSHOT_CHUNK, SnapshotRow, Store, StoreError, TrailAppender,
+    Verification, contexts_to_text, probe_event,
 };
 use crate::domain::KeyId;
 use crate::event::SealedEvent;
@@ -87,6 +87,13 @@ fn migrator() -> Migrator {
             "policy reloads".into(),
             MigrationType::Simple,
             include_str!("../../migrations/postgres/0009_policy_reloads.sql").into_sql_str(),
+            false,
+        ),
+        Migration::new(
+            10,
+            "checkpoints".into(),
+            MigrationType::Simple,
+            include_str!("../../migrations/postgres/0010_checkpoints.sql").into_sql_str(),
             false,
         ),
     ])
@@ -215,6 +222,35 @@ impl TrailAppender for PgAppender {
 
     fn probe_write(&mut self) -> Result<(), StoreError> {
         self.runtime.block_on(probe_on(&self.pool))
+    }
+
+    fn append_checkpoint(&mut self, checkpoint: &CheckpointRecord) -> Result<(), StoreError> {
+        self.runtime.block_on(checkpoint_on(&self.pool, checkpoint))
+    }
+}
+
+async fn checkpoint_on(pool: &PgPool, c: &CheckpointRecord) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO audit_checkpoints (chain_id, size, signed_at, note) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(&c.chain_id)
+    .bind(c.size)
+    .bind(&c.signed_at)
+    .bind(&c.note)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// A stored checkpoint's columns.
+type CheckpointRow = (String, i64, String, String);
+
+fn checkpoint_of((chain_id, size, signed_at, note): CheckpointRow) -> CheckpointRecord {
+    CheckpointRecord {
+        chain_id,
+        size,
+        signed_at,
+        note,
     }
 }
 
@@ -532,6 +568,52 @@ impl Store for PgStore {
         .fetch_all(&self.pool)
         .await?;
         Ok(events)
+    }
+
+    async fn append_checkpoint(&self, checkpoint: &CheckpointRecord) -> Result<(), StoreError> {
+        checkpoint_on(&self.pool, checkpoint).await
+    }
+
+    async fn checkpoints(&self) -> Result<Vec<CheckpointRecord>, StoreError> {
+        let rows: Vec<CheckpointRow> = sqlx::query_as(
+            "SELECT chain_id, size, signed_at, note FROM audit_checkpoints \
+             ORDER BY chain_id, size, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(checkpoint_of).collect())
+    }
+
+    async fn latest_checkpoint(
+        &self,
+        chain_id: &str,
+        covering: i64,
+    ) -> Result<Option<CheckpointRecord>, StoreError> {
+        let row: Option<CheckpointRow> = sqlx::query_as(
+            "SELECT chain_id, size, signed_at, note FROM audit_checkpoints \
+             WHERE chain_id = $1 AND size >= $2 ORDER BY size DESC, id DESC LIMIT 1",
+        )
+        .bind(chain_id)
+        .bind(covering)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(checkpoint_of))
+    }
+
+    async fn chain_hashes(
+        &self,
+        chain_id: &str,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, String)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT seq, hash FROM audit_events WHERE chain_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(chain_id)
+        .bind(after_seq)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(source = source, query_key = query_key, run_id = run_id))]

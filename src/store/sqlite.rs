@@ -15,8 +15,8 @@ use super::runs::{
 };
 use super::sqlite_trail::{SharedTrail, SqliteAppender, SqliteTrail};
 use super::{
-    ChainInfo, ChainTail, CollectorRun, ExecutorSwitch, KeyRecord, LockHolder, SNAPSHOT_CHUNK,
-    SnapshotRow, Store, StoreError, TrailAppender, Verification, contexts_to_text,
+    ChainInfo, ChainTail, CheckpointRecord, CollectorRun, ExecutorSwitch, KeyRecord, LockHolder,
+    SNAPSHOT_CHUNK, SnapshotRow, Store, StoreError, TrailAppender, Verification, contexts_to_text,
 };
 use crate::domain::KeyId;
 use crate::event::{SealedEvent, map_in_two, micros_of};
@@ -107,6 +107,13 @@ fn migrations() -> Vec<Migration> {
             include_str!("../../migrations/sqlite/0010_policy_reloads.sql").into_sql_str(),
             false,
         ),
+        Migration::new(
+            11,
+            "checkpoints".into(),
+            MigrationType::Simple,
+            include_str!("../../migrations/sqlite/0011_checkpoints.sql").into_sql_str(),
+            false,
+        ),
     ]
 }
 
@@ -120,6 +127,18 @@ macro_rules! select_runs {
             $rest
         )
     };
+}
+
+/// A stored checkpoint's columns.
+type CheckpointRow = (String, i64, String, String);
+
+fn checkpoint_of((chain_id, size, signed_at, note): CheckpointRow) -> CheckpointRecord {
+    CheckpointRecord {
+        chain_id,
+        size,
+        signed_at,
+        note,
+    }
 }
 
 /// A stored run: its earliest time, event count, chain, position, hashes and bodies.
@@ -395,6 +414,88 @@ impl Store for SqliteStore {
     async fn probe_write(&self) -> Result<(), StoreError> {
         let mut appender = SqliteAppender(self.trail.clone());
         blocking(move || appender.probe_write()).await
+    }
+
+    async fn append_checkpoint(&self, checkpoint: &CheckpointRecord) -> Result<(), StoreError> {
+        let mut appender = SqliteAppender(self.trail.clone());
+        let checkpoint = checkpoint.clone();
+        blocking(move || appender.append_checkpoint(&checkpoint)).await
+    }
+
+    async fn checkpoints(&self) -> Result<Vec<CheckpointRecord>, StoreError> {
+        let rows: Vec<CheckpointRow> = sqlx::query_as(
+            "SELECT chain_id, size, signed_at, note FROM audit_checkpoints \
+             ORDER BY chain_id, size, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(checkpoint_of).collect())
+    }
+
+    async fn latest_checkpoint(
+        &self,
+        chain_id: &str,
+        covering: i64,
+    ) -> Result<Option<CheckpointRecord>, StoreError> {
+        let row: Option<CheckpointRow> = sqlx::query_as(
+            "SELECT chain_id, size, signed_at, note FROM audit_checkpoints \
+             WHERE chain_id = ? AND size >= ? ORDER BY size DESC, id DESC LIMIT 1",
+        )
+        .bind(chain_id)
+        .bind(covering)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(checkpoint_of))
+    }
+
+    async fn chain_hashes(
+        &self,
+        chain_id: &str,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, String)>, StoreError> {
+        let Some(chain_no): Option<i64> =
+            sqlx::query_scalar("SELECT chain_no FROM audit_chains WHERE chain_id = ?")
+                .bind(chain_id)
+                .fetch_optional(&self.pool)
+                .await?
+        else {
+            return Ok(Vec::new());
+        };
+        let limit = usize::try_from(limit.max(0)).unwrap_or(usize::MAX);
+        let end = position(chain_no + 1, 0);
+        let next = position(chain_no, after_seq.clamp(0, MAX_SEQ - 1) + 1);
+        let holding: Option<i64> =
+            sqlx::query_scalar("SELECT max(pos) FROM audit_runs WHERE pos >= ? AND pos <= ?")
+                .bind(position(chain_no, 0))
+                .bind(next)
+                .fetch_one(&self.pool)
+                .await?;
+        let mut from = holding.unwrap_or(next);
+        let mut found = Vec::new();
+        while found.len() < limit {
+            let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+                "SELECT pos, hashes FROM audit_runs WHERE pos >= ? AND pos < ? ORDER BY pos LIMIT ?",
+            )
+            .bind(from)
+            .bind(end)
+            .bind(RUN_PAGE)
+            .fetch_all(&self.pool)
+            .await?;
+            for (pos, hashes) in &rows {
+                let first = pos & MAX_SEQ;
+                for (seq, hash) in (first..).zip(hashes.chunks(32)) {
+                    if seq > after_seq && found.len() < limit {
+                        found.push((seq, hex::encode(hash)));
+                    }
+                }
+            }
+            match rows.last() {
+                Some(last) if rows.len() as i64 == RUN_PAGE => from = last.0 + 1,
+                _ => break,
+            }
+        }
+        Ok(found)
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(instance_id = instance_id))]

@@ -11,12 +11,12 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior, params};
 
 use super::runs::{MAX_SEQ, position, runs_of};
-use super::{StoreError, TrailAppender, probe_event};
+use super::{CheckpointRecord, StoreError, TrailAppender, probe_event};
 use crate::event::SealedEvent;
 
 /// How long the writer waits for SQLite's write lock (the CLI may write while the server runs).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-/// Prepared statements kept per connection: the writer uses five.
+/// Prepared statements kept per connection: the writer uses six.
 const STATEMENT_CACHE: usize = 8;
 /// Pages of SQLite's cache for the writing connection (negative: KiB): the right edges of the trail's
 /// trees (its keys grow with time) and the chains table stay in memory, so a commit reads nothing back
@@ -36,6 +36,8 @@ const INSERT_TRACE: &str = "INSERT OR IGNORE INTO audit_run_traces (trace_id, po
 const REGISTER_CHAIN: &str = "INSERT INTO audit_chains (chain_id, instance_id, opened_at) \
                               VALUES (?1, ?2, ?3) ON CONFLICT (chain_id) DO NOTHING";
 const CHAIN_NO: &str = "SELECT chain_no FROM audit_chains WHERE chain_id = ?1";
+const INSERT_CHECKPOINT: &str =
+    "INSERT INTO audit_checkpoints (chain_id, size, signed_at, note) VALUES (?1, ?2, ?3, ?4)";
 const WRITE_PROBE: &str = "INSERT INTO write_probe (id, probed_at) VALUES (1, ?1) \
                            ON CONFLICT (id) DO UPDATE SET probed_at = excluded.probed_at";
 
@@ -99,6 +101,16 @@ impl SqliteTrail {
         tx.rollback()?;
         let now = crate::event::timestamp(time::OffsetDateTime::now_utc());
         self.conn.prepare_cached(WRITE_PROBE)?.execute([now])?;
+        Ok(())
+    }
+}
+
+impl SqliteTrail {
+    /// Stores a signed checkpoint, committed on its own.
+    pub(super) fn append_checkpoint(&mut self, c: &CheckpointRecord) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(INSERT_CHECKPOINT)?
+            .execute(params![c.chain_id, c.size, c.signed_at, c.note])?;
         Ok(())
     }
 }
@@ -172,5 +184,9 @@ impl TrailAppender for SqliteAppender {
 
     fn probe_write(&mut self) -> Result<(), StoreError> {
         self.trail().probe_write()
+    }
+
+    fn append_checkpoint(&mut self, checkpoint: &CheckpointRecord) -> Result<(), StoreError> {
+        self.trail().append_checkpoint(checkpoint)
     }
 }

@@ -365,7 +365,7 @@ impl Allowed {
     async fn run(mut self, stream: Option<ChunkSink>) -> Result<ActionResult, ApiError> {
         let app = self.app.clone();
         let executor = executor_for(&app, &self.d, &self.granted)?;
-        commit_allow(&app, &self.d, &self.granted, executor).await?;
+        let receipt = commit_allow(&app, &self.d, &self.granted, executor).await?;
         let started = Instant::now();
         // The payload goes to the executor; the trail already holds its digest.
         let payload = std::mem::take(&mut self.granted.payload);
@@ -393,7 +393,7 @@ impl Allowed {
         )
         .await?;
         count_result(&app, self.d.action_label(), status);
-        answer(self.d, &self.granted, executor, outcome, elapsed)
+        answer(self.d, &self.granted, executor, outcome, elapsed, receipt)
     }
 }
 

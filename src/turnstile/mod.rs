@@ -24,7 +24,8 @@ use serde_json::{Value, json};
 use utoipa::ToSchema;
 
 use crate::app::App;
-use crate::audit::{EventType, PendingEvent, timestamp};
+use crate::audit::anchor::Receipt;
+use crate::audit::{Appended, EventType, PendingEvent, timestamp};
 use crate::domain::TraceId;
 use crate::error::{ApiError, Denial};
 use crate::event::Fields;
@@ -61,6 +62,9 @@ pub struct ActionResult {
     pub execution_time_ms: f64,
     /// SHA-256 of the policy files that decided.
     pub policy_revision: String,
+    /// Where the request's DECISION event is in the audit trail: prove it with
+    /// `GET /v1/audit/proofs/{decision_id}` and check it offline with the gateway's public key.
+    pub receipt: Receipt,
 }
 
 /// What the HTTP layer hands to the turnstile for `/process`.
@@ -253,14 +257,15 @@ async fn switched_off(
     }
 }
 
-/// REQUEST_START, DECISION (allow) and EXECUTOR_SELECTED, durable before the executor starts.
+/// REQUEST_START, DECISION (allow) and EXECUTOR_SELECTED, durable before the executor starts; returns
+/// the DECISION's receipt.
 #[tracing::instrument(level = "debug", skip_all)]
 async fn commit_allow(
     app: &App,
     d: &Decision,
     granted: &Granted,
     executor: &ExecutorDef,
-) -> Result<(), ApiError> {
+) -> Result<Option<Receipt>, ApiError> {
     // Made in story order: an event's id and time are taken when it is made.
     let allow = d.event("allow", Gate::ActionMatrix, &[]);
     let selected = Fields::new()
@@ -275,14 +280,18 @@ async fn commit_allow(
         );
     let selected =
         PendingEvent::from_fields(EventType::ExecutorSelected, Some(&d.trace_id), selected);
-    commit(
+    let appended = commit(
         app,
         d,
         vec![d.start_event(), allow, selected],
         Moment::Allow,
     )
-    .await
+    .await?;
+    Ok(appended.receipt(DECISION_AT))
 }
+
+/// Where a request's DECISION is among the events committed with it: after REQUEST_START.
+const DECISION_AT: usize = 1;
 
 /// ACTION_EXECUTED and REQUEST_END, durable before the response (or, for a stream, before its end:
 /// `streamed` when a chunk already went out, so the client's status is 200 whatever happened next).
@@ -325,7 +334,7 @@ async fn commit_outcome(
         Err(e) => (execution_status(e), "EXECUTION_FAILED"),
     };
     let events = vec![executed, d.end_event(http_status, end)];
-    commit(app, d, events, Moment::Outcome).await
+    commit(app, d, events, Moment::Outcome).await.map(drop)
 }
 
 fn execution_status(error: &ExecutorError) -> StatusCode {
@@ -342,6 +351,7 @@ fn answer(
     executor: &ExecutorDef,
     outcome: Result<(Value, Value), ExecutorError>,
     elapsed: Duration,
+    receipt: Option<Receipt>,
 ) -> Result<ActionResult, ApiError> {
     match outcome {
         Ok((result, _)) => Ok(ActionResult {
@@ -353,6 +363,12 @@ fn answer(
             result,
             execution_time_ms: (elapsed.as_secs_f64() * 1e6).round() / 1e3,
             policy_revision: d.policy.revision.clone(),
+            receipt: receipt.ok_or_else(|| {
+                ApiError::internal(
+                    "the DECISION was committed without a place",
+                    Some(&d.trace_id),
+                )
+            })?,
         }),
         Err(error) => Err(ApiError::ExecutionFailed {
             error,
@@ -360,6 +376,7 @@ fn answer(
             decision_id: d.id,
             action: granted.action.name.to_string(),
             executor_id: executor.name.clone(),
+            receipt: receipt.map(Box::new),
         }),
     }
 }
@@ -394,7 +411,7 @@ async fn commit(
     d: &Decision,
     events: Vec<PendingEvent>,
     moment: Moment,
-) -> Result<(), ApiError> {
+) -> Result<Appended, ApiError> {
     let started = Instant::now();
     let count = events.len();
     let written = app.audit.append(events).await;
@@ -423,7 +440,7 @@ async fn commit(
     })
 }
 
-/// The denial a refusal is answered with.
+/// The denial a refusal is answered with (its receipt is added once its DECISION is durable).
 fn denial(d: &Decision, refusal: Refusal) -> Denial {
     let Refusal {
         gate,
@@ -441,20 +458,22 @@ fn denial(d: &Decision, refusal: Refusal) -> Denial {
         // Round up: a client that waits the advertised seconds must not be refused again.
         retry_after_secs: retry_after.map(|r| r.as_secs() + u64::from(r.subsec_nanos() > 0)),
         violations,
+        receipt: None,
     }
 }
 
 /// Records REQUEST_START, DECISION (deny) and REQUEST_END durably; returns the refusal to answer.
 #[tracing::instrument(level = "debug", skip_all)]
 async fn refuse(app: &App, d: Decision, refusal: Refusal) -> ApiError {
-    let denial = denial(&d, refusal);
+    let mut denial = denial(&d, refusal);
     let events = vec![
         d.start_event(),
         d.event("deny", denial.gate, &denial.reason_codes),
         d.end_event(denial.status(), "DENIED"),
     ];
-    if let Err(e) = commit(app, &d, events, Moment::Denial).await {
-        return e;
+    match commit(app, &d, events, Moment::Denial).await {
+        Ok(appended) => denial.receipt = appended.receipt(DECISION_AT),
+        Err(e) => return e,
     }
     count_result(app, d.action_label(), "denied");
     ApiError::Denied(Box::new(denial))
@@ -564,7 +583,7 @@ impl AuthorizedChange {
         } else {
             Moment::Read
         };
-        commit(app, &self.d, events, moment).await
+        commit(app, &self.d, events, moment).await.map(drop)
     }
 
     pub fn trace_id(&self) -> &TraceId {

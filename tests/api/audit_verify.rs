@@ -3,8 +3,10 @@
 
 use std::sync::Arc;
 
+use catraca::audit::anchor::{PublicKey, SigningKey};
+use catraca::audit::anchored::Anchors;
 use catraca::audit::chain_hash;
-use catraca::audit::verify::{Problem, verify_store, verify_store_in_pages};
+use catraca::audit::verify::{Problem, verify_store, verify_store_anchored};
 use catraca::config::DatabaseUrl;
 use catraca::store::{SqliteStore, Store};
 use serde_json::{Value, json};
@@ -24,10 +26,21 @@ async fn trail() -> (tempfile::TempDir, String) {
     }
     let url = first.db_url();
     let dir = first.stop().await;
-    let second = spawn_app_with(|c| c.database_url = DatabaseUrl::new(url.clone())).await;
+    let second = restart(&dir, &url).await;
     second.process(Some(&key), &echo("again")).await;
     second.stop().await;
     (dir, url)
+}
+
+/// The same gateway started again on `url`: its audit folder (and so its signing key) is the first
+/// run's, in `dir`.
+async fn restart(dir: &tempfile::TempDir, url: &str) -> crate::helpers::TestApp {
+    let audit = dir.path().join("audit");
+    spawn_app_with(|c| {
+        c.database_url = DatabaseUrl::new(url.to_owned());
+        c.audit_dir = audit;
+    })
+    .await
 }
 
 /// The README's exit code of `catraca audit verify` for each kind of damage.
@@ -39,6 +52,10 @@ fn readme_exit_code(problem: Problem) -> i32 {
         Problem::Truncation => 6,
         Problem::BrokenLink => 7,
         Problem::FilesDiffer => 8,
+        Problem::CheckpointMismatch => 9,
+        Problem::BadCheckpoint => 10,
+        Problem::MissingCheckpoint => 11,
+        Problem::Unanchored => 12,
     }
 }
 
@@ -54,23 +71,65 @@ fn names_chain_and_seq(text: &str, chain: &str, seq: i64) -> bool {
     })
 }
 
-/// `catraca audit verify` on the database at `url`.
-fn verify_cli(url: &str) -> std::process::Output {
-    Cli::new()
-        .env("CATRACA_DATABASE_URL", url)
-        .output(&["audit", "verify"])
+/// The folder of the test gateway whose database is at `url`.
+fn folder_of(url: &str) -> std::path::PathBuf {
+    let file = std::path::Path::new(url.strip_prefix("sqlite://").unwrap());
+    file.parent().unwrap().to_path_buf()
 }
 
-/// What verification finds in the database at `url`, asserting that the binary agrees: exit 0 when
-/// intact, else the README's code for the damage and a summary naming the same chain and seq.
+/// The public key of the test gateways' checkpoints (staging makes the key beside the audit folder),
+/// also written to `public.key` in the folder, and the checkpoints file kept outside the database.
+fn anchors_of(url: &str) -> (Anchors, std::path::PathBuf) {
+    let dir = folder_of(url);
+    let key = std::fs::read_to_string(dir.join("audit-signing.key")).unwrap();
+    let public: PublicKey = SigningKey::from_text(&key).unwrap().public().clone();
+    let public_file = dir.join("public.key");
+    std::fs::write(&public_file, public.as_str()).unwrap();
+    let anchors = Anchors {
+        key: public,
+        outside: vec![dir.join("audit").join("checkpoints.jsonl")],
+    };
+    (anchors, public_file)
+}
+
+/// `catraca audit verify` on the database at `url`, held to the checkpoints with the public key.
+fn verify_cli(url: &str) -> std::process::Output {
+    let (anchors, public_file) = anchors_of(url);
+    let checkpoints = anchors.outside[0].display().to_string();
+    Cli::new().env("CATRACA_DATABASE_URL", url).output(&[
+        "audit",
+        "verify",
+        "--public-key",
+        &public_file.display().to_string(),
+        "--checkpoints",
+        &checkpoints,
+    ])
+}
+
+/// What the verification of the chains alone (no checkpoints: what `verify` could do before them)
+/// finds in the database at `url`.
+async fn verify_chains_only(url: &str) -> Option<(Problem, String, i64)> {
+    let store = SqliteStore::connect(url).await.unwrap();
+    let report = verify_store(&store, |_| {}).await.unwrap();
+    report.finding.map(|f| (f.problem, f.chain_id, f.seq))
+}
+
+/// What verification finds in the database at `url`, held to its signed checkpoints and the copy of
+/// them in the audit folder, asserting that the binary agrees: exit 0 when intact, else the README's
+/// code for the damage and a summary naming the same chain and seq.
 async fn verify(url: &str) -> Option<(Problem, String, i64)> {
     let store: Arc<dyn Store> = Arc::new(SqliteStore::connect(url).await.unwrap());
-    let report = verify_store(store.as_ref(), |_| {}).await.unwrap();
-    assert!(report.events > 0);
+    let (anchors, _) = anchors_of(url);
+    let report = verify_store_anchored(store.as_ref(), Some(&anchors), 10_000, |_| {})
+        .await
+        .unwrap();
+    if let Some(f) = &report.finding {
+        eprintln!("verify found: {f:?}");
+    }
     let found = report.finding.map(|f| (f.problem, f.chain_id, f.seq));
     // Reading in small pages (several reads per chain, two at a time) finds the same thing.
     for page in [1, 2, 3, 7] {
-        let paged = verify_store_in_pages(store.as_ref(), page, |_| {})
+        let paged = verify_store_anchored(store.as_ref(), Some(&anchors), page, |_| {})
             .await
             .unwrap();
         let paged = paged.finding.map(|f| (f.problem, f.chain_id, f.seq));
@@ -345,6 +404,16 @@ async fn the_cli_passes_each_json_lines_file_of_an_untouched_trail() {
     let mut files = 0;
     for file in std::fs::read_dir(dir.path().join("audit")).unwrap() {
         let path = file.unwrap().path();
+        // The trail's files; the checkpoints file beside them is not one.
+        if !path
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("audit.")
+        {
+            continue;
+        }
         let out = Cli::new().output(&[
             "audit",
             "verify",
@@ -712,4 +781,254 @@ async fn the_database_is_compared_with_the_files_and_an_event_missing_or_differe
         assert!(names_chain_and_seq(&text, chain, seq), "{text}");
         assert!(text.contains(says), "{text}");
     }
+}
+
+/// The newest chain (the second run's) and its last seq.
+async fn newest_chain(conn: &mut SqliteConnection) -> (String, i64) {
+    sqlx::query_as(
+        "SELECT chain_id, MAX(seq) FROM audit_events GROUP BY chain_id \
+         ORDER BY MIN(occurred_at) DESC LIMIT 1",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap()
+}
+
+/// The chain's stored events from `from` on, rewritten in order with links and hashes recomputed as a
+/// forger with the file would: each event's `prev_hash` (and `seq`) set, its hash recomputed.
+fn relink(events: &mut [Stored], from: usize, mut prev: String) {
+    for e in events.iter_mut().skip(from) {
+        let mut body: Value = serde_json::from_str(&e.body).unwrap();
+        body["prev_hash"] = json!(prev);
+        body["seq"] = json!(e.seq);
+        e.body = serde_json_canonicalizer::to_string(&body).unwrap();
+        e.hash = chain_hash(&prev, &e.body);
+        prev = e.hash.clone();
+    }
+}
+
+#[tokio::test]
+async fn every_chain_is_signed_and_its_last_checkpoint_closes_it() {
+    let (_dir, url) = trail().await;
+    let store = SqliteStore::connect(&url).await.unwrap();
+    let (anchors, _) = anchors_of(&url);
+    let checkpoints = store.checkpoints().await.unwrap();
+    for chain in store.chains().await.unwrap() {
+        let mine: Vec<_> = checkpoints
+            .iter()
+            .filter(|c| c.chain_id == chain.chain_id)
+            .map(|c| anchors.key.open(&c.note).unwrap())
+            .collect();
+        let last = mine.last().expect("a chain has checkpoints");
+        assert_eq!(last.size, u64::try_from(chain.events).unwrap());
+        assert!(
+            last.closed,
+            "the last checkpoint of a stopped chain closes it"
+        );
+        assert!(mine[..mine.len() - 1].iter().all(|c| !c.closed));
+    }
+    // The file beside the trail holds the same notes as the database.
+    let file = std::fs::read_to_string(&anchors.outside[0]).unwrap();
+    assert_eq!(file.lines().count(), checkpoints.len());
+    for c in &checkpoints {
+        assert!(file.contains(&serde_json::to_string(&c.note).unwrap()));
+    }
+    assert_eq!(verify(&url).await, None);
+}
+
+#[tokio::test]
+async fn the_newest_chain_s_cut_tail_is_caught_by_its_checkpoint() {
+    let (_dir, url) = trail().await;
+    let (mut conn, _) = intruder(&url).await;
+    let (chain, last) = newest_chain(&mut conn).await;
+    rewrite_chain(&mut conn, &chain, |events| {
+        events.retain(|e| e.seq <= last - 3)
+    })
+    .await;
+    // The chains alone cannot tell: nothing comes after the newest chain.
+    assert_eq!(verify_chains_only(&url).await, None);
+    assert_eq!(
+        verify(&url).await,
+        Some((Problem::Truncation, chain, last - 2))
+    );
+}
+
+#[tokio::test]
+async fn events_appended_after_the_closing_checkpoint_with_recomputed_hashes_are_named() {
+    let (_dir, url) = trail().await;
+    let (mut conn, _) = intruder(&url).await;
+    let (chain, last) = newest_chain(&mut conn).await;
+    rewrite_chain(&mut conn, &chain, |events| {
+        // Two forged decisions, copies of the last events, placed after the tail and linked to it.
+        let tail = events[events.len() - 2..].to_vec();
+        let from = events.len();
+        for (i, mut e) in tail.into_iter().enumerate() {
+            e.seq = last + 1 + i64::try_from(i).unwrap();
+            events.push(e);
+        }
+        let prev = events[from - 1].hash.clone();
+        relink(events, from, prev);
+    })
+    .await;
+    assert_eq!(verify_chains_only(&url).await, None);
+    assert_eq!(
+        verify(&url).await,
+        Some((Problem::Unanchored, chain, last + 1))
+    );
+}
+
+#[tokio::test]
+async fn a_chain_rewritten_with_recomputed_hashes_does_not_match_its_checkpoint() {
+    let (_dir, url) = trail().await;
+    let (mut conn, _) = intruder(&url).await;
+    let (chain, _) = newest_chain(&mut conn).await;
+    // A denial turned into an allow, and every hash after it recomputed: the links hold.
+    let (seq,): (i64,) = sqlx::query_as(
+        "SELECT seq FROM audit_events WHERE chain_id = ? AND event_type = 'DECISION' ORDER BY seq LIMIT 1",
+    )
+    .bind(&chain)
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    let (covering,): (i64,) =
+        sqlx::query_as("SELECT MIN(size) FROM audit_checkpoints WHERE chain_id = ? AND size >= ?")
+            .bind(&chain)
+            .bind(seq)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    rewrite_chain(&mut conn, &chain, |events| {
+        let i = usize::try_from(seq - 1).unwrap();
+        let mut body: Value = serde_json::from_str(&events[i].body).unwrap();
+        body["effect"] = json!(if body["effect"] == "allow" {
+            "deny"
+        } else {
+            "allow"
+        });
+        events[i].body = serde_json_canonicalizer::to_string(&body).unwrap();
+        let prev: Value = serde_json::from_str(&events[i].body).unwrap();
+        relink(events, i, prev["prev_hash"].as_str().unwrap().to_owned());
+    })
+    .await;
+    assert_eq!(verify_chains_only(&url).await, None);
+    assert_eq!(
+        verify(&url).await,
+        Some((Problem::CheckpointMismatch, chain, covering))
+    );
+}
+
+/// A connection to the database at `url` with the checkpoints' append-only triggers dropped.
+async fn checkpoint_intruder(url: &str) -> SqliteConnection {
+    let mut conn = SqliteConnection::connect(url).await.unwrap();
+    for drop in [
+        "DROP TRIGGER audit_checkpoints_no_update",
+        "DROP TRIGGER audit_checkpoints_no_delete",
+    ] {
+        sqlx::query(drop).execute(&mut conn).await.unwrap();
+    }
+    conn
+}
+
+#[tokio::test]
+async fn a_checkpoint_deleted_from_the_database_is_missing_against_the_copy_outside() {
+    let (_dir, url) = trail().await;
+    let (_, first) = intruder(&url).await;
+    let mut conn = checkpoint_intruder(&url).await;
+    let (size,): (i64,) =
+        sqlx::query_as("SELECT MAX(size) FROM audit_checkpoints WHERE chain_id = ?")
+            .bind(&first)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    sqlx::query("DELETE FROM audit_checkpoints WHERE chain_id = ? AND size = ?")
+        .bind(&first)
+        .bind(size)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        verify(&url).await,
+        Some((Problem::MissingCheckpoint, first, size))
+    );
+}
+
+#[tokio::test]
+async fn a_checkpoint_signed_by_another_key_or_altered_is_a_bad_checkpoint() {
+    let (_dir, url) = trail().await;
+    let (_, first) = intruder(&url).await;
+    let mut conn = checkpoint_intruder(&url).await;
+    let (size, note): (i64, String) = sqlx::query_as(
+        "SELECT size, note FROM audit_checkpoints WHERE chain_id = ? ORDER BY size DESC LIMIT 1",
+    )
+    .bind(&first)
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    // The same chain head, signed by another key.
+    let (anchors, _) = anchors_of(&url);
+    let genuine = anchors.key.open(&note).unwrap();
+    let other = SigningKey::from_text(&SigningKey::generate("catraca").unwrap()).unwrap();
+    let forged = other
+        .sign(&first, genuine.size, genuine.root, genuine.closed)
+        .unwrap();
+    sqlx::query("UPDATE audit_checkpoints SET note = ? WHERE chain_id = ? AND size = ?")
+        .bind(&forged)
+        .bind(&first)
+        .bind(size)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        verify(&url).await,
+        Some((Problem::BadCheckpoint, first.clone(), size))
+    );
+
+    // The genuine note, its size edited to cover more than the chain holds.
+    let altered = note.replacen(&format!("\n{size}\n"), &format!("\n{}\n", size + 5), 1);
+    sqlx::query("UPDATE audit_checkpoints SET note = ? WHERE chain_id = ? AND size = ?")
+        .bind(&altered)
+        .bind(&first)
+        .bind(size)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        verify(&url).await,
+        Some((Problem::BadCheckpoint, first, size))
+    );
+}
+
+#[tokio::test]
+async fn a_database_replaced_by_an_older_copy_of_itself_is_caught_by_the_checkpoints_outside() {
+    let first = spawn_app().await;
+    let key = first.admin_key().await;
+    for i in 0..3 {
+        first.process(Some(&key), &echo(&format!("m{i}"))).await;
+    }
+    let url = first.db_url();
+    let dir = first.stop().await;
+    let db = dir.path().join("catraca.db");
+    let older = dir.path().join("older.db");
+    // A consistent copy of the whole database, as a backup would take it.
+    let mut conn = SqliteConnection::connect(&url).await.unwrap();
+    sqlx::query("VACUUM INTO ?")
+        .bind(older.display().to_string())
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    drop(conn);
+    let second = restart(&dir, &url).await;
+    second.process(Some(&key), &echo("later")).await;
+    let newer_chain = second.app.audit.chain_id().to_owned();
+    second.stop().await;
+    // The intruder restores the older copy: every chain in it is whole and signed.
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(dir.path().join(format!("catraca.db{suffix}")));
+    }
+    std::fs::copy(&older, &db).unwrap();
+    assert_eq!(verify_chains_only(&url).await, None);
+    assert_eq!(
+        verify(&url).await,
+        Some((Problem::Truncation, newer_chain, 1))
+    );
 }

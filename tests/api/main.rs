@@ -26,6 +26,7 @@ mod keys_http;
 mod llm;
 mod logs;
 mod policy_reload;
+mod receipts;
 mod secrets;
 mod startup;
 mod store;

@@ -227,6 +227,45 @@ async fn policy_reload_requests_are_numbered_in_order(store: Arc<dyn Store>) {
     assert_eq!(store.policy_reload_requested().await.unwrap(), second);
 }
 
+async fn checkpoints_are_kept_in_order_and_hashes_read_without_bodies(store: Arc<dyn Store>) {
+    let events = chain("c", 25);
+    store.append_events(&events[..10]).await.unwrap();
+    store.append_events(&events[10..]).await.unwrap();
+    let hashes = store.chain_hashes("c", 3, 100).await.unwrap();
+    assert_eq!(hashes.len(), 22);
+    assert_eq!(hashes[0], (4, events[3].hash.clone()));
+    assert_eq!(hashes[21], (25, events[24].hash.clone()));
+    assert_eq!(store.chain_hashes("c", 9, 2).await.unwrap().len(), 2);
+    assert!(store.chain_hashes("none", 0, 10).await.unwrap().is_empty());
+
+    let record = |size: i64, note: &str| catraca::store::CheckpointRecord {
+        chain_id: "c".into(),
+        size,
+        signed_at: "2026-12-06T10:00:00.000000Z".into(),
+        note: note.into(),
+    };
+    assert_eq!(store.latest_checkpoint("c", 1).await.unwrap(), None);
+    store.append_checkpoint(&record(10, "ten")).await.unwrap();
+    store
+        .append_checkpoint(&record(25, "twenty-five"))
+        .await
+        .unwrap();
+    store
+        .append_checkpoint(&record(25, "closed"))
+        .await
+        .unwrap();
+    let all = store.checkpoints().await.unwrap();
+    let notes: Vec<&str> = all.iter().map(|c| c.note.as_str()).collect();
+    assert_eq!(notes, ["ten", "twenty-five", "closed"]);
+    // The newest of the most events, when it covers the one asked for.
+    assert_eq!(
+        store.latest_checkpoint("c", 5).await.unwrap().unwrap().note,
+        "closed"
+    );
+    assert_eq!(store.latest_checkpoint("c", 26).await.unwrap(), None);
+    assert_eq!(store.latest_checkpoint("other", 1).await.unwrap(), None);
+}
+
 async fn collector_locks_runs_and_baselines(store: Arc<dyn Store>) {
     let t = |s: &str| format!("2026-11-22T{s}.000000Z");
     assert_eq!(
@@ -429,6 +468,10 @@ mod sqlite_and_postgres {
         collector_locks_runs_and_baselines,
         collector_locks_runs_and_baselines_on_postgres
     );
+    store_story!(
+        checkpoints_are_kept_in_order_and_hashes_read_without_bodies,
+        checkpoints_are_kept_in_order_and_hashes_read_without_bodies_on_postgres
+    );
 }
 
 #[tokio::test]
@@ -491,10 +534,22 @@ async fn postgres_rejects_update_and_delete_on_the_audit_table() {
     let store = PgStore::connect(&url).await.unwrap();
     store.append_events(&chain("c", 2)).await.unwrap();
     let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    store
+        .append_checkpoint(&catraca::store::CheckpointRecord {
+            chain_id: "c".into(),
+            size: 2,
+            signed_at: "2026-12-06T10:00:00.000000Z".into(),
+            note: "n".into(),
+        })
+        .await
+        .unwrap();
     for sql in [
         "UPDATE audit_events SET body = '{}'",
         "DELETE FROM audit_events",
         "TRUNCATE audit_events",
+        "UPDATE audit_checkpoints SET note = 'x'",
+        "DELETE FROM audit_checkpoints",
+        "TRUNCATE audit_checkpoints",
     ] {
         let err = sqlx::query(sql).execute(&mut conn).await.unwrap_err();
         assert!(err.to_string().contains("append-only"), "{sql}: {err}");
@@ -521,10 +576,52 @@ async fn a_gateway_on_postgres_serves_audits_and_verifies() {
         401
     );
     let store = app.app.store.clone();
-    app.stop().await;
-    let report = catraca::audit::verify::verify_store(store.as_ref(), |_| {})
+    let auditor = app.role_key("auditor").await;
+    let body: serde_json::Value = app
+        .process(Some(&key), &crate::helpers::echo("provado"))
+        .await
+        .json()
         .await
         .unwrap();
+    let public = app.app.audit_public_key.clone();
+    let path = format!("/v1/audit/proofs/{}", body["decision_id"].as_str().unwrap());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let proof = loop {
+        let r = app
+            .client
+            .get(app.url(&path))
+            .header("X-API-Key", &auditor)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            break r
+                .json::<catraca::audit::proof::DecisionProof>()
+                .await
+                .unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no proof: {}",
+            r.status()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    catraca::audit::proof::verify_offline(&proof, &public).unwrap();
+    let outside = app.dir.path().join("audit").join("checkpoints.jsonl");
+    let _dir = app.stop().await;
+    let anchors = catraca::audit::anchored::Anchors {
+        key: public,
+        outside: vec![outside],
+    };
+    let report = catraca::audit::verify::verify_store_anchored(
+        store.as_ref(),
+        Some(&anchors),
+        10_000,
+        |_| {},
+    )
+    .await
+    .unwrap();
     assert_eq!(report.finding, None);
     assert!(report.events >= 10, "{} events", report.events);
 }

@@ -208,11 +208,31 @@ async fn bind(adjust: impl FnOnce(&mut Config)) -> anyhow::Result<Server> {
     config.executors_dir = crate::helpers::repo("executors");
     config.mode = Mode::Prod;
     config.listen = "127.0.0.1:0".parse().unwrap();
+    // prod signs its checkpoints with a key it is given.
+    config.audit_signing_key = Some(catraca::config::KeySource::new(
+        catraca::audit::anchor::SigningKey::generate("test").unwrap(),
+    ));
     adjust(&mut config);
     let server = Server::bind(config, Kinds::builtin()).await;
     // The folder lives as long as the test needs the answer.
     std::mem::forget(dir);
     server
+}
+
+#[tokio::test]
+async fn prod_refuses_to_start_without_a_checkpoint_signing_key_and_never_prints_one() {
+    let refused = bind(|c| c.audit_signing_key = None)
+        .await
+        .err()
+        .expect("prod without a signing key is refused");
+    assert!(
+        refused.to_string().contains("CATRACA_AUDIT_SIGNING_KEY"),
+        "{refused:#}"
+    );
+    let key = catraca::audit::anchor::SigningKey::generate("test").unwrap();
+    let mut config = Config::defaults();
+    config.audit_signing_key = Some(catraca::config::KeySource::new(key.clone()));
+    assert!(!format!("{config:?}").contains(&key));
 }
 
 #[tokio::test]
