@@ -296,7 +296,7 @@ for set in "docker-compose.yml" "docker-compose.yml docker-compose.metrics.yml" 
            "docker-compose.yml docker-compose.fleet.yml"; do
   args=(); for f in $set; do args+=(-f "$ROOT/$f"); done
   (cd "$ROOT" && POSTGRES_PASSWORD=contract CATRACA_ALERT_WEBHOOK_URL=http://127.0.0.1:9/x \
-    GRAFANA_ADMIN_PASSWORD=contract CATRACA_TLS_PEM=/dev/null docker-compose "${args[@]}" config -q) \
+    GRAFANA_ADMIN_PASSWORD=contract CATRACA_TLS_PEM=/dev/null CATRACA_AUDIT_KEY_FILE=/dev/null docker-compose "${args[@]}" config -q) \
     >"$EV/compose.log" 2>&1 || fail "docker-compose config: $set" "$(cat "$EV/compose.log")"
 done
 ok "compose files validate (base, +metrics, +grafana, +fleet)"

@@ -199,6 +199,7 @@ fn protocol_refusal(e: ApiError) -> ErrorData {
         "reason_codes": body.reason_codes,
         "trace_id": body.trace_id,
         "decision_id": body.decision_id,
+        "receipt": body.receipt,
     });
     ErrorData::invalid_request(body.message, Some(data))
 }
@@ -237,6 +238,10 @@ fn tool_result(done: ActionResult) -> CallToolResult {
     meta.insert(
         "io.catraca/policy_revision".into(),
         Value::from(done.policy_revision),
+    );
+    meta.insert(
+        "io.catraca/receipt".into(),
+        serde_json::to_value(&done.receipt).unwrap_or(Value::Null),
     );
     result.meta = Some(MetaObject(meta));
     result

@@ -59,6 +59,10 @@ pub struct OpenAiErrorDetail {
     pub reason_codes: Vec<String>,
     pub trace_id: Option<String>,
     pub decision_id: Option<String>,
+    /// Where the refusal's DECISION is in the audit trail (as in `/process`'s error body).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub receipt: Option<crate::audit::anchor::Receipt>,
 }
 
 /// One server-sent event of a streamed completion.
@@ -134,6 +138,7 @@ fn error_detail(status: StatusCode, body: crate::error::ErrorBody) -> OpenAiErro
         reason_codes: codes,
         trace_id: body.trace_id,
         decision_id: body.decision_id,
+        receipt: body.receipt,
     }
 }
 
@@ -526,6 +531,7 @@ fn completion(result: ActionResult) -> Value {
         action,
         result,
         policy_revision,
+        receipt,
         ..
     } = result;
     let mut completion = match result {
@@ -558,6 +564,10 @@ fn completion(result: ActionResult) -> Value {
         catraca.insert("trace_id".into(), Value::from(trace_id));
         catraca.insert("decision_id".into(), Value::from(decision_id));
         catraca.insert("policy_revision".into(), Value::from(policy_revision));
+        catraca.insert(
+            "receipt".into(),
+            serde_json::to_value(receipt).unwrap_or(Value::Null),
+        );
     }
     Value::Object(completion)
 }

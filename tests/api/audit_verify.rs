@@ -339,6 +339,17 @@ async fn a_deleted_event_is_a_gap_named_where_it_was() {
 }
 
 #[tokio::test]
+async fn the_middle_of_a_chain_cut_out_is_a_gap_named_at_its_first_missing_event() {
+    let (_dir, url) = trail().await;
+    let (mut conn, chain) = intruder(&url).await;
+    rewrite_chain(&mut conn, &chain, |events| {
+        events.retain(|e| !(4..=11).contains(&e.seq));
+    })
+    .await;
+    assert_eq!(verify(&url).await, Some((Problem::Gap, chain, 4)));
+}
+
+#[tokio::test]
 async fn two_swapped_events_are_a_reordering() {
     let (_dir, url) = trail().await;
     let (mut conn, chain) = intruder(&url).await;

@@ -255,6 +255,9 @@ async fn a_completion_passes_the_gates_and_leaves_its_story_without_the_messages
     assert_eq!(body["usage"]["total_tokens"], 52);
     assert_eq!(body["catraca"]["trace_id"], trace.as_str());
     assert_eq!(body["catraca"]["upstream_model"], "up-7b");
+    let decision = app.decision(&trace).await;
+    assert_eq!(body["catraca"]["receipt"]["seq"], decision["seq"]);
+    assert_eq!(body["catraca"]["receipt"]["hash"], decision["hash"]);
 
     // The executor's system prompt first, then the client's message; its max_tokens passed.
     let sent = up.seen.lock().unwrap()[0].clone();
@@ -317,6 +320,7 @@ async fn refusals_have_openai_error_shape_with_the_reason_code_and_the_gateway_s
     let decision = app.decision(&trace).await;
     assert_eq!(decision["effect"], "deny");
     assert_eq!(decision["reason_codes"], json!(["NO_MATCHING_RULE"]));
+    assert_eq!(body["error"]["receipt"]["hash"], decision["hash"]);
 
     let (status, _, challenge, body) = refused(chat(&app, None, &question(64)).await).await;
     assert_eq!(
