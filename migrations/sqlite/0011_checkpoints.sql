@@ -2,7 +2,7 @@
 -- events of `chain_id` (their RFC 6962 Merkle root), signed with the gateway's audit key, which the
 -- database never holds. The note is the record; the other columns only find it. A chain's last
 -- checkpoint (its writer stopped) carries the extension line `closed`, so it may share its size with
--- the checkpoint before it. The same notes are appended to checkpoints.jsonl in the audit folder and
+-- the checkpoint before it. The same notes are appended to checkpoints.ndjson in the audit folder and
 -- may be sent to a witness: copies kept away from this database are what a verification holds it to.
 CREATE TABLE audit_checkpoints (
     id        INTEGER PRIMARY KEY,

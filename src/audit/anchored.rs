@@ -1,6 +1,6 @@
 //! Verification against signed checkpoints: what `catraca audit verify` adds to the chains' own checks.
 //!
-//! Every checkpoint (those in the database, and copies kept outside it: `checkpoints.jsonl` files) must
+//! Every checkpoint (those in the database, and copies kept outside it: `checkpoints.ndjson` files) must
 //! open with the public key; every chain's events must hash, leaf by leaf, to the root of each of its
 //! checkpoints; a chain must hold at least the events its checkpoints cover (a cut tail, or a database
 //! restored from an older copy); no event may follow a chain's closing checkpoint (a forged append after
@@ -19,7 +19,7 @@ use crate::store::{Store, StoreError};
 /// The checkpoints a verification holds the trail to.
 pub struct Anchors {
     pub key: PublicKey,
-    /// `checkpoints.jsonl` files kept away from the database.
+    /// `checkpoints.ndjson` files kept away from the database.
     pub outside: Vec<PathBuf>,
 }
 
@@ -224,7 +224,7 @@ pub async fn gather(store: &dyn Store, anchors: &Anchors) -> Result<Gathered, St
     Ok(gathered)
 }
 
-/// The records of a `checkpoints.jsonl` file, with their line numbers.
+/// The records of a `checkpoints.ndjson` file, with their line numbers.
 fn read_outside(path: &Path) -> std::io::Result<Vec<(usize, CheckpointRecord)>> {
     let reader = std::io::BufReader::new(std::fs::File::open(path)?);
     let mut records = Vec::new();

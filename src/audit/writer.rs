@@ -89,7 +89,7 @@ impl Appended {
 
 /// How the writer signs its chain's head: with `key`, every `interval` while the chain grows, after at
 /// most `max_events` events, and when it stops; each checkpoint stored, appended to the files'
-/// `checkpoints.jsonl` and offered to the witness.
+/// `checkpoints.ndjson` and offered to the witness.
 #[derive(Clone)]
 pub struct Checkpointing {
     pub key: SigningKey,
@@ -371,7 +371,7 @@ struct Writer {
 }
 
 /// The checkpoints file, in the audit folder beside the trail files.
-pub const CHECKPOINTS_FILE: &str = "checkpoints.jsonl";
+pub const CHECKPOINTS_FILE: &str = "checkpoints.ndjson";
 
 /// The writer's checkpoints: its chain's Merkle right edge and when it was last signed.
 struct Anchor {
@@ -380,7 +380,7 @@ struct Anchor {
     /// Events the last stored checkpoint covers.
     signed: u64,
     last_signed: Instant,
-    /// `checkpoints.jsonl` in the audit folder, if the writer keeps files.
+    /// `checkpoints.ndjson` in the audit folder, if the writer keeps files.
     file: Option<std::path::PathBuf>,
 }
 

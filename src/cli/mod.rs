@@ -97,7 +97,7 @@ enum AuditCommand {
         /// configured signing key.
         #[arg(long, value_name = "KEY")]
         public_key: Option<String>,
-        /// A copy of checkpoints.jsonl kept away from the database (repeatable); the audit folder's own
+        /// A copy of checkpoints.ndjson kept away from the database (repeatable); the audit folder's own
         /// is always read when present.
         #[arg(long, value_name = "FILE")]
         checkpoints: Vec<PathBuf>,

@@ -87,7 +87,7 @@ fn anchors_of(url: &str) -> (Anchors, std::path::PathBuf) {
     std::fs::write(&public_file, public.as_str()).unwrap();
     let anchors = Anchors {
         key: public,
-        outside: vec![dir.join("audit").join("checkpoints.jsonl")],
+        outside: vec![dir.join("audit").join("checkpoints.ndjson")],
     };
     (anchors, public_file)
 }

@@ -608,7 +608,7 @@ async fn a_gateway_on_postgres_serves_audits_and_verifies() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     };
     catraca::audit::proof::verify_offline(&proof, &public).unwrap();
-    let outside = app.dir.path().join("audit").join("checkpoints.jsonl");
+    let outside = app.dir.path().join("audit").join("checkpoints.ndjson");
     let _dir = app.stop().await;
     let anchors = catraca::audit::anchored::Anchors {
         key: public,
