@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use tlog_tiles::Hash;
 
 use super::anchor::{CheckpointRecord, Frontier, PublicKey, leaf};
-use super::verify::{Finding, Problem};
+use super::finding::{Finding, Problem, finding};
 use crate::store::{Store, StoreError};
 
 /// The checkpoints a verification holds the trail to.
@@ -242,13 +242,4 @@ fn read_outside(path: &Path) -> std::io::Result<Vec<(usize, CheckpointRecord)>> 
         records.push((n + 1, record));
     }
     Ok(records)
-}
-
-fn finding(problem: Problem, chain_id: &str, seq: i64, message: impl Into<String>) -> Finding {
-    Finding {
-        problem,
-        chain_id: chain_id.to_owned(),
-        seq,
-        message: message.into(),
-    }
 }

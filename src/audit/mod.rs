@@ -5,6 +5,7 @@ pub mod anchor;
 pub mod anchored;
 pub mod export;
 mod files;
+mod finding;
 pub mod proof;
 mod throttled;
 pub mod timeline;
