@@ -8,7 +8,9 @@
 #     writer appends each batch before answering, and the restarted gateway brings the killed chain's
 #     files level with the database before it opens its own chain,
 #   * `catraca audit verify` passes across the restart (exit code 0), with the key chain and both
-#     server chains in the database, and so does `catraca audit verify --file` of the files' folder.
+#     server chains in the database, and so does `catraca audit verify --file` of the files' folder;
+#   * every chain is signed: a stopped chain's last checkpoint closes it, the killed chain's does not,
+#     and checkpoints.ndjson holds the database's checkpoints.
 #
 #   bash scripts/crash_test.sh                      # defaults: 8 clients, kill after 1.5 s
 #   CLIENTS=16 KILL_AFTER=3 bash scripts/crash_test.sh
@@ -259,4 +261,28 @@ CHAINS=$(python3 -c 'import sqlite3, sys
 con = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
 print(con.execute("SELECT COUNT(DISTINCT chain_id) FROM audit_events").fetchone()[0])' "$WORK/catraca.db")
 [ "$CHAINS" -ge 3 ] || fail "expected the key chain and two server chains in the database, found $CHAINS"
+# Signed checkpoints (the verify above held every chain to them, with the key staging made beside the
+# audit folder): a stopped chain's last one closes it and covers all of it; the killed chain's do not
+# close it, and cover all but at most its last second; the folder's checkpoints.ndjson holds the same notes.
+python3 - "$WORK/catraca.db" "$WORK/audit/checkpoints.ndjson" <<'PY' || fail "signed checkpoints after the crash (see above)"
+import json, sqlite3, sys
+con = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
+events = dict(con.execute("SELECT chain_id, MAX(seq) FROM audit_events GROUP BY chain_id"))
+rows = con.execute("SELECT chain_id, size, note FROM audit_checkpoints ORDER BY chain_id, size, id").fetchall()
+last = {}
+for chain, size, note in rows:
+    last[chain] = (size, "\nclosed\n" in note)
+closed = {c: v for c, v in last.items() if v[1]}
+open_ = {c: v for c, v in last.items() if not v[1]}
+ok = set(last) == set(events)
+ok &= all(size == events[c] for c, (size, _) in closed.items())
+ok &= len(open_) == 1 and all(0 < size <= events[c] for c, (size, _) in open_.items())
+with open(sys.argv[2]) as f:
+    notes = [json.loads(line)["note"] for line in f if line.strip()]
+ok &= sorted(notes) == sorted(n for _, _, n in rows)
+for c, (size, is_closed) in sorted(last.items()):
+    print(f"crash test: chain {c}: {events.get(c)} events, last checkpoint {size}{' (closed)' if is_closed else ' (killed: not closed)'}")
+print(f"crash test: {len(rows)} signed checkpoints in the database, {len(notes)} in checkpoints.ndjson")
+sys.exit(0 if ok else 1)
+PY
 echo "CRASH TEST PASSED"
