@@ -146,6 +146,14 @@ pub struct PublicKey {
 impl PublicKey {
     pub fn from_text(text: &str) -> Result<Self, AnchorError> {
         let text = text.trim();
+        if text.starts_with("PRIVATE+") {
+            // Never echoed: it is the signing key itself.
+            return Err(AnchorError::Key(
+                "this is a private signing key, not its public key: give the public key \
+                 (`catraca audit public-key`, or GET /v1/audit/public-key)"
+                    .to_owned(),
+            ));
+        }
         StandardVerifier::new(text)
             .map_err(|e| AnchorError::Key(format!("not a checkpoint public key ({e}): {text}")))?;
         Ok(Self {
@@ -465,6 +473,9 @@ mod tests {
         assert!(!format!("{k:?}").contains("PRIVATE"));
         assert!(SigningKey::from_text("PRIVATE+KEY+x+00000000+AAAA").is_err());
         assert!(PublicKey::from_text("catraca+12345678+AQ==").is_err());
+        // A private key given where the public one belongs is refused without being echoed.
+        let refused = PublicKey::from_text(&text).unwrap_err().to_string();
+        assert!(!refused.contains(&text[12..]), "{refused}");
     }
 
     #[test]
