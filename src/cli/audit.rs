@@ -151,7 +151,7 @@ pub(super) async fn audit_command(config: &Config, cmd: AuditCommand) -> anyhow:
                         "receipt verified: decision {} ({}) of trace {} at chain {} seq {}, under policy \
                          revision {}, at {}; covered by a checkpoint of {} events signed by {}",
                         field("decision_id"),
-                        field("decision"),
+                        field("effect"),
                         field("trace_id"),
                         v.chain_id,
                         v.seq,

@@ -170,6 +170,7 @@ async fn a_proof_verifies_offline_and_a_forged_one_does_not() {
                 "{}",
                 printed(&out)
             );
+            assert!(printed(&out).contains("(allow)"), "{}", printed(&out));
         }
     }
 
