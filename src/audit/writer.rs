@@ -247,6 +247,7 @@ impl AuditLog {
             metrics: metrics.clone(),
         };
         let writer = Writer {
+            chain: log.chain_id.clone(),
             store,
             appender,
             runtime: tokio::runtime::Handle::current(),
@@ -351,6 +352,8 @@ async fn level_files(
 }
 
 struct Writer {
+    /// The chain this writer seals, as the receipts name it.
+    chain: Arc<str>,
     /// Reads (catching the files up) go through the store's async API, driven by `runtime`.
     store: Arc<dyn Store>,
     appender: Box<dyn TrailAppender>,
@@ -416,9 +419,13 @@ impl Anchor {
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         loop {
-            let first = match self.anchor.due_in() {
-                None => rx.blocking_recv(),
-                Some(wait) => {
+            let first = match (self.anchor.due_in(), rx.try_recv()) {
+                (_, Ok(cmd)) => Some(cmd),
+                (_, Err(mpsc::error::TryRecvError::Disconnected)) => None,
+                (None, Err(mpsc::error::TryRecvError::Empty)) => rx.blocking_recv(),
+                // Nothing queued and events unsigned: wait at most until their checkpoint is due (a
+                // timer only when the queue is empty, never under load).
+                (Some(wait), Err(mpsc::error::TryRecvError::Empty)) => {
                     // Built inside the runtime: a timer needs its context.
                     let next = self
                         .runtime
@@ -505,15 +512,15 @@ impl Writer {
                     tracing::error!(error = %e, "audit batch committed but not written to the files; its requests fail closed");
                 }
                 self.healthy.store(filed.is_ok(), Ordering::Relaxed);
-                let chain_id: Arc<str> = Arc::from(self.state.chain_id.as_str());
+                // The batch is done with: each caller takes its own events' hashes, moved, not copied.
+                let first_seq = sealed.first().map_or(0, |e| e.seq);
+                let mut hashes = sealed.into_iter().map(|e| e.hash);
                 for (from, count, done) in waiters {
+                    let mine: Vec<String> = hashes.by_ref().take(count).collect();
                     let placed = filed.clone().map(|()| Appended {
-                        chain_id: chain_id.clone(),
-                        first_seq: sealed.get(from).map_or(0, |e| e.seq),
-                        hashes: sealed[from..from + count]
-                            .iter()
-                            .map(|e| e.hash.clone())
-                            .collect(),
+                        chain_id: self.chain.clone(),
+                        first_seq: first_seq + i64::try_from(from).unwrap_or(i64::MAX),
+                        hashes: mine,
                     });
                     let _ = done.send(placed);
                 }

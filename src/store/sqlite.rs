@@ -186,6 +186,32 @@ async fn blocking(
 }
 
 impl SqliteStore {
+    /// Where reading `chain_id` after `after_seq` goes through `audit_runs`: from the run that holds
+    /// the next event (it may start before it) up to the chain's end, as positions `[from, end)`;
+    /// `None` for a chain the store does not know.
+    async fn runs_after(
+        &self,
+        chain_id: &str,
+        after_seq: i64,
+    ) -> Result<Option<(i64, i64)>, StoreError> {
+        let Some(chain_no): Option<i64> =
+            sqlx::query_scalar("SELECT chain_no FROM audit_chains WHERE chain_id = ?")
+                .bind(chain_id)
+                .fetch_optional(&self.pool)
+                .await?
+        else {
+            return Ok(None);
+        };
+        let next = position(chain_no, after_seq.clamp(0, MAX_SEQ - 1) + 1);
+        let holding: Option<i64> =
+            sqlx::query_scalar("SELECT max(pos) FROM audit_runs WHERE pos >= ? AND pos <= ?")
+                .bind(position(chain_no, 0))
+                .bind(next)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(Some((holding.unwrap_or(next), position(chain_no + 1, 0))))
+    }
+
     /// Opens (creating the file and its folder if needed) the database at `url`.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str(url)?
@@ -454,24 +480,10 @@ impl Store for SqliteStore {
         after_seq: i64,
         limit: i64,
     ) -> Result<Vec<(i64, String)>, StoreError> {
-        let Some(chain_no): Option<i64> =
-            sqlx::query_scalar("SELECT chain_no FROM audit_chains WHERE chain_id = ?")
-                .bind(chain_id)
-                .fetch_optional(&self.pool)
-                .await?
-        else {
+        let Some((mut from, end)) = self.runs_after(chain_id, after_seq).await? else {
             return Ok(Vec::new());
         };
         let limit = usize::try_from(limit.max(0)).unwrap_or(usize::MAX);
-        let end = position(chain_no + 1, 0);
-        let next = position(chain_no, after_seq.clamp(0, MAX_SEQ - 1) + 1);
-        let holding: Option<i64> =
-            sqlx::query_scalar("SELECT max(pos) FROM audit_runs WHERE pos >= ? AND pos <= ?")
-                .bind(position(chain_no, 0))
-                .bind(next)
-                .fetch_one(&self.pool)
-                .await?;
-        let mut from = holding.unwrap_or(next);
         let mut found = Vec::new();
         while found.len() < limit {
             let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
@@ -628,25 +640,10 @@ impl Store for SqliteStore {
         after_seq: i64,
         limit: i64,
     ) -> Result<Vec<SealedEvent>, StoreError> {
-        let Some(chain_no): Option<i64> =
-            sqlx::query_scalar("SELECT chain_no FROM audit_chains WHERE chain_id = ?")
-                .bind(chain_id)
-                .fetch_optional(&self.pool)
-                .await?
-        else {
+        let Some((mut from, end)) = self.runs_after(chain_id, after_seq).await? else {
             return Ok(Vec::new());
         };
         let limit = usize::try_from(limit.max(0)).unwrap_or(usize::MAX);
-        let (start, end) = (position(chain_no, 0), position(chain_no + 1, 0));
-        let next = position(chain_no, after_seq.clamp(0, MAX_SEQ - 1) + 1);
-        // From the run that holds the next event (it may start before it).
-        let holding: Option<i64> =
-            sqlx::query_scalar("SELECT max(pos) FROM audit_runs WHERE pos >= ? AND pos <= ?")
-                .bind(start)
-                .bind(next)
-                .fetch_one(&self.pool)
-                .await?;
-        let mut from = holding.unwrap_or(next);
         let mut events: Vec<SealedEvent> = Vec::new();
         while events.len() < limit {
             let rows: Vec<RunRow> = sqlx::query_as(select_runs!(

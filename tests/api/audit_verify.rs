@@ -963,6 +963,17 @@ async fn a_checkpoint_deleted_from_the_database_is_missing_against_the_copy_outs
     );
 }
 
+/// Replaces the note of `chain`'s stored checkpoints of `size` events.
+async fn set_note(conn: &mut SqliteConnection, chain: &str, size: i64, note: &str) {
+    sqlx::query("UPDATE audit_checkpoints SET note = ? WHERE chain_id = ? AND size = ?")
+        .bind(note)
+        .bind(chain)
+        .bind(size)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn a_checkpoint_signed_by_another_key_or_altered_is_a_bad_checkpoint() {
     let (_dir, url) = trail().await;
@@ -982,13 +993,7 @@ async fn a_checkpoint_signed_by_another_key_or_altered_is_a_bad_checkpoint() {
     let forged = other
         .sign(&first, genuine.size, genuine.root, genuine.closed)
         .unwrap();
-    sqlx::query("UPDATE audit_checkpoints SET note = ? WHERE chain_id = ? AND size = ?")
-        .bind(&forged)
-        .bind(&first)
-        .bind(size)
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    set_note(&mut conn, &first, size, &forged).await;
     assert_eq!(
         verify(&url).await,
         Some((Problem::BadCheckpoint, first.clone(), size))
@@ -996,13 +1001,7 @@ async fn a_checkpoint_signed_by_another_key_or_altered_is_a_bad_checkpoint() {
 
     // The genuine note, its size edited to cover more than the chain holds.
     let altered = note.replacen(&format!("\n{size}\n"), &format!("\n{}\n", size + 5), 1);
-    sqlx::query("UPDATE audit_checkpoints SET note = ? WHERE chain_id = ? AND size = ?")
-        .bind(&altered)
-        .bind(&first)
-        .bind(size)
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    set_note(&mut conn, &first, size, &altered).await;
     assert_eq!(
         verify(&url).await,
         Some((Problem::BadCheckpoint, first, size))
