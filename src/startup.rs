@@ -86,8 +86,12 @@ impl Server {
             .await;
         }
         // The last handle to the audit log goes with the app; the writer then drains and stops.
+        let store = app.store.clone();
         drop(app);
         writer.finish().await;
+        // Then the store's connections close before the process (or the caller) moves on: a task still
+        // holding the store must not keep the database open behind a stopped gateway.
+        store.close().await;
         Ok(())
     }
 }

@@ -155,6 +155,9 @@ pub trait Store: Send + Sync + 'static {
     async fn migrate(&self) -> Result<(), StoreError>;
     /// Cheap round trip for readiness.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Closes the store's connections and waits until they are closed, so the database is left whole
+    /// when the process ends (a SQLite database folds its write-ahead log back in). Reads after it fail.
+    async fn close(&self) {}
     /// Wakes `to` whenever another process changes keys or switches, as far as this backend can tell
     /// (PostgreSQL: LISTEN/NOTIFY, on a task of its own, reconnecting); the default tells nothing and
     /// the watchers' polling alone keeps the bound.

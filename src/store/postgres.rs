@@ -268,6 +268,10 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+
     fn push_changes(&self, to: ChangeNudges) {
         let pool = self.pool.clone();
         tokio::spawn(async move {

@@ -261,6 +261,18 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn close(&self) {
+        self.pool.close().await;
+        let trail = self.trail.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            trail
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .close();
+        })
+        .await;
+    }
+
     #[tracing::instrument(level = "debug", skip_all, fields(key_id = %k.key_id))]
     async fn insert_key(&self, k: &KeyRecord) -> Result<(), StoreError> {
         sqlx::query(

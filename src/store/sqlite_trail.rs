@@ -43,7 +43,8 @@ const WRITE_PROBE: &str = "INSERT INTO write_probe (id, probed_at) VALUES (1, ?1
 
 /// The writing connection and the numbers of the chains it has written to.
 pub(super) struct SqliteTrail {
-    conn: Connection,
+    /// `None` once the store is closed.
+    conn: Option<Connection>,
     /// `chain_id` → `audit_chains.chain_no`, remembered once a chain's row is committed.
     chain_nos: HashMap<String, i64>,
 }
@@ -72,9 +73,18 @@ impl SqliteTrail {
         conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
         conn.pragma_update(None, "wal_autocheckpoint", CHECKPOINT_PAGES)?;
         Ok(Arc::new(Mutex::new(Self {
-            conn,
+            conn: Some(conn),
             chain_nos: HashMap::new(),
         })))
+    }
+
+    /// Closes the writing connection (SQLite folds the write-ahead log back into the database file).
+    pub(super) fn close(&mut self) {
+        if let Some(conn) = self.conn.take()
+            && let Err((_, e)) = conn.close()
+        {
+            tracing::warn!(error = %e, "the trail's connection did not close cleanly");
+        }
     }
 
     /// Appends `events` in one transaction, as runs, naming chains not seen before.
@@ -82,9 +92,7 @@ impl SqliteTrail {
         if events.is_empty() {
             return Ok(());
         }
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = open(&mut self.conn)?.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let registered = insert_events(&tx, &self.chain_nos, events)?;
         tx.commit()?;
         self.chain_nos.extend(registered);
@@ -94,13 +102,13 @@ impl SqliteTrail {
     /// The audit tables take a row (their triggers and constraints), rolled back; then a committed
     /// write of a row of its own reaches the disk.
     pub(super) fn probe_write(&mut self) -> Result<(), StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = open(&mut self.conn)?.transaction_with_behavior(TransactionBehavior::Immediate)?;
         insert_events(&tx, &self.chain_nos, &[probe_event()])?;
         tx.rollback()?;
         let now = crate::event::timestamp(time::OffsetDateTime::now_utc());
-        self.conn.prepare_cached(WRITE_PROBE)?.execute([now])?;
+        open(&mut self.conn)?
+            .prepare_cached(WRITE_PROBE)?
+            .execute([now])?;
         Ok(())
     }
 }
@@ -108,11 +116,17 @@ impl SqliteTrail {
 impl SqliteTrail {
     /// Stores a signed checkpoint, committed on its own.
     pub(super) fn append_checkpoint(&mut self, c: &CheckpointRecord) -> Result<(), StoreError> {
-        self.conn
+        open(&mut self.conn)?
             .prepare_cached(INSERT_CHECKPOINT)?
             .execute(params![c.chain_id, c.size, c.signed_at, c.note])?;
         Ok(())
     }
+}
+
+/// The connection in `conn`, unless the store was closed (then writes fail as the pool's reads do).
+fn open(conn: &mut Option<Connection>) -> Result<&mut Connection, StoreError> {
+    conn.as_mut()
+        .ok_or(StoreError::Database(sqlx::Error::PoolClosed))
 }
 
 /// Inserts `events` as runs within `tx`; returns the chains it registered, to be remembered once `tx`

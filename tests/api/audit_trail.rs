@@ -226,6 +226,22 @@ async fn the_audit_table_rejects_update_and_delete() {
 }
 
 #[tokio::test]
+async fn a_stopped_gateway_has_closed_its_database_and_folded_its_log_back_in() {
+    let app = spawn_app().await;
+    let key = app.admin_key().await;
+    assert_eq!(app.process(Some(&key), &echo("x")).await.status(), 200);
+    let dir = app.stop().await;
+    // SQLite removes the write-ahead log when the last connection closes: none may outlive the
+    // gateway (a backup or a copy of the file taken next must be the whole database).
+    let wal = dir.path().join("catraca.db-wal");
+    assert!(
+        !wal.exists(),
+        "{} is still there: a connection outlived the gateway",
+        wal.display()
+    );
+}
+
+#[tokio::test]
 async fn no_key_secret_reaches_the_database_the_files_or_the_logs() {
     let app = spawn_app().await;
     let key = app.admin_key().await;
