@@ -575,7 +575,6 @@ async fn a_gateway_on_postgres_serves_audits_and_verifies() {
         app.process(None, &crate::helpers::echo("x")).await.status(),
         401
     );
-    let store = app.app.store.clone();
     let auditor = app.role_key("auditor").await;
     let body: serde_json::Value = app
         .process(Some(&key), &crate::helpers::echo("provado"))
@@ -610,18 +609,16 @@ async fn a_gateway_on_postgres_serves_audits_and_verifies() {
     catraca::audit::proof::verify_offline(&proof, &public).unwrap();
     let outside = app.dir.path().join("audit").join("checkpoints.ndjson");
     let _dir = app.stop().await;
+    // The stopped gateway closed its pool: the auditor connects as the CLI would.
+    let store = PgStore::connect(&url).await.unwrap();
     let anchors = catraca::audit::anchored::Anchors {
         key: public,
         outside: vec![outside],
     };
-    let report = catraca::audit::verify::verify_store_anchored(
-        store.as_ref(),
-        Some(&anchors),
-        10_000,
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let report =
+        catraca::audit::verify::verify_store_anchored(&store, Some(&anchors), 10_000, |_| {})
+            .await
+            .unwrap();
     assert_eq!(report.finding, None);
     assert!(report.events >= 10, "{} events", report.events);
 }
