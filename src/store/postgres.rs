@@ -242,18 +242,6 @@ async fn checkpoint_on(pool: &PgPool, c: &CheckpointRecord) -> Result<(), StoreE
     Ok(())
 }
 
-/// A stored checkpoint's columns.
-type CheckpointRow = (String, i64, String, String);
-
-fn checkpoint_of((chain_id, size, signed_at, note): CheckpointRow) -> CheckpointRecord {
-    CheckpointRecord {
-        chain_id,
-        size,
-        signed_at,
-        note,
-    }
-}
-
 #[async_trait]
 impl Store for PgStore {
     #[tracing::instrument(level = "debug", skip_all)]
@@ -579,13 +567,13 @@ impl Store for PgStore {
     }
 
     async fn checkpoints(&self) -> Result<Vec<CheckpointRecord>, StoreError> {
-        let rows: Vec<CheckpointRow> = sqlx::query_as(
+        let rows: Vec<CheckpointRecord> = sqlx::query_as(
             "SELECT chain_id, size, signed_at, note FROM audit_checkpoints \
              ORDER BY chain_id, size, id",
         )
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.into_iter().map(checkpoint_of).collect())
+        Ok(rows)
     }
 
     async fn latest_checkpoint(
@@ -593,7 +581,7 @@ impl Store for PgStore {
         chain_id: &str,
         covering: i64,
     ) -> Result<Option<CheckpointRecord>, StoreError> {
-        let row: Option<CheckpointRow> = sqlx::query_as(
+        let row: Option<CheckpointRecord> = sqlx::query_as(
             "SELECT chain_id, size, signed_at, note FROM audit_checkpoints \
              WHERE chain_id = $1 AND size >= $2 ORDER BY size DESC, id DESC LIMIT 1",
         )
@@ -601,7 +589,7 @@ impl Store for PgStore {
         .bind(covering)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(checkpoint_of))
+        Ok(row)
     }
 
     async fn chain_hashes(

@@ -5,7 +5,10 @@ use std::collections::BTreeSet;
 
 use sqlx::{ColumnIndex, Decode, FromRow, Row, Type};
 
-use super::{ChainInfo, ChainTail, KeyRecord, LockHolder, SnapshotRow, StoreError, Verification};
+use super::{
+    ChainInfo, ChainTail, CheckpointRecord, KeyRecord, LockHolder, SnapshotRow, StoreError,
+    Verification,
+};
 use crate::domain::{ContextId, KeyId, RoleName, TierName};
 use crate::event::SealedEvent;
 
@@ -132,6 +135,22 @@ where
             chain_id: row.try_get("chain_id")?,
             events: row.try_get("events")?,
             first_at: row.try_get("first_at")?,
+        })
+    }
+}
+
+impl<'r, R: Row> FromRow<'r, R> for CheckpointRecord
+where
+    &'r str: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    fn from_row(row: &'r R) -> sqlx::Result<Self> {
+        Ok(Self {
+            chain_id: row.try_get("chain_id")?,
+            size: row.try_get("size")?,
+            signed_at: row.try_get("signed_at")?,
+            note: row.try_get("note")?,
         })
     }
 }

@@ -129,18 +129,6 @@ macro_rules! select_runs {
     };
 }
 
-/// A stored checkpoint's columns.
-type CheckpointRow = (String, i64, String, String);
-
-fn checkpoint_of((chain_id, size, signed_at, note): CheckpointRow) -> CheckpointRecord {
-    CheckpointRecord {
-        chain_id,
-        size,
-        signed_at,
-        note,
-    }
-}
-
 /// A stored run: its earliest time, event count, chain, position, hashes and bodies.
 type RunRow = (i64, i64, String, i64, Vec<u8>, String);
 
@@ -503,13 +491,13 @@ impl Store for SqliteStore {
     }
 
     async fn checkpoints(&self) -> Result<Vec<CheckpointRecord>, StoreError> {
-        let rows: Vec<CheckpointRow> = sqlx::query_as(
+        let rows: Vec<CheckpointRecord> = sqlx::query_as(
             "SELECT chain_id, size, signed_at, note FROM audit_checkpoints \
              ORDER BY chain_id, size, id",
         )
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.into_iter().map(checkpoint_of).collect())
+        Ok(rows)
     }
 
     async fn latest_checkpoint(
@@ -517,7 +505,7 @@ impl Store for SqliteStore {
         chain_id: &str,
         covering: i64,
     ) -> Result<Option<CheckpointRecord>, StoreError> {
-        let row: Option<CheckpointRow> = sqlx::query_as(
+        let row: Option<CheckpointRecord> = sqlx::query_as(
             "SELECT chain_id, size, signed_at, note FROM audit_checkpoints \
              WHERE chain_id = ? AND size >= ? ORDER BY size DESC, id DESC LIMIT 1",
         )
@@ -525,7 +513,7 @@ impl Store for SqliteStore {
         .bind(covering)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(checkpoint_of))
+        Ok(row)
     }
 
     async fn chain_hashes(
