@@ -209,9 +209,11 @@ PY
 # cut by SIGKILL too. How many of its events the restart copied from the database is printed (read from
 # the restarted gateway's log).
 python3 - "$WORK/catraca.db" "$WORK/audit" "$WORK/server2.log" <<'PY' || fail "the JSON Lines files do not hold exactly the database's events"
-import collections, gzip, json, os, re, sqlite3, sys
+import collections, gzip, json, os, re, sqlite3, zlib, sys
 db, folder, log = sys.argv[1], sys.argv[2], sys.argv[3]
 con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+# The audit_events view inflates packed runs with the sqlite3 shell's sqlar_uncompress; here, zlib.
+con.create_function("sqlar_uncompress", 2, lambda d, n: d if len(d) == n else zlib.decompress(d))
 in_db = collections.defaultdict(list)
 for chain, seq, digest in con.execute("SELECT chain_id, seq, hash FROM audit_events ORDER BY chain_id, seq"):
     in_db[chain].append((seq, digest))
@@ -257,16 +259,18 @@ echo "crash test: $VERIFY"
 VERIFY=$("$CATRACA_BIN" audit verify --quiet --against-files "$WORK/audit") ||
   fail "audit verify --against-files after the restart (exit code $?): $VERIFY"
 echo "crash test: $VERIFY"
-CHAINS=$(python3 -c 'import sqlite3, sys
+CHAINS=$(python3 -c 'import sqlite3, zlib, sys
 con = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
+con.create_function("sqlar_uncompress", 2, lambda d, n: d if len(d) == n else zlib.decompress(d))
 print(con.execute("SELECT COUNT(DISTINCT chain_id) FROM audit_events").fetchone()[0])' "$WORK/catraca.db")
 [ "$CHAINS" -ge 3 ] || fail "expected the key chain and two server chains in the database, found $CHAINS"
 # Signed checkpoints (the verify above held every chain to them, with the key staging made beside the
 # audit folder): a stopped chain's last one closes it and covers all of it; the killed chain's do not
 # close it, and cover all but at most its last second; the folder's checkpoints.ndjson holds the same notes.
 python3 - "$WORK/catraca.db" "$WORK/audit/checkpoints.ndjson" <<'PY' || fail "signed checkpoints after the crash (see above)"
-import json, sqlite3, sys
+import json, sqlite3, zlib, sys
 con = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
+con.create_function("sqlar_uncompress", 2, lambda d, n: d if len(d) == n else zlib.decompress(d))
 events = dict(con.execute("SELECT chain_id, MAX(seq) FROM audit_events GROUP BY chain_id"))
 rows = con.execute("SELECT chain_id, size, note FROM audit_checkpoints ORDER BY chain_id, size, id").fetchall()
 last = {}

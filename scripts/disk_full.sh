@@ -175,8 +175,10 @@ if ! "$BIN" audit verify --quiet; then
   exit 1
 fi
 python3 - "$DISK/catraca.db" "$DISK/audit" <<'PY' || { echo "DISK FULL TEST FAILED: the JSON Lines files differ from the database"; exit 1; }
-import collections, gzip, json, os, sqlite3, sys
+import collections, gzip, json, os, sqlite3, zlib, sys
 con = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
+# The audit_events view inflates packed runs with the sqlite3 shell's sqlar_uncompress; here, zlib.
+con.create_function("sqlar_uncompress", 2, lambda d, n: d if len(d) == n else zlib.decompress(d))
 db = collections.defaultdict(list)
 for chain, seq, digest in con.execute("SELECT chain_id, seq, hash FROM audit_events ORDER BY chain_id, seq"):
     db[chain].append((seq, digest))

@@ -11,8 +11,20 @@
 //! Runs are bounded in events ([`MAX_RUN`]) and in the time between their earliest and latest event
 //! ([`MAX_SPAN_US`]), so that a run is cheap to read for one of its events and a reader by time knows
 //! how far before a moment a run holding it may start.
+//!
+//! A run's bodies are stored compressed ([`Packer`]): zlib (RFC 1950) at its fastest level, with their
+//! length beside them, the form the `sqlite3` shell's `sqlar_uncompress(bodies, size)` reads. Bodies of
+//! one run repeat their keys, chain, instance, trace and the previous event's hash, so they shrink about
+//! six times; the database grows by a third of what it did, and every commit writes and syncs fewer
+//! pages of log, which is what a commit waits for. Runs written before migration 12 stay as they were
+//! (text, no length) and are read as such ([`unpack`]).
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
+use std::io::Read as _;
+
+use flate2::read::ZlibDecoder;
+use flate2::{Compress, Compression, FlushCompress, Status};
 
 use crate::event::{SealedEvent, hash_hex, micros_of, timestamp_of_micros};
 
@@ -28,6 +40,108 @@ pub const MAX_SPAN_US: i64 = 50_000;
 pub const SEQ_BITS: u32 = 40;
 /// Largest seq a chain may reach in this layout.
 pub const MAX_SEQ: i64 = (1 << SEQ_BITS) - 1;
+
+/// Bodies the writer puts in one run at most: a run is closed before an event would take it past this
+/// (an event larger on its own is a run of its own). Events hold digests, not payloads, so a run of
+/// [`MAX_RUN`] events is tens of kilobytes.
+pub const RUN_BYTES: usize = 1 << 20;
+/// Most bytes a stored run's bodies may inflate to. A run claiming more (damage, or a planted bomb) is
+/// read as damaged rather than inflated.
+pub const MAX_RUN_BYTES: i64 = 64 << 20;
+/// Most bytes the runs of one page of a read may claim together ([`page_budget`]): 256 runs of
+/// [`RUN_BYTES`]. Runs past it are read as damaged rather than inflated, so a page of planted bombs
+/// cannot take a reader's memory.
+pub const PAGE_BYTES: i64 = 256 << 20;
+/// Bytes set aside before a packed run is inflated: more than a run of the writer's usually holds.
+const PACKED_ROOM: i64 = 1 << 20;
+
+/// Packs runs' bodies: zlib at its fastest level (their length goes in the `size` column). One deflate
+/// state serves every run of the writer: a fresh one would allocate and clear its tables for each.
+pub struct Packer(Compress);
+
+impl Default for Packer {
+    fn default() -> Self {
+        Self(Compress::new(Compression::fast(), true))
+    }
+}
+
+impl Packer {
+    /// The stored form of `bodies`, or why deflate refused them (never seen: it takes any bytes).
+    pub fn pack(&mut self, bodies: &str) -> Result<Vec<u8>, String> {
+        let input = bodies.as_bytes();
+        self.0.reset();
+        let mut out = Vec::with_capacity(input.len() / 3 + 64);
+        loop {
+            let read =
+                usize::try_from(self.0.total_in()).map_or(input.len(), |n| n.min(input.len()));
+            match self
+                .0
+                .compress_vec(&input[read..], &mut out, FlushCompress::Finish)
+            {
+                Ok(Status::StreamEnd) => return Ok(out),
+                Ok(_) => out.reserve(out.capacity().max(64)),
+                Err(e) => return Err(format!("bodies not compressed: {e}")),
+            }
+        }
+    }
+}
+
+/// A run's bodies as stored: text (runs written before migration 12, `size` NULL), or
+/// [`Packer::pack`]ed bodies of `size` bytes. What does not inflate to exactly `size` bytes of UTF-8 is
+/// an error naming why.
+pub fn unpack(stored: &[u8], size: Option<i64>) -> Result<Cow<'_, str>, String> {
+    let Some(size) = size else {
+        return std::str::from_utf8(stored)
+            .map(Cow::Borrowed)
+            .map_err(|e| format!("bodies are not UTF-8 ({e})"));
+    };
+    if !(0..=MAX_RUN_BYTES).contains(&size) {
+        return Err(format!("a compressed run claims {size} bytes"));
+    }
+    // Read one byte past the claim: more than it says is damage too.
+    let limit = u64::try_from(size).unwrap_or(0) + 1;
+    // Room for what a run of the writer's holds; a larger claim grows as the bytes really come, so a
+    // small row lying about its size costs nothing up front.
+    let mut out = Vec::with_capacity(usize::try_from(size.min(PACKED_ROOM)).unwrap_or(0));
+    ZlibDecoder::new(stored)
+        .take(limit)
+        .read_to_end(&mut out)
+        .map_err(|e| format!("a compressed run does not inflate ({e})"))?;
+    if i64::try_from(out.len()) != Ok(size) {
+        return Err(format!(
+            "a compressed run inflates to {} bytes, not the {size} it claims",
+            out.len()
+        ));
+    }
+    String::from_utf8(out)
+        .map(Cow::Owned)
+        .map_err(|e| format!("a compressed run is not UTF-8 ({e})"))
+}
+
+/// Whether bodies read from a run hold no more events than a run may ([`MAX_RUN`]): checked before
+/// any event is made of them, so a run of millions of empty lines is damage, not millions of events.
+pub fn within_a_run(bodies: &str) -> Result<(), String> {
+    let lines = bodies.bytes().filter(|&b| b == b'\n').count();
+    if lines > MAX_RUN {
+        return Err(format!(
+            "a run holding {lines} bodies, more than a run may ({MAX_RUN})"
+        ));
+    }
+    Ok(())
+}
+
+/// Which runs of a page may be inflated: in order, while the sizes they claim add up to at most
+/// [`PAGE_BYTES`]. `claims` gives each run's claimed size (its stored length for text).
+pub fn page_budget(claims: impl IntoIterator<Item = i64>) -> Vec<bool> {
+    let mut total: i64 = 0;
+    claims
+        .into_iter()
+        .map(|claim| {
+            total = total.saturating_add(claim.max(0));
+            total <= PAGE_BYTES
+        })
+        .collect()
+}
 
 /// The position of event `seq` of chain `chain_no`.
 pub fn position(chain_no: i64, seq: i64) -> i64 {
@@ -59,6 +173,7 @@ pub fn runs_of(events: &[SealedEvent]) -> Vec<NewRun> {
         let at = micros_of(&e.occurred_at).unwrap_or(0);
         let fits = runs.last().is_some_and(|r| {
             (r.count as usize) < MAX_RUN
+                && r.bodies.len() + e.body.len() < RUN_BYTES
                 && at.max(span.1) - at.min(span.0) <= MAX_SPAN_US
                 && r.first_seq + r.count == e.seq
         });
@@ -153,6 +268,10 @@ pub fn time_text(micros: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write as _;
+
+    use flate2::write::ZlibEncoder;
+
     use crate::event::{EventType, GENESIS_HASH, PendingEvent, seal};
 
     fn chain(n: i64, gap_us: &[(i64, i64)]) -> Vec<SealedEvent> {
@@ -231,5 +350,119 @@ mod tests {
     fn positions_keep_chain_and_seq_apart() {
         assert_eq!(split_position(position(7, 12)), (7, 12));
         assert!(position(7, MAX_SEQ) < position(8, 1));
+    }
+
+    #[test]
+    fn packed_bodies_come_back_byte_for_byte_and_smaller() {
+        let r = &runs_of(&chain(40, &[]))[0];
+        let mut packer = Packer::default();
+        let packed = packer.pack(&r.bodies).unwrap();
+        assert!(
+            packed.len() * 3 < r.bodies.len(),
+            "{} bytes packed from {}",
+            packed.len(),
+            r.bodies.len()
+        );
+        let size = Some(r.bodies.len() as i64);
+        assert_eq!(unpack(&packed, size).unwrap(), r.bodies);
+        // Bodies stored before compression (no size) are read as the text they are.
+        assert_eq!(unpack(r.bodies.as_bytes(), None).unwrap(), r.bodies);
+        // The packer's state carries nothing from one run to the next.
+        let other = &runs_of(&chain(3, &[]))[0];
+        let packed_other = packer.pack(&other.bodies).unwrap();
+        assert_eq!(packed_other, Packer::default().pack(&other.bodies).unwrap());
+        assert_eq!(packer.pack(&r.bodies).unwrap(), packed);
+        let empty = packer.pack("").unwrap();
+        assert_eq!(unpack(&empty, Some(0)).unwrap(), "");
+    }
+
+    #[test]
+    fn a_damaged_or_lying_packed_run_is_an_error_not_a_guess() {
+        let bodies = runs_of(&chain(10, &[])).remove(0).bodies;
+        let packed = Packer::default().pack(&bodies).unwrap();
+        let size = bodies.len() as i64;
+        let mut flipped = packed.clone();
+        let mid = flipped.len() / 2;
+        flipped[mid] ^= 0x40;
+        assert!(
+            unpack(&flipped, Some(size)).is_err(),
+            "the checksum catches a flipped byte"
+        );
+        assert!(
+            unpack(&packed, Some(size - 1))
+                .unwrap_err()
+                .contains("not the")
+        );
+        assert!(
+            unpack(&packed, Some(size + 1))
+                .unwrap_err()
+                .contains("not the")
+        );
+        assert!(
+            unpack(&packed, Some(MAX_RUN_BYTES + 1))
+                .unwrap_err()
+                .contains("claims")
+        );
+        assert!(unpack(&packed[..packed.len() - 3], Some(size)).is_err());
+        // A bomb (kilobytes that would inflate to 16 MiB) stops one byte past the claim.
+        let mut z = ZlibEncoder::new(Vec::new(), Compression::best());
+        for _ in 0..16 {
+            z.write_all(&[b'a'; 1 << 20]).unwrap();
+        }
+        let bomb = z.finish().unwrap();
+        assert!(bomb.len() < 64 << 10);
+        assert!(
+            unpack(&bomb, Some(1000))
+                .unwrap_err()
+                .contains("not the 1000")
+        );
+    }
+
+    #[test]
+    fn a_run_is_closed_before_its_bodies_pass_a_mebibyte() {
+        let big = "x".repeat(300_000);
+        let mut prev = GENESIS_HASH.to_owned();
+        let events: Vec<SealedEvent> = (1..=8)
+            .map(|seq| {
+                let e = PendingEvent::new(
+                    EventType::RequestStart,
+                    None,
+                    serde_json::json!({ "text": big }),
+                );
+                let s = seal(e, "c", "i", seq, &prev).unwrap();
+                prev.clone_from(&s.hash);
+                s
+            })
+            .collect();
+        let runs = runs_of(&events);
+        assert_eq!(runs.iter().map(|r| r.count).collect::<Vec<_>>(), [3, 3, 2]);
+        assert!(runs.iter().all(|r| r.bodies.len() < RUN_BYTES));
+        // One event larger than a run's share is a run of its own.
+        let huge = PendingEvent::new(
+            EventType::RequestStart,
+            None,
+            serde_json::json!({ "text": "y".repeat(RUN_BYTES) }),
+        );
+        let huge = seal(huge, "c", "i", 9, &prev).unwrap();
+        let mut with_huge = events.clone();
+        with_huge.push(huge);
+        assert_eq!(runs_of(&with_huge).last().map(|r| r.count), Some(1));
+    }
+
+    #[test]
+    fn a_read_inflates_no_more_bodies_than_runs_and_pages_may_hold() {
+        assert!(within_a_run(&"{}\n".repeat(MAX_RUN)).is_ok());
+        let flood = "\n".repeat(MAX_RUN + 1);
+        assert!(
+            within_a_run(&flood)
+                .unwrap_err()
+                .contains("more than a run may")
+        );
+        let third = PAGE_BYTES / 3;
+        assert_eq!(
+            page_budget([third, third, third, 2, 1, -5]),
+            [true, true, true, false, false, false]
+        );
+        assert_eq!(page_budget([i64::MAX, 1]), [false, false]);
     }
 }

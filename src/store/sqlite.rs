@@ -11,7 +11,8 @@ use sqlx::{QueryBuilder, SqlSafeStr, Sqlite, SqlitePool};
 
 use super::rows::{KeyRow, Sightings};
 use super::runs::{
-    MAX_SEQ, MAX_SPAN_US, at_of, events_of_run, position, split_position, time_order, time_text,
+    MAX_SEQ, MAX_SPAN_US, PAGE_BYTES, at_of, events_of_run, page_budget, position, split_position,
+    time_order, time_text, unpack, within_a_run,
 };
 use super::sqlite_trail::{SharedTrail, SqliteAppender, SqliteTrail};
 use super::{
@@ -114,6 +115,13 @@ fn migrations() -> Vec<Migration> {
             include_str!("../../migrations/sqlite/0011_checkpoints.sql").into_sql_str(),
             false,
         ),
+        Migration::new(
+            12,
+            "packed runs".into(),
+            MigrationType::Simple,
+            include_str!("../../migrations/sqlite/0012_packed_runs.sql").into_sql_str(),
+            false,
+        ),
     ]
 }
 
@@ -122,15 +130,16 @@ fn migrations() -> Vec<Migration> {
 macro_rules! select_runs {
     ($rest:literal) => {
         concat!(
-            "SELECT r.at_min, r.n, c.chain_id, r.pos, r.hashes, r.bodies \
+            "SELECT r.at_min, r.n, c.chain_id, r.pos, r.hashes, CAST(r.bodies AS BLOB), r.size \
              FROM audit_runs r JOIN audit_chains c ON c.chain_no = r.pos >> 40 ",
             $rest
         )
     };
 }
 
-/// A stored run: its earliest time, event count, chain, position, hashes and bodies.
-type RunRow = (i64, i64, String, i64, Vec<u8>, String);
+/// A stored run: its earliest time, event count, chain, position, hashes, bodies as stored (packed, or
+/// text before migration 12) and their unpacked size (none for text).
+type RunRow = (i64, i64, String, i64, Vec<u8>, Vec<u8>, Option<i64>);
 
 /// Rows read at a time when runs are walked by time or along a chain.
 const RUN_PAGE: i64 = 256;
@@ -139,23 +148,39 @@ const RUN_PAGE: i64 = 256;
 /// earliest time that disagrees with what its bodies say is shown on its first event (its id or time
 /// then disagree with its bytes), so that verification reports it there.
 fn expand(rows: &[RunRow]) -> Vec<SealedEvent> {
-    let events = map_in_two(rows, |(at_min, n, chain_id, pos, hashes, bodies)| {
-        let (_, first_seq) = split_position(*pos);
-        let mut events = events_of_run(chain_id, first_seq, hashes, bodies);
-        let at = events.iter().map(at_of).min();
-        let events_len = events.len();
-        let count_agrees = i64::try_from(events_len) == Ok(*n);
-        if let Some(first) = events.first_mut() {
-            if at != Some(*at_min) {
-                first.occurred_at = time_text(*at_min);
+    let budget = page_budget(rows.iter().map(|r| r.6.unwrap_or(r.5.len() as i64)));
+    let rows: Vec<(&RunRow, bool)> = rows.iter().zip(budget).collect();
+    let events = map_in_two(
+        &rows,
+        |((at_min, n, chain_id, pos, hashes, bodies, size), fits)| {
+            let (_, first_seq) = split_position(*pos);
+            // Bodies that cannot be read are one body saying why: its hash, the run's count and time then
+            // disagree with it, and verification names the run.
+            let bodies = if *fits {
+                unpack(bodies, *size).and_then(|b| within_a_run(&b).map(|()| b))
+            } else {
+                Err(format!(
+                    "a run claiming {} bytes past what one read may inflate ({PAGE_BYTES})",
+                    size.unwrap_or(0)
+                ))
+            };
+            let bodies = bodies.unwrap_or_else(|why| format!("({why})").into());
+            let mut events = events_of_run(chain_id, first_seq, hashes, &bodies);
+            let at = events.iter().map(at_of).min();
+            let events_len = events.len();
+            let count_agrees = i64::try_from(events_len) == Ok(*n);
+            if let Some(first) = events.first_mut() {
+                if at != Some(*at_min) {
+                    first.occurred_at = time_text(*at_min);
+                }
+                if !count_agrees {
+                    // Not the identity its bytes give it: verification names the row as edited.
+                    first.event_id = format!("(a run of {n} events holding {})", events_len);
+                }
             }
-            if !count_agrees {
-                // Not the identity its bytes give it: verification names the row as edited.
-                first.event_id = format!("(a run of {n} events holding {})", events_len);
-            }
-        }
-        events
-    });
+            events
+        },
+    );
     events.into_iter().flatten().collect()
 }
 
@@ -1036,23 +1061,64 @@ mod tests {
         let tail = store.latest_chain_tail("old").await.unwrap().unwrap();
         assert_eq!((tail.chain_id.as_str(), tail.seq), ("old.b", 2));
         assert_eq!(tail.hash, b[1].hash);
-        // The old columns live on as a view.
-        let (hash, prev_hash, event_type): (String, String, String) = sqlx::query_as(
-            "SELECT hash, prev_hash, event_type FROM audit_events WHERE chain_id = 'old.a' AND seq = 3",
+        let report = verify_store(&store, |_| {}).await.unwrap();
+        assert_eq!((report.finding, report.events), (None, 6));
+        // The new chain continues on the new layout, its bodies packed.
+        let next = chain("new.c", 3, &trace);
+        store.append_events(&next).await.unwrap();
+        assert_eq!(store.chain_events("new.c", 1, 10).await.unwrap(), next[1..]);
+        let (packed,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM audit_runs WHERE size IS NOT NULL AND typeof(bodies) = 'blob'",
         )
         .fetch_one(&store.pool)
         .await
         .unwrap();
-        assert_eq!(
-            (hash, prev_hash),
-            (a[2].hash.clone(), a[2].prev_hash.clone())
-        );
-        assert_eq!(event_type, "REQUEST_START");
-        let report = verify_store(&store, |_| {}).await.unwrap();
-        assert_eq!((report.finding, report.events), (None, 6));
-        // The new chain continues on the new layout.
-        let next = chain("new.c", 3, &trace);
-        store.append_events(&next).await.unwrap();
-        assert_eq!(store.chain_events("new.c", 1, 10).await.unwrap(), next[1..]);
+        assert_eq!(packed, 1);
+        store.close().await;
+
+        // The old columns live on as a view, over old runs and packed ones alike, wherever
+        // `sqlar_uncompress` exists (the sqlite3 shell's function, made here as the shell makes it).
+        let file = dir.path().join("old.db");
+        let conn = rusqlite::Connection::open(&file).unwrap();
+        conn.create_scalar_function(
+            "sqlar_uncompress",
+            2,
+            rusqlite::functions::FunctionFlags::SQLITE_UTF8,
+            |ctx| {
+                let (data, size): (Vec<u8>, i64) = (ctx.get(0)?, ctx.get(1)?);
+                if i64::try_from(data.len()) == Ok(size) {
+                    return Ok(data);
+                }
+                let mut out = Vec::new();
+                std::io::Read::read_to_end(
+                    &mut flate2::read::ZlibDecoder::new(&data[..]),
+                    &mut out,
+                )
+                .map_err(|e| rusqlite::Error::UserFunctionError(e.into()))?;
+                Ok(out)
+            },
+        )
+        .unwrap();
+        let row = |chain: &str, seq: i64| {
+            conn.query_row(
+                "SELECT hash, prev_hash, event_type, body FROM audit_events WHERE chain_id = ?1 AND seq = ?2",
+                rusqlite::params![chain, seq],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .unwrap()
+        };
+        for e in [&a[2], &next[2]] {
+            let (hash, prev_hash, event_type, body): (String, String, String, String) =
+                row(&e.chain_id, e.seq);
+            assert_eq!(
+                (hash, prev_hash, event_type, body),
+                (
+                    e.hash.clone(),
+                    e.prev_hash.clone(),
+                    e.event_type.clone(),
+                    e.body.clone()
+                )
+            );
+        }
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior, params};
 
-use super::runs::{MAX_SEQ, position, runs_of};
+use super::runs::{MAX_SEQ, Packer, position, runs_of};
 use super::{CheckpointRecord, StoreError, TrailAppender, probe_event};
 use crate::event::SealedEvent;
 
@@ -30,8 +30,8 @@ const CACHE_KIB: i64 = 2 * 1024;
 /// from about 6.5 ms to under 5 ms here (scripts/bench.sh), for no throughput the noise could show.
 const CHECKPOINT_PAGES: i64 = 512;
 
-const INSERT_RUN: &str =
-    "INSERT INTO audit_runs (pos, n, at_min, hashes, bodies) VALUES (?1, ?2, ?3, ?4, ?5)";
+const INSERT_RUN: &str = "INSERT INTO audit_runs (pos, n, at_min, hashes, bodies, size) \
+                          VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
 const INSERT_TRACE: &str = "INSERT OR IGNORE INTO audit_run_traces (trace_id, pos) VALUES (?1, ?2)";
 const REGISTER_CHAIN: &str = "INSERT INTO audit_chains (chain_id, instance_id, opened_at) \
                               VALUES (?1, ?2, ?3) ON CONFLICT (chain_id) DO NOTHING";
@@ -47,6 +47,7 @@ pub(super) struct SqliteTrail {
     conn: Option<Connection>,
     /// `chain_id` → `audit_chains.chain_no`, remembered once a chain's row is committed.
     chain_nos: HashMap<String, i64>,
+    packer: Packer,
 }
 
 /// The trail's writing half, shared by the store (async callers, through a blocking task) and the audit
@@ -75,6 +76,7 @@ impl SqliteTrail {
         Ok(Arc::new(Mutex::new(Self {
             conn: Some(conn),
             chain_nos: HashMap::new(),
+            packer: Packer::default(),
         })))
     }
 
@@ -93,7 +95,7 @@ impl SqliteTrail {
             return Ok(());
         }
         let tx = open(&mut self.conn)?.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let registered = insert_events(&tx, &self.chain_nos, events)?;
+        let registered = insert_events(&tx, &self.chain_nos, &mut self.packer, events)?;
         tx.commit()?;
         self.chain_nos.extend(registered);
         Ok(())
@@ -103,7 +105,7 @@ impl SqliteTrail {
     /// write of a row of its own reaches the disk.
     pub(super) fn probe_write(&mut self) -> Result<(), StoreError> {
         let tx = open(&mut self.conn)?.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        insert_events(&tx, &self.chain_nos, &[probe_event()])?;
+        insert_events(&tx, &self.chain_nos, &mut self.packer, &[probe_event()])?;
         tx.rollback()?;
         let now = crate::event::timestamp(time::OffsetDateTime::now_utc());
         open(&mut self.conn)?
@@ -134,6 +136,7 @@ fn open(conn: &mut Option<Connection>) -> Result<&mut Connection, StoreError> {
 fn insert_events(
     tx: &Transaction<'_>,
     known: &HashMap<String, i64>,
+    packer: &mut Packer,
     events: &[SealedEvent],
 ) -> Result<Vec<(String, i64)>, StoreError> {
     let mut registered: Vec<(String, i64)> = Vec::new();
@@ -160,7 +163,11 @@ fn insert_events(
                 )));
             }
             let pos = position(chain_no, run.first_seq);
-            insert_run.execute(params![pos, run.count, run.at_min, run.hashes, run.bodies])?;
+            let size = i64::try_from(run.bodies.len()).unwrap_or(i64::MAX);
+            let packed = packer.pack(&run.bodies).map_err(StoreError::Corrupt)?;
+            insert_run.execute(params![
+                pos, run.count, run.at_min, run.hashes, packed, size
+            ])?;
             for trace in &run.traces {
                 insert_trace.execute(params![trace, pos])?;
             }

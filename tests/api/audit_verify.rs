@@ -10,6 +10,11 @@ use catraca::audit::verify::{Problem, verify_store, verify_store_anchored};
 use catraca::config::DatabaseUrl;
 use catraca::store::{SqliteStore, Store};
 use serde_json::{Value, json};
+use std::io::{Read as _, Write as _};
+
+use flate2::Compression;
+use flate2::read::ZlibDecoder;
+use flate2::write::ZlibEncoder;
 use sqlx::{Connection, Row, SqliteConnection};
 
 use crate::binary::{Cli, printed};
@@ -164,24 +169,64 @@ async fn intruder(url: &str) -> (SqliteConnection, String) {
     ] {
         sqlx::query(drop).execute(&mut conn).await.unwrap();
     }
-    let row =
-        sqlx::query("SELECT chain_id FROM audit_events WHERE seq = 1 ORDER BY occurred_at LIMIT 1")
-            .fetch_one(&mut conn)
-            .await
-            .unwrap();
+    let row = sqlx::query("SELECT chain_id FROM audit_chains ORDER BY opened_at LIMIT 1")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
     (conn, row.get(0))
 }
 
-async fn body_at(conn: &mut SqliteConnection, chain: &str, seq: i64) -> (String, String, String) {
-    let row = sqlx::query(
-        "SELECT body, prev_hash, hash FROM audit_events WHERE chain_id = ? AND seq = ?",
+/// A chain's events as an intruder reads them from the file: its runs' bodies inflated with any zlib
+/// library (runs written before migration 12 are text), one body per line beside its 32-byte hash.
+async fn stored(conn: &mut SqliteConnection, chain: &str) -> Vec<Stored> {
+    type Run = (i64, Vec<u8>, Vec<u8>, Option<i64>);
+    let runs: Vec<Run> = sqlx::query_as(
+        "SELECT r.pos, r.hashes, CAST(r.bodies AS BLOB), r.size FROM audit_runs r \
+         JOIN audit_chains c ON c.chain_no = r.pos >> 40 WHERE c.chain_id = ? ORDER BY r.pos",
     )
     .bind(chain)
-    .bind(seq)
-    .fetch_one(&mut *conn)
+    .fetch_all(&mut *conn)
     .await
     .unwrap();
-    (row.get(0), row.get(1), row.get(2))
+    let mut events = Vec::new();
+    for (pos, hashes, bodies, size) in runs {
+        let text = match size {
+            None => String::from_utf8(bodies).unwrap(),
+            Some(size) => {
+                let mut text = String::new();
+                ZlibDecoder::new(&bodies[..])
+                    .read_to_string(&mut text)
+                    .unwrap();
+                assert_eq!(text.len() as i64, size);
+                text
+            }
+        };
+        for (i, body) in text.lines().enumerate() {
+            events.push(Stored {
+                seq: (pos & ((1 << 40) - 1)) + i as i64,
+                hash: hex::encode(&hashes[32 * i..32 * (i + 1)]),
+                body: body.to_owned(),
+            });
+        }
+    }
+    events
+}
+
+/// The last seq stored of `chain`.
+async fn last_seq(conn: &mut SqliteConnection, chain: &str) -> i64 {
+    stored(conn, chain).await.last().unwrap().seq
+}
+
+/// Event `seq` of `chain`: its body, the `prev_hash` it names, and its hash.
+async fn body_at(conn: &mut SqliteConnection, chain: &str, seq: i64) -> (String, String, String) {
+    let e = stored(conn, chain)
+        .await
+        .into_iter()
+        .find(|e| e.seq == seq)
+        .unwrap();
+    let body: Value = serde_json::from_str(&e.body).unwrap();
+    let prev_hash = body["prev_hash"].as_str().unwrap().to_owned();
+    (e.body, prev_hash, e.hash)
 }
 
 /// One stored event of a chain, as an intruder edits it: its position, hash (hex) and bytes.
@@ -200,16 +245,7 @@ async fn rewrite_chain(
     chain: &str,
     edit: impl FnOnce(&mut Vec<Stored>),
 ) {
-    let mut events: Vec<Stored> = sqlx::query_as::<_, (i64, String, String)>(
-        "SELECT seq, hash, body FROM audit_events WHERE chain_id = ? ORDER BY seq",
-    )
-    .bind(chain)
-    .fetch_all(&mut *conn)
-    .await
-    .unwrap()
-    .into_iter()
-    .map(|(seq, hash, body)| Stored { seq, hash, body })
-    .collect();
+    let mut events = stored(conn, chain).await;
     edit(&mut events);
     let (chain_no,): (i64,) =
         sqlx::query_as("SELECT chain_no FROM audit_chains WHERE chain_id = ?")
@@ -328,6 +364,68 @@ async fn a_run_whose_count_or_earliest_time_was_edited_is_named_at_its_first_eve
 }
 
 #[tokio::test]
+async fn a_packed_run_flipped_or_lying_about_its_size_is_named_at_its_first_event() {
+    // Runs keep their bodies compressed: damage inside them is reported where the run starts, not
+    // skipped, guessed at, or a failed read.
+    let (_dir, url) = trail().await;
+    let (mut conn, chain) = intruder(&url).await;
+    let (pos, first) = run_holding(&mut conn, &chain, 5).await;
+    let (mut packed,): (Vec<u8>,) =
+        sqlx::query_as("SELECT bodies FROM audit_runs WHERE pos = ? AND size IS NOT NULL")
+            .bind(pos)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    let mid = packed.len() / 2;
+    packed[mid] ^= 0x40;
+    sqlx::query("UPDATE audit_runs SET bodies = ? WHERE pos = ?")
+        .bind(packed)
+        .bind(pos)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        verify(&url).await,
+        Some((Problem::HashMismatch, chain.clone(), first))
+    );
+
+    let (_dir, url) = trail().await;
+    let (mut conn, chain) = intruder(&url).await;
+    let (pos, first) = run_holding(&mut conn, &chain, 5).await;
+    // A claim of a gigabyte is not inflated to see.
+    let edited =
+        sqlx::query("UPDATE audit_runs SET size = 1 << 30 WHERE pos = ? AND size IS NOT NULL")
+            .bind(pos)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(edited.rows_affected(), 1);
+    assert_eq!(
+        verify(&url).await,
+        Some((Problem::HashMismatch, chain, first))
+    );
+
+    let (_dir, url) = trail().await;
+    let (mut conn, chain) = intruder(&url).await;
+    let (pos, first) = run_holding(&mut conn, &chain, 5).await;
+    // Honest about its size, but millions of empty bodies: read as damage, not made into events.
+    let flood = vec![b'\n'; 4 << 20];
+    let mut z = ZlibEncoder::new(Vec::new(), Compression::best());
+    z.write_all(&flood).unwrap();
+    sqlx::query("UPDATE audit_runs SET bodies = ?, size = ? WHERE pos = ?")
+        .bind(z.finish().unwrap())
+        .bind(flood.len() as i64)
+        .bind(pos)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        verify(&url).await,
+        Some((Problem::HashMismatch, chain, first))
+    );
+}
+
+#[tokio::test]
 async fn a_deleted_event_is_a_gap_named_where_it_was() {
     let (_dir, url) = trail().await;
     let (mut conn, chain) = intruder(&url).await;
@@ -368,11 +466,7 @@ async fn two_swapped_events_are_a_reordering() {
 async fn a_truncated_tail_is_caught_by_the_next_chain_s_link() {
     let (_dir, url) = trail().await;
     let (mut conn, chain) = intruder(&url).await;
-    let (last,): (i64,) = sqlx::query_as("SELECT MAX(seq) FROM audit_events WHERE chain_id = ?")
-        .bind(&chain)
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
+    let last = last_seq(&mut conn, &chain).await;
     rewrite_chain(&mut conn, &chain, |events| {
         events.retain(|e| e.seq <= last - 3)
     })
@@ -388,13 +482,14 @@ async fn a_forged_event_with_a_correct_own_hash_breaks_the_link_after_it() {
     let (_dir, url) = trail().await;
     let (mut conn, chain) = intruder(&url).await;
     // Find a denial and rewrite it as an allow, recomputing its own hash from the honest prev_hash.
-    let (seq,): (i64,) = sqlx::query_as(
-        "SELECT seq FROM audit_events WHERE chain_id = ? AND event_type = 'DECISION' AND body LIKE '%\"effect\":\"deny\"%' ORDER BY seq LIMIT 1",
-    )
-    .bind(&chain)
-    .fetch_one(&mut conn)
-    .await
-    .unwrap();
+    let seq = stored(&mut conn, &chain)
+        .await
+        .into_iter()
+        .find(|e| {
+            e.body.contains("\"event_type\":\"DECISION\"") && e.body.contains("\"effect\":\"deny\"")
+        })
+        .unwrap()
+        .seq;
     let (body, prev_hash, _) = body_at(&mut conn, &chain, seq).await;
     let mut forged: Value = serde_json::from_str(&body).unwrap();
     forged["effect"] = json!("allow");
@@ -503,11 +598,7 @@ async fn a_chain_that_lost_its_head_is_a_truncation_at_its_first_remaining_event
 async fn a_vanished_predecessor_of_the_newest_chain_is_a_truncation_naming_it() {
     let (_dir, url) = trail().await;
     let (mut conn, first) = intruder(&url).await;
-    let (last,): (i64,) = sqlx::query_as("SELECT MAX(seq) FROM audit_events WHERE chain_id = ?")
-        .bind(&first)
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
+    let last = last_seq(&mut conn, &first).await;
     rewrite_chain(&mut conn, &first, Vec::clear).await;
     assert_eq!(verify(&url).await, Some((Problem::Truncation, first, last)));
 }
@@ -517,25 +608,20 @@ async fn a_chain_opened_event_naming_the_wrong_predecessor_is_a_broken_link() {
     let (_dir, url) = trail().await;
     let (mut conn, first) = intruder(&url).await;
     let (second,): (String,) =
-        sqlx::query_as("SELECT chain_id FROM audit_events WHERE seq = 1 AND chain_id <> ?")
+        sqlx::query_as("SELECT chain_id FROM audit_chains WHERE chain_id <> ?")
             .bind(&first)
             .fetch_one(&mut conn)
             .await
             .unwrap();
-    let (last,): (i64,) = sqlx::query_as("SELECT MAX(seq) FROM audit_events WHERE chain_id = ?")
-        .bind(&first)
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
+    let last = last_seq(&mut conn, &first).await;
     // The second chain's CHAIN_OPENED is made to name another event (the one before the first chain's
     // tail), and the whole second chain is re-sealed on that claim so every link inside it holds.
     let (_, _, wrong) = body_at(&mut conn, &first, last - 1).await;
-    let rows: Vec<(i64, String)> =
-        sqlx::query_as("SELECT seq, body FROM audit_events WHERE chain_id = ? ORDER BY seq")
-            .bind(&second)
-            .fetch_all(&mut conn)
-            .await
-            .unwrap();
+    let rows: Vec<(i64, String)> = stored(&mut conn, &second)
+        .await
+        .into_iter()
+        .map(|e| (e.seq, e.body))
+        .collect();
     let mut prev = wrong.clone();
     let mut resealed = Vec::new();
     for (seq, body) in rows {
@@ -796,13 +882,13 @@ async fn the_database_is_compared_with_the_files_and_an_event_missing_or_differe
 
 /// The newest chain (the second run's) and its last seq.
 async fn newest_chain(conn: &mut SqliteConnection) -> (String, i64) {
-    sqlx::query_as(
-        "SELECT chain_id, MAX(seq) FROM audit_events GROUP BY chain_id \
-         ORDER BY MIN(occurred_at) DESC LIMIT 1",
-    )
-    .fetch_one(&mut *conn)
-    .await
-    .unwrap()
+    let (chain,): (String,) =
+        sqlx::query_as("SELECT chain_id FROM audit_chains ORDER BY opened_at DESC LIMIT 1")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+    let last = last_seq(conn, &chain).await;
+    (chain, last)
 }
 
 /// The chain's stored events from `from` on, rewritten in order with links and hashes recomputed as a
@@ -894,13 +980,12 @@ async fn a_chain_rewritten_with_recomputed_hashes_does_not_match_its_checkpoint(
     let (mut conn, _) = intruder(&url).await;
     let (chain, _) = newest_chain(&mut conn).await;
     // A denial turned into an allow, and every hash after it recomputed: the links hold.
-    let (seq,): (i64,) = sqlx::query_as(
-        "SELECT seq FROM audit_events WHERE chain_id = ? AND event_type = 'DECISION' ORDER BY seq LIMIT 1",
-    )
-    .bind(&chain)
-    .fetch_one(&mut conn)
-    .await
-    .unwrap();
+    let seq = stored(&mut conn, &chain)
+        .await
+        .into_iter()
+        .find(|e| e.body.contains("\"event_type\":\"DECISION\""))
+        .unwrap()
+        .seq;
     let (covering,): (i64,) =
         sqlx::query_as("SELECT MIN(size) FROM audit_checkpoints WHERE chain_id = ? AND size >= ?")
             .bind(&chain)
