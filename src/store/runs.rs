@@ -131,16 +131,32 @@ pub fn within_a_run(bodies: &str) -> Result<(), String> {
 }
 
 /// Which runs of a page may be inflated: in order, while the sizes they claim add up to at most
-/// [`PAGE_BYTES`]. `claims` gives each run's claimed size (its stored length for text).
-pub fn page_budget(claims: impl IntoIterator<Item = i64>) -> Vec<bool> {
+/// [`PAGE_BYTES`]. Each run is given as stored: its bodies and their unpacked size (none for text, whose
+/// stored length is its size).
+pub fn page_budget<'a>(runs: impl IntoIterator<Item = (&'a [u8], Option<i64>)>) -> Vec<bool> {
     let mut total: i64 = 0;
-    claims
-        .into_iter()
-        .map(|claim| {
+    runs.into_iter()
+        .map(|(stored, size)| {
+            let claim = size.unwrap_or_else(|| i64::try_from(stored.len()).unwrap_or(i64::MAX));
             total = total.saturating_add(claim.max(0));
             total <= PAGE_BYTES
         })
         .collect()
+}
+
+/// A stored run's bodies as a read takes them: unpacked and no more than a run may hold; or, for a run
+/// that is damaged or past its page's budget ([`page_budget`]), one body saying why (its hash, the
+/// run's count and time then disagree with it, and verification names the run).
+pub fn readable_bodies(stored: &[u8], size: Option<i64>, in_budget: bool) -> Cow<'_, str> {
+    let bodies = if in_budget {
+        unpack(stored, size).and_then(|b| within_a_run(&b).map(|()| b))
+    } else {
+        Err(format!(
+            "a run claiming {} bytes past what one read may inflate ({PAGE_BYTES})",
+            size.unwrap_or(0)
+        ))
+    };
+    bodies.unwrap_or_else(|why| format!("({why})").into())
 }
 
 /// The position of event `seq` of chain `chain_no`.
@@ -459,10 +475,13 @@ mod tests {
                 .contains("more than a run may")
         );
         let third = PAGE_BYTES / 3;
+        let claims = |sizes: &[i64]| page_budget(sizes.iter().map(|&n| (&[][..], Some(n))));
         assert_eq!(
-            page_budget([third, third, third, 2, 1, -5]),
+            claims(&[third, third, third, 2, 1, -5]),
             [true, true, true, false, false, false]
         );
-        assert_eq!(page_budget([i64::MAX, 1]), [false, false]);
+        assert_eq!(claims(&[i64::MAX, 1]), [false, false]);
+        // Text runs claim their stored length.
+        assert_eq!(page_budget([(&b"{}\n"[..], None)]), [true]);
     }
 }

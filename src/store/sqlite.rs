@@ -11,8 +11,8 @@ use sqlx::{QueryBuilder, SqlSafeStr, Sqlite, SqlitePool};
 
 use super::rows::{KeyRow, Sightings};
 use super::runs::{
-    MAX_SEQ, MAX_SPAN_US, PAGE_BYTES, at_of, events_of_run, page_budget, position, split_position,
-    time_order, time_text, unpack, within_a_run,
+    MAX_SEQ, MAX_SPAN_US, at_of, events_of_run, page_budget, position, readable_bodies,
+    split_position, time_order, time_text,
 };
 use super::sqlite_trail::{SharedTrail, SqliteAppender, SqliteTrail};
 use super::{
@@ -148,23 +148,13 @@ const RUN_PAGE: i64 = 256;
 /// earliest time that disagrees with what its bodies say is shown on its first event (its id or time
 /// then disagree with its bytes), so that verification reports it there.
 fn expand(rows: &[RunRow]) -> Vec<SealedEvent> {
-    let budget = page_budget(rows.iter().map(|r| r.6.unwrap_or(r.5.len() as i64)));
+    let budget = page_budget(rows.iter().map(|r| (r.5.as_slice(), r.6)));
     let rows: Vec<(&RunRow, bool)> = rows.iter().zip(budget).collect();
     let events = map_in_two(
         &rows,
-        |((at_min, n, chain_id, pos, hashes, bodies, size), fits)| {
+        |((at_min, n, chain_id, pos, hashes, bodies, size), in_budget)| {
             let (_, first_seq) = split_position(*pos);
-            // Bodies that cannot be read are one body saying why: its hash, the run's count and time then
-            // disagree with it, and verification names the run.
-            let bodies = if *fits {
-                unpack(bodies, *size).and_then(|b| within_a_run(&b).map(|()| b))
-            } else {
-                Err(format!(
-                    "a run claiming {} bytes past what one read may inflate ({PAGE_BYTES})",
-                    size.unwrap_or(0)
-                ))
-            };
-            let bodies = bodies.unwrap_or_else(|why| format!("({why})").into());
+            let bodies = readable_bodies(bodies, *size, *in_budget);
             let mut events = events_of_run(chain_id, first_seq, hashes, &bodies);
             let at = events.iter().map(at_of).min();
             let events_len = events.len();

@@ -332,82 +332,95 @@ async fn run_holding(conn: &mut SqliteConnection, chain: &str, seq: i64) -> (i64
     (pos, pos - (chain_no << 40))
 }
 
-#[tokio::test]
-async fn a_run_whose_count_or_earliest_time_was_edited_is_named_at_its_first_event() {
-    // A run's header is not hashed: verification checks it against the bodies it heads.
-    let (_dir, url) = trail().await;
-    let (mut conn, chain) = intruder(&url).await;
-    let (pos, first) = run_holding(&mut conn, &chain, 5).await;
-    sqlx::query("UPDATE audit_runs SET n = n + 1 WHERE pos = ?")
-        .bind(pos)
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(
-        verify(&url).await,
-        Some((Problem::HashMismatch, chain.clone(), first))
-    );
+/// A fresh trail, opened as an intruder, and the run holding event 5 of its first chain: what the
+/// run-editing cases start from.
+struct RunToEdit {
+    _dir: tempfile::TempDir,
+    url: String,
+    conn: SqliteConnection,
+    chain: String,
+    pos: i64,
+    first: i64,
+}
 
+async fn run_to_edit() -> RunToEdit {
     let (_dir, url) = trail().await;
     let (mut conn, chain) = intruder(&url).await;
     let (pos, first) = run_holding(&mut conn, &chain, 5).await;
-    // An hour earlier: reads by time would look for its events where they are not.
-    sqlx::query("UPDATE audit_runs SET at_min = at_min - 3600000000 WHERE pos = ?")
-        .bind(pos)
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(
-        verify(&url).await,
-        Some((Problem::HashMismatch, chain, first))
-    );
+    RunToEdit {
+        _dir,
+        url,
+        conn,
+        chain,
+        pos,
+        first,
+    }
+}
+
+impl RunToEdit {
+    /// Verification names the edited run at its first event, as a hash mismatch.
+    async fn assert_named_at_its_first_event(self) {
+        assert_eq!(
+            verify(&self.url).await,
+            Some((Problem::HashMismatch, self.chain, self.first))
+        );
+    }
 }
 
 #[tokio::test]
-async fn a_packed_run_flipped_or_lying_about_its_size_is_named_at_its_first_event() {
+async fn a_run_whose_count_or_earliest_time_was_edited_assert_named_at_its_first_event() {
+    // A run's header is not hashed: verification checks it against the bodies it heads.
+    let mut run = run_to_edit().await;
+    sqlx::query("UPDATE audit_runs SET n = n + 1 WHERE pos = ?")
+        .bind(run.pos)
+        .execute(&mut run.conn)
+        .await
+        .unwrap();
+    run.assert_named_at_its_first_event().await;
+
+    let mut run = run_to_edit().await;
+    // An hour earlier: reads by time would look for its events where they are not.
+    sqlx::query("UPDATE audit_runs SET at_min = at_min - 3600000000 WHERE pos = ?")
+        .bind(run.pos)
+        .execute(&mut run.conn)
+        .await
+        .unwrap();
+    run.assert_named_at_its_first_event().await;
+}
+
+#[tokio::test]
+async fn a_packed_run_flipped_or_lying_about_its_size_assert_named_at_its_first_event() {
     // Runs keep their bodies compressed: damage inside them is reported where the run starts, not
     // skipped, guessed at, or a failed read.
-    let (_dir, url) = trail().await;
-    let (mut conn, chain) = intruder(&url).await;
-    let (pos, first) = run_holding(&mut conn, &chain, 5).await;
+    let mut run = run_to_edit().await;
     let (mut packed,): (Vec<u8>,) =
         sqlx::query_as("SELECT bodies FROM audit_runs WHERE pos = ? AND size IS NOT NULL")
-            .bind(pos)
-            .fetch_one(&mut conn)
+            .bind(run.pos)
+            .fetch_one(&mut run.conn)
             .await
             .unwrap();
     let mid = packed.len() / 2;
     packed[mid] ^= 0x40;
     sqlx::query("UPDATE audit_runs SET bodies = ? WHERE pos = ?")
         .bind(packed)
-        .bind(pos)
-        .execute(&mut conn)
+        .bind(run.pos)
+        .execute(&mut run.conn)
         .await
         .unwrap();
-    assert_eq!(
-        verify(&url).await,
-        Some((Problem::HashMismatch, chain.clone(), first))
-    );
+    run.assert_named_at_its_first_event().await;
 
-    let (_dir, url) = trail().await;
-    let (mut conn, chain) = intruder(&url).await;
-    let (pos, first) = run_holding(&mut conn, &chain, 5).await;
+    let mut run = run_to_edit().await;
     // A claim of a gigabyte is not inflated to see.
     let edited =
         sqlx::query("UPDATE audit_runs SET size = 1 << 30 WHERE pos = ? AND size IS NOT NULL")
-            .bind(pos)
-            .execute(&mut conn)
+            .bind(run.pos)
+            .execute(&mut run.conn)
             .await
             .unwrap();
     assert_eq!(edited.rows_affected(), 1);
-    assert_eq!(
-        verify(&url).await,
-        Some((Problem::HashMismatch, chain, first))
-    );
+    run.assert_named_at_its_first_event().await;
 
-    let (_dir, url) = trail().await;
-    let (mut conn, chain) = intruder(&url).await;
-    let (pos, first) = run_holding(&mut conn, &chain, 5).await;
+    let mut run = run_to_edit().await;
     // Honest about its size, but millions of empty bodies: read as damage, not made into events.
     let flood = vec![b'\n'; 4 << 20];
     let mut z = ZlibEncoder::new(Vec::new(), Compression::best());
@@ -415,14 +428,11 @@ async fn a_packed_run_flipped_or_lying_about_its_size_is_named_at_its_first_even
     sqlx::query("UPDATE audit_runs SET bodies = ?, size = ? WHERE pos = ?")
         .bind(z.finish().unwrap())
         .bind(flood.len() as i64)
-        .bind(pos)
-        .execute(&mut conn)
+        .bind(run.pos)
+        .execute(&mut run.conn)
         .await
         .unwrap();
-    assert_eq!(
-        verify(&url).await,
-        Some((Problem::HashMismatch, chain, first))
-    );
+    run.assert_named_at_its_first_event().await;
 }
 
 #[tokio::test]
