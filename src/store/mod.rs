@@ -3,6 +3,7 @@
 
 mod postgres;
 mod rows;
+mod run_reads;
 mod runs;
 mod sqlite;
 mod sqlite_trail;

@@ -1,14 +1,18 @@
 //! PostgreSQL store: for several instances sharing one audit database (each instance keeps its own chain).
 
+use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
-use sqlx::{PgPool, Postgres, QueryBuilder, SqlSafeStr};
+use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder, SqlSafeStr};
 
 use super::rows::{KeyRow, Sightings};
+use super::run_reads::{self, RUN_PAGE, RunRow, RunSource, RunSpan, next_seq};
+use super::runs::{position, runs_of};
 use super::{
     ChainInfo, ChainTail, ChangeNudges, CheckpointRecord, CollectorRun, ExecutorSwitch, KeyRecord,
     LockHolder, PgSettings, SNAPSHOT_CHUNK, SnapshotRow, Store, StoreError, TrailAppender,
@@ -17,11 +21,9 @@ use super::{
 use crate::domain::KeyId;
 use crate::event::SealedEvent;
 
-/// Rows per multi-row INSERT: 10 columns each stays far below PostgreSQL's 65535 bound parameters.
-const INSERT_CHUNK: usize = 500;
-
 pub struct PgStore {
     pool: PgPool,
+    chain_nos: ChainNos,
 }
 
 fn migrator() -> Migrator {
@@ -96,28 +98,46 @@ fn migrator() -> Migrator {
             include_str!("../../migrations/postgres/0010_checkpoints.sql").into_sql_str(),
             false,
         ),
+        Migration::new(
+            11,
+            "trail runs".into(),
+            MigrationType::Simple,
+            include_str!("../../migrations/postgres/0011_trail_runs.sql").into_sql_str(),
+            false,
+        ),
     ])
 }
 
-/// `INSERT INTO audit_events ... VALUES (...), (...)` for `events` (at most [`INSERT_CHUNK`]).
-fn insert_statement(events: &[SealedEvent]) -> QueryBuilder<Postgres> {
-    let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
-        "INSERT INTO audit_events (chain_id, seq, event_id, event_type, trace_id, occurred_at, instance_id, prev_hash, hash, body) ",
-    );
-    qb.push_values(events, |mut b, e| {
-        b.push_bind(e.chain_id.clone())
-            .push_bind(e.seq)
-            .push_bind(e.event_id.clone())
-            .push_bind(e.event_type.clone())
-            .push_bind(e.trace_id.clone())
-            .push_bind(e.occurred_at.clone())
-            .push_bind(e.instance_id.clone())
-            .push_bind(e.prev_hash.clone())
-            .push_bind(e.hash.clone())
-            .push_bind(e.body.clone());
-    });
-    qb
+/// A group commit's runs and their traces, in one statement (atomic by itself: no BEGIN/COMMIT round
+/// trips), each column bound as one array whatever the number of runs.
+const INSERT_RUNS: &str = "WITH runs AS ( \
+         INSERT INTO audit_runs (pos, n, at_min, hashes, bodies) \
+         SELECT * FROM unnest($1::BIGINT[], $2::BIGINT[], $3::BIGINT[], $4::BYTEA[], $5::TEXT[])) \
+     INSERT INTO audit_run_traces (trace_id, pos) \
+     SELECT * FROM unnest($6::TEXT[], $7::BIGINT[]) ON CONFLICT DO NOTHING";
+
+/// The number of a chain, naming it in `audit_chains` if it is new.
+const CHAIN_NO: &str = "WITH named AS ( \
+         INSERT INTO audit_chains (chain_id, instance_id, opened_at) VALUES ($1, $2, $3) \
+         ON CONFLICT (chain_id) DO NOTHING RETURNING chain_no) \
+     SELECT chain_no FROM named UNION ALL \
+     SELECT chain_no FROM audit_chains WHERE chain_id = $1 LIMIT 1";
+
+/// A read of runs: [`RunRow`]'s columns from the runs joined with their chains (`r`, `c`), followed by
+/// the rest of the query. Bodies are text here (PostgreSQL compresses them itself), with no size.
+macro_rules! select_runs {
+    ($rest:literal) => {
+        concat!(
+            "SELECT r.at_min, r.n, c.chain_id, r.pos, r.hashes, convert_to(r.bodies, 'UTF8'), \
+                    NULL::BIGINT \
+             FROM audit_runs r JOIN audit_chains c ON c.chain_no = r.pos >> 40 ",
+            $rest
+        )
+    };
 }
+
+/// Numbers of the chains this process has named (a chain's number never changes).
+type ChainNos = Arc<Mutex<HashMap<String, i64>>>;
 
 /// The channel the change triggers notify (migration 8).
 const CHANGES_CHANNEL: &str = "catraca_changes";
@@ -142,35 +162,91 @@ impl PgStore {
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await?;
-        Ok(Self { pool })
-    }
-
-    async fn insert_events<'c>(
-        tx: &mut sqlx::Transaction<'c, Postgres>,
-        events: &[SealedEvent],
-    ) -> Result<(), StoreError> {
-        for chunk in events.chunks(INSERT_CHUNK) {
-            insert_statement(chunk).build().execute(&mut **tx).await?;
-        }
-        Ok(())
+        Ok(Self {
+            pool,
+            chain_nos: ChainNos::default(),
+        })
     }
 }
 
-/// Appends `events` in one transaction.
-async fn append_on(pool: &PgPool, events: &[SealedEvent]) -> Result<(), StoreError> {
+/// Appends `events` as runs, in one statement, naming chains not seen before (remembered in `known`).
+async fn append_on(
+    conn: &mut PgConnection,
+    known: &ChainNos,
+    events: &[SealedEvent],
+) -> Result<(), StoreError> {
     if events.is_empty() {
         return Ok(());
     }
-    // One multi-row INSERT is atomic by itself: a batch that fits in one statement needs no
-    // BEGIN/COMMIT round trips (the group commit's common case).
-    if events.len() <= INSERT_CHUNK {
-        insert_statement(events).build().execute(pool).await?;
-        return Ok(());
+    let (mut pos, mut n, mut at_min, mut hashes, mut bodies) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut trace_ids, mut trace_pos) = (Vec::new(), Vec::new());
+    for chain in events.chunk_by(|a, b| a.chain_id == b.chain_id) {
+        let first = &chain[0];
+        let chain_no = chain_no(conn, known, first).await?;
+        for run in runs_of(chain) {
+            let at = run
+                .position_in(chain_no, &first.chain_id)
+                .map_err(StoreError::Corrupt)?;
+            for trace in run.traces {
+                trace_ids.push(trace);
+                trace_pos.push(at);
+            }
+            pos.push(at);
+            n.push(run.count);
+            at_min.push(run.at_min);
+            hashes.push(run.hashes);
+            bodies.push(run.bodies);
+        }
     }
-    let mut tx = pool.begin().await?;
-    PgStore::insert_events(&mut tx, events).await?;
-    tx.commit().await?;
+    sqlx::query(INSERT_RUNS)
+        .bind(pos)
+        .bind(n)
+        .bind(at_min)
+        .bind(hashes)
+        .bind(bodies)
+        .bind(trace_ids)
+        .bind(trace_pos)
+        .execute(&mut *conn)
+        .await?;
     Ok(())
+}
+
+/// The number of `first`'s chain, from `known` or the database (naming the chain if it is new).
+async fn chain_no(
+    conn: &mut PgConnection,
+    known: &ChainNos,
+    first: &SealedEvent,
+) -> Result<i64, StoreError> {
+    let remembered = known
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(&first.chain_id)
+        .copied();
+    if let Some(n) = remembered {
+        return Ok(n);
+    }
+    let n: i64 = sqlx::query_scalar(CHAIN_NO)
+        .bind(&first.chain_id)
+        .bind(&first.instance_id)
+        .bind(&first.occurred_at)
+        .fetch_one(&mut *conn)
+        .await?;
+    known
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(first.chain_id.clone(), n);
+    Ok(n)
+}
+
+/// Appends `events` on a connection of `pool`.
+async fn append_with(
+    pool: &PgPool,
+    known: &ChainNos,
+    events: &[SealedEvent],
+) -> Result<(), StoreError> {
+    let mut conn = pool.acquire().await?;
+    append_on(&mut conn, known, events).await
 }
 
 /// Listens on [`CHANGES_CHANNEL`] and wakes the watcher of each table that changed; returns when the
@@ -197,7 +273,8 @@ async fn listen_for_changes(pool: &PgPool, to: &ChangeNudges) -> Result<(), sqlx
 /// reaches the disk.
 async fn probe_on(pool: &PgPool) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
-    PgStore::insert_events(&mut tx, &[probe_event()]).await?;
+    // A chain named here is rolled back with the rest: it is not remembered.
+    append_on(&mut tx, &ChainNos::default(), &[probe_event()]).await?;
     tx.rollback().await?;
     sqlx::query(
         "INSERT INTO write_probe (id, probed_at) VALUES (1, $1) \
@@ -212,12 +289,14 @@ async fn probe_on(pool: &PgPool) -> Result<(), StoreError> {
 /// The audit writer's appender: the pool's async writes, driven to their end on the writer's thread.
 struct PgAppender {
     pool: PgPool,
+    chain_nos: ChainNos,
     runtime: tokio::runtime::Handle,
 }
 
 impl TrailAppender for PgAppender {
     fn append(&mut self, events: &[SealedEvent]) -> Result<(), StoreError> {
-        self.runtime.block_on(append_on(&self.pool, events))
+        self.runtime
+            .block_on(append_with(&self.pool, &self.chain_nos, events))
     }
 
     fn probe_write(&mut self) -> Result<(), StoreError> {
@@ -240,6 +319,98 @@ async fn checkpoint_on(pool: &PgPool, c: &CheckpointRecord) -> Result<(), StoreE
     .execute(pool)
     .await?;
     Ok(())
+}
+
+#[async_trait]
+impl RunSource for PgStore {
+    async fn span_after(
+        &self,
+        chain_id: &str,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Option<RunSpan>, StoreError> {
+        let Some(chain_no): Option<i64> =
+            sqlx::query_scalar("SELECT chain_no FROM audit_chains WHERE chain_id = $1")
+                .bind(chain_id)
+                .fetch_optional(&self.pool)
+                .await?
+        else {
+            return Ok(None);
+        };
+        let holding: Option<i64> =
+            sqlx::query_scalar("SELECT max(pos) FROM audit_runs WHERE pos >= $1 AND pos <= $2")
+                .bind(position(chain_no, 0))
+                .bind(position(chain_no, next_seq(after_seq)))
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(Some(RunSpan::new(chain_no, after_seq, limit, holding)))
+    }
+
+    async fn runs_within(&self, from: i64, to: i64) -> Result<Vec<RunRow>, StoreError> {
+        Ok(sqlx::query_as(select_runs!(
+            "WHERE r.pos >= $1 AND r.pos < $2 ORDER BY r.pos LIMIT $3"
+        ))
+        .bind(from)
+        .bind(to)
+        .bind(RUN_PAGE)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn hashes_within(&self, from: i64, to: i64) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT pos, hashes FROM audit_runs WHERE pos >= $1 AND pos < $2 ORDER BY pos LIMIT $3",
+        )
+        .bind(from)
+        .bind(to)
+        .bind(RUN_PAGE)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn runs_before(&self, key: (i64, i64)) -> Result<Vec<RunRow>, StoreError> {
+        Ok(sqlx::query_as(select_runs!(
+            "WHERE (r.at_min, r.pos) < ($1, $2) ORDER BY r.at_min DESC, r.pos DESC LIMIT $3"
+        ))
+        .bind(key.0)
+        .bind(key.1)
+        .bind(RUN_PAGE)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn runs_after(&self, key: (i64, i64), until: i64) -> Result<Vec<RunRow>, StoreError> {
+        Ok(sqlx::query_as(select_runs!(
+            "WHERE (r.at_min, r.pos) > ($1, $2) AND r.at_min < $3 ORDER BY r.at_min, r.pos LIMIT $4"
+        ))
+        .bind(key.0)
+        .bind(key.1)
+        .bind(until)
+        .bind(RUN_PAGE)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn runs_of_trace(&self, trace_id: &str) -> Result<Vec<RunRow>, StoreError> {
+        Ok(sqlx::query_as(select_runs!(
+            "WHERE r.pos IN (SELECT pos FROM audit_run_traces WHERE trace_id = $1)"
+        ))
+        .bind(trace_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn last_run_of_instance(&self, instance_id: &str) -> Result<Vec<RunRow>, StoreError> {
+        Ok(sqlx::query_as(select_runs!(
+            "WHERE c.chain_no = (SELECT chain_no FROM audit_chains WHERE instance_id = $1 \
+                                 ORDER BY opened_at DESC, chain_id DESC LIMIT 1) \
+               AND r.pos >= c.chain_no << 40 AND r.pos < (c.chain_no + 1) << 40 \
+             ORDER BY r.pos DESC LIMIT 1"
+        ))
+        .bind(instance_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
 }
 
 #[async_trait]
@@ -445,13 +616,14 @@ impl Store for PgStore {
             .map_err(|e| StoreError::Corrupt(format!("the audit writer needs the runtime: {e}")))?;
         Ok(Box::new(PgAppender {
             pool: self.pool.clone(),
+            chain_nos: self.chain_nos.clone(),
             runtime,
         }))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(events = events.len()))]
     async fn append_events(&self, events: &[SealedEvent]) -> Result<(), StoreError> {
-        append_on(&self.pool, events).await
+        append_with(&self.pool, &self.chain_nos, events).await
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
@@ -461,28 +633,12 @@ impl Store for PgStore {
 
     #[tracing::instrument(level = "debug", skip_all, fields(instance_id = instance_id))]
     async fn latest_chain_tail(&self, instance_id: &str) -> Result<Option<ChainTail>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT e.chain_id, e.seq, e.hash FROM audit_events e \
-             WHERE e.chain_id = (SELECT chain_id FROM audit_events \
-                                 WHERE instance_id = $1 AND event_type = 'CHAIN_OPENED' \
-                                 ORDER BY occurred_at DESC, chain_id DESC LIMIT 1) \
-             ORDER BY e.seq DESC LIMIT 1",
-        )
-        .bind(instance_id)
-        .fetch_optional(&self.pool)
-        .await?)
+        run_reads::latest_chain_tail(self, instance_id).await
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(trace_id = trace_id))]
     async fn events_for_trace(&self, trace_id: &str) -> Result<Vec<SealedEvent>, StoreError> {
-        let events: Vec<SealedEvent> = sqlx::query_as(
-            "SELECT chain_id, seq, event_id, event_type, trace_id, occurred_at, instance_id, prev_hash, hash, body \
-             FROM audit_events WHERE trace_id = $1 ORDER BY occurred_at, chain_id, seq",
-        )
-        .bind(trace_id)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(events)
+        run_reads::events_for_trace(self, trace_id).await
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
@@ -491,21 +647,7 @@ impl Store for PgStore {
         before: Option<(&str, &str, i64)>,
         limit: i64,
     ) -> Result<Vec<SealedEvent>, StoreError> {
-        // "9" sorts after every timestamp this century; the first bound lets the time index do the work.
-        let (at, chain, seq) = before.unwrap_or(("9", "", 0));
-        let events: Vec<SealedEvent> = sqlx::query_as(
-            "SELECT chain_id, seq, event_id, event_type, trace_id, occurred_at, instance_id, prev_hash, hash, body \
-             FROM audit_events \
-             WHERE occurred_at <= $1 AND (occurred_at, chain_id, seq) < ($1, $2, $3) \
-             ORDER BY occurred_at DESC, chain_id DESC, seq DESC LIMIT $4",
-        )
-        .bind(at)
-        .bind(chain)
-        .bind(seq)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(events)
+        run_reads::events_before(self, before, limit).await
     }
 
     async fn record_verification(&self, found: &Verification) -> Result<(), StoreError> {
@@ -536,8 +678,14 @@ impl Store for PgStore {
 
     async fn chains(&self) -> Result<Vec<ChainInfo>, StoreError> {
         Ok(sqlx::query_as(
-            "SELECT chain_id, COUNT(*) AS events, MIN(occurred_at) AS first_at FROM audit_events \
-             GROUP BY chain_id ORDER BY MIN(occurred_at), chain_id",
+            // The last seq of each chain from its last run, one index lookup each.
+            "SELECT chain_id, events, first_at FROM ( \
+                 SELECT c.chain_id, c.opened_at AS first_at, \
+                        (SELECT (r.pos & 1099511627775) + r.n - 1 FROM audit_runs r \
+                         WHERE r.pos >= c.chain_no << 40 AND r.pos < (c.chain_no + 1) << 40 \
+                         ORDER BY r.pos DESC LIMIT 1) AS events \
+                 FROM audit_chains c) chains \
+             WHERE events IS NOT NULL ORDER BY first_at, chain_id",
         )
         .fetch_all(&self.pool)
         .await?)
@@ -550,16 +698,7 @@ impl Store for PgStore {
         after_seq: i64,
         limit: i64,
     ) -> Result<Vec<SealedEvent>, StoreError> {
-        let events: Vec<SealedEvent> = sqlx::query_as(
-            "SELECT chain_id, seq, event_id, event_type, trace_id, occurred_at, instance_id, prev_hash, hash, body \
-             FROM audit_events WHERE chain_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-        )
-        .bind(chain_id)
-        .bind(after_seq)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(events)
+        run_reads::chain_events(self, chain_id, after_seq, limit).await
     }
 
     async fn append_checkpoint(&self, checkpoint: &CheckpointRecord) -> Result<(), StoreError> {
@@ -598,14 +737,7 @@ impl Store for PgStore {
         after_seq: i64,
         limit: i64,
     ) -> Result<Vec<(i64, String)>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT seq, hash FROM audit_events WHERE chain_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-        )
-        .bind(chain_id)
-        .bind(after_seq)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?)
+        run_reads::chain_hashes(self, chain_id, after_seq, limit).await
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(source = source, query_key = query_key, run_id = run_id))]
@@ -777,21 +909,123 @@ impl Store for PgStore {
         after: Option<(&str, &str, i64)>,
         limit: i64,
     ) -> Result<Vec<SealedEvent>, StoreError> {
-        let (at, chain, seq) = after.unwrap_or(("", "", i64::MIN));
-        let events: Vec<SealedEvent> = sqlx::query_as(
-            "SELECT chain_id, seq, event_id, event_type, trace_id, occurred_at, instance_id, prev_hash, hash, body \
-             FROM audit_events \
-             WHERE occurred_at >= $1 AND occurred_at < $2 AND (occurred_at, chain_id, seq) > ($3, $4, $5) \
-             ORDER BY occurred_at, chain_id, seq LIMIT $6",
+        run_reads::events_between(self, since, until, after, limit).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::Connection as _;
+
+    use super::*;
+    use crate::audit::verify::verify_store;
+    use crate::domain::TraceId;
+    use crate::store::run_reads::old_chain as chain;
+
+    /// A fresh, empty database on the server named by `CATRACA_TEST_POSTGRES_URL`.
+    async fn fresh_database() -> String {
+        let base = std::env::var("CATRACA_TEST_POSTGRES_URL")
+            .expect("CATRACA_TEST_POSTGRES_URL must name a PostgreSQL server for this test");
+        let name = format!("catraca_test_{}", uuid::Uuid::now_v7().simple());
+        let mut admin = sqlx::PgConnection::connect(&base).await.unwrap();
+        // The name is generated above from a UUID, never from input.
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        let (prefix, _) = base.rsplit_once('/').unwrap();
+        format!("{prefix}/{name}")
+    }
+
+    #[tokio::test]
+    #[ignore = "needs PostgreSQL at CATRACA_TEST_POSTGRES_URL"]
+    async fn a_trail_in_the_old_layout_is_carried_over_byte_for_byte() {
+        let store = PgStore::connect(&fresh_database().await).await.unwrap();
+        let before_runs = migrator()
+            .iter()
+            .filter(|m| m.version < 11)
+            .cloned()
+            .collect();
+        Migrator::with_migrations(before_runs)
+            .run(&store.pool)
+            .await
+            .unwrap();
+        let trace = TraceId::generate();
+        let (a, b) = (chain("old.a", 4, &trace), chain("old.b", 2, &trace));
+        let mut damaged = chain("old.d", 2, &trace);
+        damaged[1].occurred_at = "yesterday".into();
+        damaged[1].hash = "not hex".into();
+        for e in a.iter().chain(&b).chain(&damaged) {
+            sqlx::query(
+                "INSERT INTO audit_events (chain_id, seq, event_id, event_type, trace_id, occurred_at, \
+                 instance_id, prev_hash, hash, body) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            )
+            .bind(&e.chain_id)
+            .bind(e.seq)
+            .bind(&e.event_id)
+            .bind(&e.event_type)
+            .bind(&e.trace_id)
+            .bind(&e.occurred_at)
+            .bind(&e.instance_id)
+            .bind(&e.prev_hash)
+            .bind(&e.hash)
+            .bind(&e.body)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        }
+
+        store.migrate().await.unwrap();
+
+        assert_eq!(store.chain_events("old.a", 0, 10).await.unwrap(), a);
+        assert_eq!(store.chain_events("old.b", 0, 10).await.unwrap(), b);
+        let traced: Vec<SealedEvent> = a[1..].iter().chain(&b[1..]).cloned().collect();
+        let mut found = store.events_for_trace(trace.as_str()).await.unwrap();
+        found.retain(|e| e.chain_id != "old.d");
+        assert_eq!(found, traced);
+        // The damage is carried over as damage: verification still names it.
+        let report = verify_store(&store, |_| {}).await.unwrap();
+        let finding = report.finding.expect("the damaged chain is reported");
+        assert_eq!(
+            (finding.chain_id.as_str(), finding.seq),
+            ("old.d", 2),
+            "{finding:?}"
+        );
+        let tail = store.latest_chain_tail("old").await.unwrap().unwrap();
+        assert_eq!(tail.chain_id, "old.d");
+
+        // New chains continue in runs; the old columns live on as a view over old runs and new.
+        let next = chain("new.c", 3, &trace);
+        store.append_events(&next).await.unwrap();
+        assert_eq!(store.chain_events("new.c", 1, 10).await.unwrap(), next[1..]);
+        let runs: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM audit_runs r JOIN audit_chains c ON c.chain_no = r.pos >> 40 \
+             WHERE c.chain_id = 'new.c'",
         )
-        .bind(since)
-        .bind(until)
-        .bind(at)
-        .bind(chain)
-        .bind(seq)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(events)
+        .fetch_one(&store.pool)
+        .await
+        .unwrap();
+        assert_eq!(runs, 1);
+        for e in [&a[2], &next[2]] {
+            let row: (String, String, String, String, String) = sqlx::query_as(
+                "SELECT hash, prev_hash, event_id, event_type, body FROM audit_events \
+                 WHERE chain_id = $1 AND seq = $2",
+            )
+            .bind(&e.chain_id)
+            .bind(e.seq)
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+            assert_eq!(
+                row,
+                (
+                    e.hash.clone(),
+                    e.prev_hash.clone(),
+                    e.event_id.clone(),
+                    e.event_type.clone(),
+                    e.body.clone()
+                )
+            );
+        }
     }
 }

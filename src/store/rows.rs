@@ -6,11 +6,9 @@ use std::collections::BTreeSet;
 use sqlx::{ColumnIndex, Decode, FromRow, Row, Type};
 
 use super::{
-    ChainInfo, ChainTail, CheckpointRecord, KeyRecord, LockHolder, SnapshotRow, StoreError,
-    Verification,
+    ChainInfo, CheckpointRecord, KeyRecord, LockHolder, SnapshotRow, StoreError, Verification,
 };
 use crate::domain::{ContextId, KeyId, RoleName, TierName};
-use crate::event::SealedEvent;
 
 /// The text columns of an `api_keys` row, before their values are parsed into a [`KeyRecord`].
 pub(super) struct KeyRow {
@@ -83,43 +81,6 @@ impl KeyRow {
             created_at: self.created_at,
             expires_at: self.expires_at,
             revoked_at: self.revoked_at,
-        })
-    }
-}
-
-impl<'r, R: Row> FromRow<'r, R> for SealedEvent
-where
-    &'r str: ColumnIndex<R>,
-    String: Decode<'r, R::Database> + Type<R::Database>,
-    i64: Decode<'r, R::Database> + Type<R::Database>,
-{
-    fn from_row(row: &'r R) -> sqlx::Result<Self> {
-        Ok(Self {
-            chain_id: row.try_get("chain_id")?,
-            seq: row.try_get("seq")?,
-            event_id: row.try_get("event_id")?,
-            event_type: row.try_get("event_type")?,
-            trace_id: row.try_get("trace_id")?,
-            occurred_at: row.try_get("occurred_at")?,
-            instance_id: row.try_get("instance_id")?,
-            prev_hash: row.try_get("prev_hash")?,
-            hash: row.try_get("hash")?,
-            body: row.try_get("body")?,
-        })
-    }
-}
-
-impl<'r, R: Row> FromRow<'r, R> for ChainTail
-where
-    &'r str: ColumnIndex<R>,
-    String: Decode<'r, R::Database> + Type<R::Database>,
-    i64: Decode<'r, R::Database> + Type<R::Database>,
-{
-    fn from_row(row: &'r R) -> sqlx::Result<Self> {
-        Ok(Self {
-            chain_id: row.try_get("chain_id")?,
-            seq: row.try_get("seq")?,
-            hash: row.try_get("hash")?,
         })
     }
 }

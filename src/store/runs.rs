@@ -1,10 +1,10 @@
-//! Runs: how the SQLite trail stores events. A run is a stretch of consecutive events of one chain,
+//! Runs: how both stores keep the trail. A run is a stretch of consecutive events of one chain,
 //! written by one group commit, kept as one row: the hashes side by side and the canonical bodies one
 //! per line (RFC 8785 JSON holds no raw line break, so a line break ends a body without ambiguity).
 //! Every event stays addressable by `(chain, seq)`, by trace and by time, and verifiable on its own:
 //! its bytes are stored exactly as they were hashed.
 //!
-//! One row per run instead of one per event is most of what a group commit costs SQLite: a commit of
+//! One row per run instead of one per event is most of what a group commit costs: a commit of
 //! thirty events inserts one row (and one entry per trace) instead of thirty rows and ninety index
 //! entries, and writes a third fewer pages to the log.
 //!
@@ -12,12 +12,13 @@
 //! ([`MAX_SPAN_US`]), so that a run is cheap to read for one of its events and a reader by time knows
 //! how far before a moment a run holding it may start.
 //!
-//! A run's bodies are stored compressed ([`Packer`]): zlib (RFC 1950) at its fastest level, with their
+//! SQLite stores a run's bodies compressed ([`Packer`]): zlib (RFC 1950) at its fastest level, with their
 //! length beside them, the form the `sqlite3` shell's `sqlar_uncompress(bodies, size)` reads. Bodies of
 //! one run repeat their keys, chain, instance, trace and the previous event's hash, so they shrink about
 //! six times; the database grows by a third of what it did, and every commit writes and syncs fewer
 //! pages of log, which is what a commit waits for. Runs written before migration 12 stay as they were
-//! (text, no length) and are read as such ([`unpack`]).
+//! (text, no length) and are read as such ([`unpack`]). PostgreSQL keeps them as text and compresses
+//! them itself (a run's bodies are long enough for it; one event's never were).
 
 use std::borrow::Cow;
 use std::collections::BTreeSet;
@@ -179,6 +180,18 @@ pub struct NewRun {
     pub hashes: Vec<u8>,
     pub bodies: String,
     pub traces: BTreeSet<String>,
+}
+
+impl NewRun {
+    /// Where the run goes in chain `chain_no` (`chain_id`): refused past the last seq a position holds.
+    pub fn position_in(&self, chain_no: i64, chain_id: &str) -> Result<i64, String> {
+        if !(1..=MAX_SEQ).contains(&self.first_seq) || self.first_seq + self.count - 1 > MAX_SEQ {
+            return Err(format!(
+                "chain {chain_id} is full (at most {MAX_SEQ} events): restart to open a new chain"
+            ));
+        }
+        Ok(position(chain_no, self.first_seq))
+    }
 }
 
 /// The runs `events` (of one chain, consecutive, in order) are stored as.

@@ -10,17 +10,15 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{QueryBuilder, SqlSafeStr, Sqlite, SqlitePool};
 
 use super::rows::{KeyRow, Sightings};
-use super::runs::{
-    MAX_SEQ, MAX_SPAN_US, at_of, events_of_run, page_budget, position, readable_bodies,
-    split_position, time_order, time_text,
-};
+use super::run_reads::{self, RUN_PAGE, RunRow, RunSource, RunSpan, next_seq};
+use super::runs::position;
 use super::sqlite_trail::{SharedTrail, SqliteAppender, SqliteTrail};
 use super::{
     ChainInfo, ChainTail, CheckpointRecord, CollectorRun, ExecutorSwitch, KeyRecord, LockHolder,
     SNAPSHOT_CHUNK, SnapshotRow, Store, StoreError, TrailAppender, Verification, contexts_to_text,
 };
 use crate::domain::KeyId;
-use crate::event::{SealedEvent, map_in_two, micros_of};
+use crate::event::SealedEvent;
 
 /// How long a connection waits for SQLite's write lock (the CLI may write while the server runs).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -137,48 +135,6 @@ macro_rules! select_runs {
     };
 }
 
-/// A stored run: its earliest time, event count, chain, position, hashes, bodies as stored (packed, or
-/// text before migration 12) and their unpacked size (none for text).
-type RunRow = (i64, i64, String, i64, Vec<u8>, Vec<u8>, Option<i64>);
-
-/// Rows read at a time when runs are walked by time or along a chain.
-const RUN_PAGE: i64 = 256;
-
-/// The events of `rows`, in the rows' order, read on both cores when there are many. A run's count or
-/// earliest time that disagrees with what its bodies say is shown on its first event (its id or time
-/// then disagree with its bytes), so that verification reports it there.
-fn expand(rows: &[RunRow]) -> Vec<SealedEvent> {
-    let budget = page_budget(rows.iter().map(|r| (r.5.as_slice(), r.6)));
-    let rows: Vec<(&RunRow, bool)> = rows.iter().zip(budget).collect();
-    let events = map_in_two(
-        &rows,
-        |((at_min, n, chain_id, pos, hashes, bodies, size), in_budget)| {
-            let (_, first_seq) = split_position(*pos);
-            let bodies = readable_bodies(bodies, *size, *in_budget);
-            let mut events = events_of_run(chain_id, first_seq, hashes, &bodies);
-            let at = events.iter().map(at_of).min();
-            let events_len = events.len();
-            let count_agrees = i64::try_from(events_len) == Ok(*n);
-            if let Some(first) = events.first_mut() {
-                if at != Some(*at_min) {
-                    first.occurred_at = time_text(*at_min);
-                }
-                if !count_agrees {
-                    // Not the identity its bytes give it: verification names the row as edited.
-                    first.event_id = format!("(a run of {n} events holding {})", events_len);
-                }
-            }
-            events
-        },
-    );
-    events.into_iter().flatten().collect()
-}
-
-/// A time bound of a query as the trail's time column holds it.
-fn micros(at: &str) -> Result<i64, StoreError> {
-    micros_of(at).ok_or_else(|| StoreError::Corrupt(format!("not a time: {at:?}")))
-}
-
 /// Runs a write of the trail's own connection on a blocking thread.
 async fn blocking(
     write: impl FnOnce() -> Result<(), StoreError> + Send + 'static,
@@ -188,75 +144,7 @@ async fn blocking(
         .map_err(|e| StoreError::Corrupt(format!("trail write stopped: {e}")))?
 }
 
-/// Positions of runs to read, `[from, end)`, most likely all wanted before `likely_end`.
-struct RunSpan {
-    from: i64,
-    likely_end: i64,
-    end: i64,
-}
-
-impl RunSpan {
-    /// The end of the next read from `from`.
-    fn upto(&self) -> i64 {
-        if self.from < self.likely_end {
-            self.likely_end
-        } else {
-            self.end
-        }
-    }
-
-    /// Moves past a read that returned `rows` rows, the last at `last`; false at the chain's end.
-    fn advance(&mut self, rows: usize, last: Option<i64>) -> bool {
-        match last {
-            Some(last) if rows as i64 == RUN_PAGE => {
-                self.from = last + 1;
-                true
-            }
-            _ if self.from < self.likely_end => {
-                self.from = self.likely_end;
-                true
-            }
-            _ => false,
-        }
-    }
-}
-
 impl SqliteStore {
-    /// Where reading `limit` events of `chain_id` after `after_seq` goes through `audit_runs`, as
-    /// positions: from the run that holds the next event (it may start before it), through the runs
-    /// starting at or before seq `after_seq + limit` (where the events sought are, unless seqs were
-    /// forged apart), then on to the chain's end. `None` for a chain the store does not know.
-    /// (A page of runs read without the middle bound was expanded whole for a few events, then mostly
-    /// dropped: verification expanded three times the events it checked.)
-    async fn runs_after(
-        &self,
-        chain_id: &str,
-        after_seq: i64,
-        limit: i64,
-    ) -> Result<Option<RunSpan>, StoreError> {
-        let Some(chain_no): Option<i64> =
-            sqlx::query_scalar("SELECT chain_no FROM audit_chains WHERE chain_id = ?")
-                .bind(chain_id)
-                .fetch_optional(&self.pool)
-                .await?
-        else {
-            return Ok(None);
-        };
-        let next = position(chain_no, after_seq.clamp(0, MAX_SEQ - 1) + 1);
-        let holding: Option<i64> =
-            sqlx::query_scalar("SELECT max(pos) FROM audit_runs WHERE pos >= ? AND pos <= ?")
-                .bind(position(chain_no, 0))
-                .bind(next)
-                .fetch_one(&self.pool)
-                .await?;
-        let last = after_seq.saturating_add(limit.max(0)).clamp(0, MAX_SEQ);
-        Ok(Some(RunSpan {
-            from: holding.unwrap_or(next),
-            likely_end: position(chain_no, last) + 1,
-            end: position(chain_no + 1, 0),
-        }))
-    }
-
     /// Opens (creating the file and its folder if needed) the database at `url`.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str(url)?
@@ -289,6 +177,98 @@ impl SqliteStore {
             .await?;
         let trail = SqliteTrail::open(options.get_filename())?;
         Ok(Self { pool, trail })
+    }
+}
+
+#[async_trait]
+impl RunSource for SqliteStore {
+    async fn span_after(
+        &self,
+        chain_id: &str,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Option<RunSpan>, StoreError> {
+        let Some(chain_no): Option<i64> =
+            sqlx::query_scalar("SELECT chain_no FROM audit_chains WHERE chain_id = ?")
+                .bind(chain_id)
+                .fetch_optional(&self.pool)
+                .await?
+        else {
+            return Ok(None);
+        };
+        let holding: Option<i64> =
+            sqlx::query_scalar("SELECT max(pos) FROM audit_runs WHERE pos >= ? AND pos <= ?")
+                .bind(position(chain_no, 0))
+                .bind(position(chain_no, next_seq(after_seq)))
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(Some(RunSpan::new(chain_no, after_seq, limit, holding)))
+    }
+
+    async fn runs_within(&self, from: i64, to: i64) -> Result<Vec<RunRow>, StoreError> {
+        Ok(sqlx::query_as(select_runs!(
+            "WHERE r.pos >= ? AND r.pos < ? ORDER BY r.pos LIMIT ?"
+        ))
+        .bind(from)
+        .bind(to)
+        .bind(RUN_PAGE)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn hashes_within(&self, from: i64, to: i64) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT pos, hashes FROM audit_runs WHERE pos >= ? AND pos < ? ORDER BY pos LIMIT ?",
+        )
+        .bind(from)
+        .bind(to)
+        .bind(RUN_PAGE)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn runs_before(&self, key: (i64, i64)) -> Result<Vec<RunRow>, StoreError> {
+        Ok(sqlx::query_as(select_runs!(
+            "WHERE (r.at_min, r.pos) < (?, ?) ORDER BY r.at_min DESC, r.pos DESC LIMIT ?"
+        ))
+        .bind(key.0)
+        .bind(key.1)
+        .bind(RUN_PAGE)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn runs_after(&self, key: (i64, i64), until: i64) -> Result<Vec<RunRow>, StoreError> {
+        Ok(sqlx::query_as(select_runs!(
+            "WHERE (r.at_min, r.pos) > (?, ?) AND r.at_min < ? ORDER BY r.at_min, r.pos LIMIT ?"
+        ))
+        .bind(key.0)
+        .bind(key.1)
+        .bind(until)
+        .bind(RUN_PAGE)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn runs_of_trace(&self, trace_id: &str) -> Result<Vec<RunRow>, StoreError> {
+        Ok(sqlx::query_as(select_runs!(
+            "WHERE r.pos IN (SELECT pos FROM audit_run_traces WHERE trace_id = ?)"
+        ))
+        .bind(trace_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn last_run_of_instance(&self, instance_id: &str) -> Result<Vec<RunRow>, StoreError> {
+        Ok(sqlx::query_as(select_runs!(
+            "WHERE c.chain_no = (SELECT chain_no FROM audit_chains WHERE instance_id = ? \
+                                 ORDER BY opened_at DESC, chain_id DESC LIMIT 1) \
+               AND r.pos >= c.chain_no << 40 AND r.pos < (c.chain_no + 1) << 40 \
+             ORDER BY r.pos DESC LIMIT 1"
+        ))
+        .bind(instance_id)
+        .fetch_all(&self.pool)
+        .await?)
     }
 }
 
@@ -537,67 +517,17 @@ impl Store for SqliteStore {
         after_seq: i64,
         limit: i64,
     ) -> Result<Vec<(i64, String)>, StoreError> {
-        let Some(mut span) = self.runs_after(chain_id, after_seq, limit).await? else {
-            return Ok(Vec::new());
-        };
-        let limit = usize::try_from(limit.max(0)).unwrap_or(usize::MAX);
-        let mut found = Vec::new();
-        while found.len() < limit {
-            let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
-                "SELECT pos, hashes FROM audit_runs WHERE pos >= ? AND pos < ? ORDER BY pos LIMIT ?",
-            )
-            .bind(span.from)
-            .bind(span.upto())
-            .bind(RUN_PAGE)
-            .fetch_all(&self.pool)
-            .await?;
-            for (pos, hashes) in &rows {
-                let first = pos & MAX_SEQ;
-                for (seq, hash) in (first..).zip(hashes.chunks(32)) {
-                    if seq > after_seq && found.len() < limit {
-                        found.push((seq, hex::encode(hash)));
-                    }
-                }
-            }
-            if !span.advance(rows.len(), rows.last().map(|r| r.0)) {
-                break;
-            }
-        }
-        Ok(found)
+        run_reads::chain_hashes(self, chain_id, after_seq, limit).await
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(instance_id = instance_id))]
     async fn latest_chain_tail(&self, instance_id: &str) -> Result<Option<ChainTail>, StoreError> {
-        let rows: Vec<RunRow> = sqlx::query_as(select_runs!(
-            "WHERE c.chain_no = (SELECT chain_no FROM audit_chains WHERE instance_id = ? \
-                                 ORDER BY opened_at DESC, chain_id DESC LIMIT 1) \
-               AND r.pos >= c.chain_no << 40 AND r.pos < (c.chain_no + 1) << 40 \
-             ORDER BY r.pos DESC LIMIT 1"
-        ))
-        .bind(instance_id)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(expand(&rows).pop().map(|last| ChainTail {
-            chain_id: last.chain_id,
-            seq: last.seq,
-            hash: last.hash,
-        }))
+        run_reads::latest_chain_tail(self, instance_id).await
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(trace_id = trace_id))]
     async fn events_for_trace(&self, trace_id: &str) -> Result<Vec<SealedEvent>, StoreError> {
-        let rows: Vec<RunRow> = sqlx::query_as(select_runs!(
-            "WHERE r.pos IN (SELECT pos FROM audit_run_traces WHERE trace_id = ?)"
-        ))
-        .bind(trace_id)
-        .fetch_all(&self.pool)
-        .await?;
-        let mut events: Vec<SealedEvent> = expand(&rows)
-            .into_iter()
-            .filter(|e| e.trace_id.as_deref() == Some(trace_id))
-            .collect();
-        events.sort_by(time_order);
-        Ok(events)
+        run_reads::events_for_trace(self, trace_id).await
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
@@ -606,46 +536,7 @@ impl Store for SqliteStore {
         before: Option<(&str, &str, i64)>,
         limit: i64,
     ) -> Result<Vec<SealedEvent>, StoreError> {
-        let limit = usize::try_from(limit.max(0)).unwrap_or(usize::MAX);
-        let cursor = before.map(|(at, chain, seq)| (at.to_owned(), chain.to_owned(), seq));
-        // Runs newest first by their earliest time, from the cursor's moment down. An unread run
-        // starts no later than the last one read, so it holds nothing later than that start plus
-        // the longest span of a run: what was gathered past that is final.
-        let mut key = match before {
-            Some((at, _, _)) => (micros(at)?, i64::MAX),
-            None => (i64::MAX, i64::MAX),
-        };
-        let mut found: Vec<SealedEvent> = Vec::new();
-        loop {
-            let rows: Vec<RunRow> = sqlx::query_as(select_runs!(
-                "WHERE (r.at_min, r.pos) < (?, ?) ORDER BY r.at_min DESC, r.pos DESC LIMIT ?"
-            ))
-            .bind(key.0)
-            .bind(key.1)
-            .bind(RUN_PAGE)
-            .fetch_all(&self.pool)
-            .await?;
-            let done = (rows.len() as i64) < RUN_PAGE;
-            found.extend(expand(&rows).into_iter().filter(|e| {
-                cursor.as_ref().is_none_or(|(at, chain, seq)| {
-                    (&e.occurred_at, &e.chain_id, e.seq) < (at, chain, *seq)
-                })
-            }));
-            let horizon = match rows.last() {
-                Some(last) if !done => last.0.saturating_add(MAX_SPAN_US),
-                _ => i64::MIN,
-            };
-            let ready = found.iter().filter(|e| at_of(e) > horizon).count();
-            if done || ready >= limit {
-                found.retain(|e| at_of(e) > horizon);
-                found.sort_by(|a, b| time_order(b, a));
-                found.truncate(limit);
-                return Ok(found);
-            }
-            if let Some(last) = rows.last() {
-                key = (last.0, last.3);
-            }
-        }
+        run_reads::events_before(self, before, limit).await
     }
 
     async fn record_verification(&self, found: &Verification) -> Result<(), StoreError> {
@@ -696,27 +587,7 @@ impl Store for SqliteStore {
         after_seq: i64,
         limit: i64,
     ) -> Result<Vec<SealedEvent>, StoreError> {
-        let Some(mut span) = self.runs_after(chain_id, after_seq, limit).await? else {
-            return Ok(Vec::new());
-        };
-        let limit = usize::try_from(limit.max(0)).unwrap_or(usize::MAX);
-        let mut events: Vec<SealedEvent> = Vec::new();
-        while events.len() < limit {
-            let rows: Vec<RunRow> = sqlx::query_as(select_runs!(
-                "WHERE r.pos >= ? AND r.pos < ? ORDER BY r.pos LIMIT ?"
-            ))
-            .bind(span.from)
-            .bind(span.upto())
-            .bind(RUN_PAGE)
-            .fetch_all(&self.pool)
-            .await?;
-            events.extend(expand(&rows).into_iter().filter(|e| e.seq > after_seq));
-            if !span.advance(rows.len(), rows.last().map(|r| r.3)) {
-                break;
-            }
-        }
-        events.truncate(limit);
-        Ok(events)
+        run_reads::chain_events(self, chain_id, after_seq, limit).await
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(source = source, query_key = query_key, run_id = run_id))]
@@ -888,53 +759,7 @@ impl Store for SqliteStore {
         after: Option<(&str, &str, i64)>,
         limit: i64,
     ) -> Result<Vec<SealedEvent>, StoreError> {
-        let limit = usize::try_from(limit.max(0)).unwrap_or(usize::MAX);
-        let (since_us, until_us) = (micros(since)?, micros(until)?);
-        let cursor = after.map(|(at, chain, seq)| (at.to_owned(), chain.to_owned(), seq));
-        let lower = match after {
-            Some((at, _, _)) => micros(at)?.max(since_us),
-            None => since_us,
-        };
-        // Runs oldest first by their earliest time, from the longest span of a run before the first
-        // moment wanted. An unread run starts no earlier than the last one read, so what was gathered
-        // before that start is final.
-        let mut key = (lower.saturating_sub(MAX_SPAN_US + 1), i64::MAX);
-        let mut found: Vec<SealedEvent> = Vec::new();
-        loop {
-            let rows: Vec<RunRow> = sqlx::query_as(select_runs!(
-                "WHERE (r.at_min, r.pos) > (?, ?) AND r.at_min < ? \
-                 ORDER BY r.at_min, r.pos LIMIT ?"
-            ))
-            .bind(key.0)
-            .bind(key.1)
-            .bind(until_us)
-            .bind(RUN_PAGE)
-            .fetch_all(&self.pool)
-            .await?;
-            let done = (rows.len() as i64) < RUN_PAGE;
-            found.extend(expand(&rows).into_iter().filter(|e| {
-                let at = at_of(e);
-                at >= since_us
-                    && at < until_us
-                    && cursor.as_ref().is_none_or(|(at, chain, seq)| {
-                        (&e.occurred_at, &e.chain_id, e.seq) > (at, chain, *seq)
-                    })
-            }));
-            let horizon = match rows.last() {
-                Some(last) if !done => last.0,
-                _ => i64::MAX,
-            };
-            let ready = found.iter().filter(|e| at_of(e) < horizon).count();
-            if done || ready >= limit {
-                found.retain(|e| at_of(e) < horizon);
-                found.sort_by(time_order);
-                found.truncate(limit);
-                return Ok(found);
-            }
-            if let Some(last) = rows.last() {
-                key = (last.0, last.3);
-            }
-        }
+        run_reads::events_between(self, since, until, after, limit).await
     }
 }
 
@@ -943,25 +768,8 @@ mod tests {
     use super::*;
     use crate::audit::verify::verify_store;
     use crate::domain::TraceId;
-    use crate::event::{EventType, GENESIS_HASH, PendingEvent, seal};
-
-    fn chain(chain_id: &str, n: i64, trace: &TraceId) -> Vec<SealedEvent> {
-        let mut prev = GENESIS_HASH.to_owned();
-        (1..=n)
-            .map(|seq| {
-                let (kind, trace) = if seq == 1 {
-                    (EventType::ChainOpened, None)
-                } else {
-                    (EventType::RequestStart, Some(trace))
-                };
-                let e =
-                    PendingEvent::new(kind, trace, serde_json::json!({"n": seq, "text": "é\"x"}));
-                let s = seal(e, chain_id, "old", seq, &prev).unwrap();
-                prev.clone_from(&s.hash);
-                s
-            })
-            .collect()
-    }
+    use crate::event::{EventType, PendingEvent, seal};
+    use crate::store::run_reads::old_chain as chain;
 
     #[tokio::test]
     async fn a_chain_is_read_page_by_page_past_runs_and_past_a_forged_far_off_seq() {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior, params};
 
-use super::runs::{MAX_SEQ, Packer, position, runs_of};
+use super::runs::{Packer, runs_of};
 use super::{CheckpointRecord, StoreError, TrailAppender, probe_event};
 use crate::event::SealedEvent;
 
@@ -156,13 +156,9 @@ fn insert_events(
             },
         };
         for run in runs_of(chain) {
-            if !(1..=MAX_SEQ).contains(&run.first_seq) || run.first_seq + run.count - 1 > MAX_SEQ {
-                return Err(StoreError::Corrupt(format!(
-                    "chain {} is full (at most {MAX_SEQ} events): restart to open a new chain",
-                    first.chain_id
-                )));
-            }
-            let pos = position(chain_no, run.first_seq);
+            let pos = run
+                .position_in(chain_no, &first.chain_id)
+                .map_err(StoreError::Corrupt)?;
             let size = i64::try_from(run.bodies.len()).unwrap_or(i64::MAX);
             let packed = packer.pack(&run.bodies).map_err(StoreError::Corrupt)?;
             insert_run.execute(params![

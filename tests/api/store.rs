@@ -544,9 +544,15 @@ async fn postgres_rejects_update_and_delete_on_the_audit_table() {
         .await
         .unwrap();
     for sql in [
-        "UPDATE audit_events SET body = '{}'",
-        "DELETE FROM audit_events",
-        "TRUNCATE audit_events",
+        "UPDATE audit_runs SET bodies = '{}'",
+        "DELETE FROM audit_runs",
+        "TRUNCATE audit_runs",
+        "UPDATE audit_run_traces SET trace_id = 'x'",
+        "DELETE FROM audit_run_traces",
+        "TRUNCATE audit_run_traces",
+        "UPDATE audit_chains SET instance_id = 'x'",
+        "DELETE FROM audit_chains",
+        "TRUNCATE audit_chains CASCADE",
         "UPDATE audit_checkpoints SET note = 'x'",
         "DELETE FROM audit_checkpoints",
         "TRUNCATE audit_checkpoints",
@@ -554,6 +560,18 @@ async fn postgres_rejects_update_and_delete_on_the_audit_table() {
         let err = sqlx::query(sql).execute(&mut conn).await.unwrap_err();
         assert!(err.to_string().contains("append-only"), "{sql}: {err}");
     }
+    // The one-row-per-event view reads the runs; it cannot be written through.
+    let err = sqlx::query("UPDATE audit_events SET body = '{}'")
+        .execute(&mut conn)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("cannot update view"), "{err}");
+    let seqs: Vec<i64> =
+        sqlx::query_scalar("SELECT seq FROM audit_events WHERE chain_id = 'c' ORDER BY seq")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(seqs, [1, 2]);
 }
 
 #[tokio::test]
