@@ -11,8 +11,8 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder, SqlSafeStr};
 
 use super::rows::{KeyRow, Sightings};
-use super::run_reads::{self, RUN_PAGE, RunRow, RunSource, RunSpan, next_seq};
-use super::runs::{position, runs_of};
+use super::run_reads;
+use super::runs::runs_of;
 use super::{
     ChainInfo, ChainTail, ChangeNudges, CheckpointRecord, CollectorRun, ExecutorSwitch, KeyRecord,
     LockHolder, PgSettings, SNAPSHOT_CHUNK, SnapshotRow, Store, StoreError, TrailAppender,
@@ -321,97 +321,7 @@ async fn checkpoint_on(pool: &PgPool, c: &CheckpointRecord) -> Result<(), StoreE
     Ok(())
 }
 
-#[async_trait]
-impl RunSource for PgStore {
-    async fn span_after(
-        &self,
-        chain_id: &str,
-        after_seq: i64,
-        limit: i64,
-    ) -> Result<Option<RunSpan>, StoreError> {
-        let Some(chain_no): Option<i64> =
-            sqlx::query_scalar("SELECT chain_no FROM audit_chains WHERE chain_id = $1")
-                .bind(chain_id)
-                .fetch_optional(&self.pool)
-                .await?
-        else {
-            return Ok(None);
-        };
-        let holding: Option<i64> =
-            sqlx::query_scalar("SELECT max(pos) FROM audit_runs WHERE pos >= $1 AND pos <= $2")
-                .bind(position(chain_no, 0))
-                .bind(position(chain_no, next_seq(after_seq)))
-                .fetch_one(&self.pool)
-                .await?;
-        Ok(Some(RunSpan::new(chain_no, after_seq, limit, holding)))
-    }
-
-    async fn runs_within(&self, from: i64, to: i64) -> Result<Vec<RunRow>, StoreError> {
-        Ok(sqlx::query_as(select_runs!(
-            "WHERE r.pos >= $1 AND r.pos < $2 ORDER BY r.pos LIMIT $3"
-        ))
-        .bind(from)
-        .bind(to)
-        .bind(RUN_PAGE)
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
-    async fn hashes_within(&self, from: i64, to: i64) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT pos, hashes FROM audit_runs WHERE pos >= $1 AND pos < $2 ORDER BY pos LIMIT $3",
-        )
-        .bind(from)
-        .bind(to)
-        .bind(RUN_PAGE)
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
-    async fn runs_before(&self, key: (i64, i64)) -> Result<Vec<RunRow>, StoreError> {
-        Ok(sqlx::query_as(select_runs!(
-            "WHERE (r.at_min, r.pos) < ($1, $2) ORDER BY r.at_min DESC, r.pos DESC LIMIT $3"
-        ))
-        .bind(key.0)
-        .bind(key.1)
-        .bind(RUN_PAGE)
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
-    async fn runs_after(&self, key: (i64, i64), until: i64) -> Result<Vec<RunRow>, StoreError> {
-        Ok(sqlx::query_as(select_runs!(
-            "WHERE (r.at_min, r.pos) > ($1, $2) AND r.at_min < $3 ORDER BY r.at_min, r.pos LIMIT $4"
-        ))
-        .bind(key.0)
-        .bind(key.1)
-        .bind(until)
-        .bind(RUN_PAGE)
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
-    async fn runs_of_trace(&self, trace_id: &str) -> Result<Vec<RunRow>, StoreError> {
-        Ok(sqlx::query_as(select_runs!(
-            "WHERE r.pos IN (SELECT pos FROM audit_run_traces WHERE trace_id = $1)"
-        ))
-        .bind(trace_id)
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
-    async fn last_run_of_instance(&self, instance_id: &str) -> Result<Vec<RunRow>, StoreError> {
-        Ok(sqlx::query_as(select_runs!(
-            "WHERE c.chain_no = (SELECT chain_no FROM audit_chains WHERE instance_id = $1 \
-                                 ORDER BY opened_at DESC, chain_id DESC LIMIT 1) \
-               AND r.pos >= c.chain_no << 40 AND r.pos < (c.chain_no + 1) << 40 \
-             ORDER BY r.pos DESC LIMIT 1"
-        ))
-        .bind(instance_id)
-        .fetch_all(&self.pool)
-        .await?)
-    }
-}
+run_reads::run_source!(PgStore);
 
 #[async_trait]
 impl Store for PgStore {

@@ -43,6 +43,135 @@ pub trait RunSource: Sync {
     async fn last_run_of_instance(&self, instance_id: &str) -> Result<Vec<RunRow>, StoreError>;
 }
 
+/// Implements [`RunSource`] for a store with a `pool` field, in SQL both backends read (parameters
+/// `$n`, bound in order); `select_runs!`, defined by the backend where this is used, starts a read of
+/// [`RunRow`]'s columns from the runs `r` joined with their chains `c`.
+macro_rules! run_source {
+    ($store:ty) => {
+        #[async_trait::async_trait]
+        impl $crate::store::run_reads::RunSource for $store {
+            async fn span_after(
+                &self,
+                chain_id: &str,
+                after_seq: i64,
+                limit: i64,
+            ) -> Result<Option<$crate::store::run_reads::RunSpan>, StoreError> {
+                use $crate::store::runs::position;
+                let Some(chain_no): Option<i64> =
+                    sqlx::query_scalar("SELECT chain_no FROM audit_chains WHERE chain_id = $1")
+                        .bind(chain_id)
+                        .fetch_optional(&self.pool)
+                        .await?
+                else {
+                    return Ok(None);
+                };
+                let next = $crate::store::run_reads::next_seq(after_seq);
+                let holding: Option<i64> = sqlx::query_scalar(
+                    "SELECT max(pos) FROM audit_runs WHERE pos >= $1 AND pos <= $2",
+                )
+                .bind(position(chain_no, 0))
+                .bind(position(chain_no, next))
+                .fetch_one(&self.pool)
+                .await?;
+                Ok(Some($crate::store::run_reads::RunSpan::new(
+                    chain_no, after_seq, limit, holding,
+                )))
+            }
+
+            async fn runs_within(
+                &self,
+                from: i64,
+                to: i64,
+            ) -> Result<Vec<$crate::store::run_reads::RunRow>, StoreError> {
+                Ok(sqlx::query_as(select_runs!(
+                    "WHERE r.pos >= $1 AND r.pos < $2 ORDER BY r.pos LIMIT $3"
+                ))
+                .bind(from)
+                .bind(to)
+                .bind($crate::store::run_reads::RUN_PAGE)
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
+            async fn hashes_within(
+                &self,
+                from: i64,
+                to: i64,
+            ) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
+                Ok(sqlx::query_as(
+                    "SELECT pos, hashes FROM audit_runs WHERE pos >= $1 AND pos < $2 \
+                     ORDER BY pos LIMIT $3",
+                )
+                .bind(from)
+                .bind(to)
+                .bind($crate::store::run_reads::RUN_PAGE)
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
+            async fn runs_before(
+                &self,
+                key: (i64, i64),
+            ) -> Result<Vec<$crate::store::run_reads::RunRow>, StoreError> {
+                Ok(sqlx::query_as(select_runs!(
+                    "WHERE (r.at_min, r.pos) < ($1, $2) \
+                     ORDER BY r.at_min DESC, r.pos DESC LIMIT $3"
+                ))
+                .bind(key.0)
+                .bind(key.1)
+                .bind($crate::store::run_reads::RUN_PAGE)
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
+            async fn runs_after(
+                &self,
+                key: (i64, i64),
+                until: i64,
+            ) -> Result<Vec<$crate::store::run_reads::RunRow>, StoreError> {
+                Ok(sqlx::query_as(select_runs!(
+                    "WHERE (r.at_min, r.pos) > ($1, $2) AND r.at_min < $3 \
+                     ORDER BY r.at_min, r.pos LIMIT $4"
+                ))
+                .bind(key.0)
+                .bind(key.1)
+                .bind(until)
+                .bind($crate::store::run_reads::RUN_PAGE)
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
+            async fn runs_of_trace(
+                &self,
+                trace_id: &str,
+            ) -> Result<Vec<$crate::store::run_reads::RunRow>, StoreError> {
+                Ok(sqlx::query_as(select_runs!(
+                    "WHERE r.pos IN (SELECT pos FROM audit_run_traces WHERE trace_id = $1)"
+                ))
+                .bind(trace_id)
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
+            async fn last_run_of_instance(
+                &self,
+                instance_id: &str,
+            ) -> Result<Vec<$crate::store::run_reads::RunRow>, StoreError> {
+                Ok(sqlx::query_as(select_runs!(
+                    "WHERE c.chain_no = (SELECT chain_no FROM audit_chains WHERE instance_id = $1 \
+                                         ORDER BY opened_at DESC, chain_id DESC LIMIT 1) \
+                       AND r.pos >= c.chain_no << 40 AND r.pos < (c.chain_no + 1) << 40 \
+                     ORDER BY r.pos DESC LIMIT 1"
+                ))
+                .bind(instance_id)
+                .fetch_all(&self.pool)
+                .await?)
+            }
+        }
+    };
+}
+pub(super) use run_source;
+
 /// The events of `rows`, in the rows' order, read on both cores when there are many. A run's count or
 /// earliest time that disagrees with what its bodies say is shown on its first event (its id or time
 /// then disagree with its bytes), so that verification reports it there.

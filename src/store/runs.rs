@@ -451,13 +451,17 @@ mod tests {
     fn a_run_is_closed_before_its_bodies_pass_a_mebibyte() {
         let big = "x".repeat(300_000);
         let mut prev = GENESIS_HASH.to_owned();
+        // One moment for all: only their size may close a run (a slow build once spread them past a
+        // run's 50 ms).
+        let at = time::macros::datetime!(2026-01-02 03:04:05 UTC);
         let events: Vec<SealedEvent> = (1..=8)
             .map(|seq| {
-                let e = PendingEvent::new(
+                let mut e = PendingEvent::new(
                     EventType::RequestStart,
                     None,
                     serde_json::json!({ "text": big }),
                 );
+                e.occurred_at = at;
                 let s = seal(e, "c", "i", seq, &prev).unwrap();
                 prev.clone_from(&s.hash);
                 s

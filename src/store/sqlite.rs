@@ -10,8 +10,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{QueryBuilder, SqlSafeStr, Sqlite, SqlitePool};
 
 use super::rows::{KeyRow, Sightings};
-use super::run_reads::{self, RUN_PAGE, RunRow, RunSource, RunSpan, next_seq};
-use super::runs::position;
+use super::run_reads;
 use super::sqlite_trail::{SharedTrail, SqliteAppender, SqliteTrail};
 use super::{
     ChainInfo, ChainTail, CheckpointRecord, CollectorRun, ExecutorSwitch, KeyRecord, LockHolder,
@@ -180,97 +179,7 @@ impl SqliteStore {
     }
 }
 
-#[async_trait]
-impl RunSource for SqliteStore {
-    async fn span_after(
-        &self,
-        chain_id: &str,
-        after_seq: i64,
-        limit: i64,
-    ) -> Result<Option<RunSpan>, StoreError> {
-        let Some(chain_no): Option<i64> =
-            sqlx::query_scalar("SELECT chain_no FROM audit_chains WHERE chain_id = ?")
-                .bind(chain_id)
-                .fetch_optional(&self.pool)
-                .await?
-        else {
-            return Ok(None);
-        };
-        let holding: Option<i64> =
-            sqlx::query_scalar("SELECT max(pos) FROM audit_runs WHERE pos >= ? AND pos <= ?")
-                .bind(position(chain_no, 0))
-                .bind(position(chain_no, next_seq(after_seq)))
-                .fetch_one(&self.pool)
-                .await?;
-        Ok(Some(RunSpan::new(chain_no, after_seq, limit, holding)))
-    }
-
-    async fn runs_within(&self, from: i64, to: i64) -> Result<Vec<RunRow>, StoreError> {
-        Ok(sqlx::query_as(select_runs!(
-            "WHERE r.pos >= ? AND r.pos < ? ORDER BY r.pos LIMIT ?"
-        ))
-        .bind(from)
-        .bind(to)
-        .bind(RUN_PAGE)
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
-    async fn hashes_within(&self, from: i64, to: i64) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT pos, hashes FROM audit_runs WHERE pos >= ? AND pos < ? ORDER BY pos LIMIT ?",
-        )
-        .bind(from)
-        .bind(to)
-        .bind(RUN_PAGE)
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
-    async fn runs_before(&self, key: (i64, i64)) -> Result<Vec<RunRow>, StoreError> {
-        Ok(sqlx::query_as(select_runs!(
-            "WHERE (r.at_min, r.pos) < (?, ?) ORDER BY r.at_min DESC, r.pos DESC LIMIT ?"
-        ))
-        .bind(key.0)
-        .bind(key.1)
-        .bind(RUN_PAGE)
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
-    async fn runs_after(&self, key: (i64, i64), until: i64) -> Result<Vec<RunRow>, StoreError> {
-        Ok(sqlx::query_as(select_runs!(
-            "WHERE (r.at_min, r.pos) > (?, ?) AND r.at_min < ? ORDER BY r.at_min, r.pos LIMIT ?"
-        ))
-        .bind(key.0)
-        .bind(key.1)
-        .bind(until)
-        .bind(RUN_PAGE)
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
-    async fn runs_of_trace(&self, trace_id: &str) -> Result<Vec<RunRow>, StoreError> {
-        Ok(sqlx::query_as(select_runs!(
-            "WHERE r.pos IN (SELECT pos FROM audit_run_traces WHERE trace_id = ?)"
-        ))
-        .bind(trace_id)
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
-    async fn last_run_of_instance(&self, instance_id: &str) -> Result<Vec<RunRow>, StoreError> {
-        Ok(sqlx::query_as(select_runs!(
-            "WHERE c.chain_no = (SELECT chain_no FROM audit_chains WHERE instance_id = ? \
-                                 ORDER BY opened_at DESC, chain_id DESC LIMIT 1) \
-               AND r.pos >= c.chain_no << 40 AND r.pos < (c.chain_no + 1) << 40 \
-             ORDER BY r.pos DESC LIMIT 1"
-        ))
-        .bind(instance_id)
-        .fetch_all(&self.pool)
-        .await?)
-    }
-}
+run_reads::run_source!(SqliteStore);
 
 #[async_trait]
 impl Store for SqliteStore {

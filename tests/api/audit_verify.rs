@@ -368,7 +368,7 @@ impl RunToEdit {
 }
 
 #[tokio::test]
-async fn a_run_whose_count_or_earliest_time_was_edited_assert_named_at_its_first_event() {
+async fn a_run_whose_count_or_earliest_time_was_edited_is_named_at_its_first_event() {
     // A run's header is not hashed: verification checks it against the bodies it heads.
     let mut run = run_to_edit().await;
     sqlx::query("UPDATE audit_runs SET n = n + 1 WHERE pos = ?")
@@ -389,7 +389,7 @@ async fn a_run_whose_count_or_earliest_time_was_edited_assert_named_at_its_first
 }
 
 #[tokio::test]
-async fn a_packed_run_flipped_or_lying_about_its_size_assert_named_at_its_first_event() {
+async fn a_packed_run_flipped_or_lying_about_its_size_is_named_at_its_first_event() {
     // Runs keep their bodies compressed: damage inside them is reported where the run starts, not
     // skipped, guessed at, or a failed read.
     let mut run = run_to_edit().await;
