@@ -3,12 +3,12 @@
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
-use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder, SqlSafeStr};
+use sqlx::{Connection as _, PgConnection, PgPool, Postgres, QueryBuilder, SqlSafeStr};
 
 use super::rows::{KeyRow, Sightings};
 use super::run_reads;
@@ -23,8 +23,18 @@ use crate::event::SealedEvent;
 
 pub struct PgStore {
     pool: PgPool,
+    /// How the pool's connections are made: the audit writer opens its own the same way.
+    options: PgConnectOptions,
     chain_nos: ChainNos,
 }
+
+/// Longest the audit writer waits to open its connection; a server that does not answer by then is
+/// unavailable, and the writer tries again with its next batch.
+const WRITER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The audit writer's connection, unused this long, is pinged before its next write: one the server
+/// dropped while it was idle (a restart, an operator, a proxy's timeout) is replaced before it fails
+/// a batch. Under load it is never idle that long, and commits take no extra round trip.
+const WRITER_IDLE_CHECK: Duration = Duration::from_secs(1);
 
 fn migrator() -> Migrator {
     Migrator::with_migrations(vec![
@@ -151,19 +161,20 @@ impl PgStore {
         Self::connect_with(url, &PgSettings::default()).await
     }
 
-    /// A pool of at most `settings.max_connections`, each statement cancelled by the server past
-    /// `settings.statement_timeout`.
+    /// A pool of at most `settings.max_connections` less one (the audit writer's own connection is
+    /// the one), each statement cancelled by the server past `settings.statement_timeout`.
     pub async fn connect_with(url: &str, settings: &PgSettings) -> Result<Self, StoreError> {
         let timeout_ms = settings.statement_timeout.as_millis().max(1).to_string();
         let options =
             PgConnectOptions::from_str(url)?.options([("statement_timeout", timeout_ms.as_str())]);
         let pool = PgPoolOptions::new()
-            .max_connections(settings.max_connections.max(1))
+            .max_connections(settings.max_connections.saturating_sub(1).max(1))
             .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
         Ok(Self {
             pool,
+            options,
             chain_nos: ChainNos::default(),
         })
     }
@@ -271,8 +282,8 @@ async fn listen_for_changes(pool: &PgPool, to: &ChangeNudges) -> Result<(), sqlx
 
 /// The audit table takes a row (its triggers and constraints), rolled back; then a committed write
 /// reaches the disk.
-async fn probe_on(pool: &PgPool) -> Result<(), StoreError> {
-    let mut tx = pool.begin().await?;
+async fn probe_on(conn: &mut PgConnection) -> Result<(), StoreError> {
+    let mut tx = conn.begin().await?;
     // A chain named here is rolled back with the rest: it is not remembered.
     append_on(&mut tx, &ChainNos::default(), &[probe_event()]).await?;
     tx.rollback().await?;
@@ -281,34 +292,86 @@ async fn probe_on(pool: &PgPool) -> Result<(), StoreError> {
          ON CONFLICT (id) DO UPDATE SET probed_at = excluded.probed_at",
     )
     .bind(crate::event::timestamp(time::OffsetDateTime::now_utc()))
-    .execute(pool)
+    .execute(&mut *conn)
     .await?;
     Ok(())
 }
 
-/// The audit writer's appender: the pool's async writes, driven to their end on the writer's thread.
+/// The audit writer's appender: a connection of its own, used only by the writer's thread, so that a
+/// group commit is one statement and one round trip (a pooled connection is first pinged on every
+/// acquire, a second round trip per commit). Opened on first use; after any failure it is dropped
+/// (it may be broken, or inside a transaction it cannot finish) and the next write opens a new one,
+/// so the writer recovers by itself once the server is back.
 struct PgAppender {
-    pool: PgPool,
+    options: PgConnectOptions,
+    conn: Option<PgConnection>,
+    /// When the connection last did its work.
+    last_used: Instant,
     chain_nos: ChainNos,
     runtime: tokio::runtime::Handle,
 }
 
-impl TrailAppender for PgAppender {
-    fn append(&mut self, events: &[SealedEvent]) -> Result<(), StoreError> {
-        self.runtime
-            .block_on(append_with(&self.pool, &self.chain_nos, events))
+impl PgAppender {
+    /// The writer's connection: opened now if there is none, or if it was idle past
+    /// [`WRITER_IDLE_CHECK`] and no longer answers.
+    fn connection(&mut self) -> Result<&mut PgConnection, StoreError> {
+        if self.last_used.elapsed() >= WRITER_IDLE_CHECK
+            && let Some(conn) = self.conn.as_mut()
+            && self.runtime.block_on(conn.ping()).is_err()
+        {
+            self.conn = None;
+        }
+        if self.conn.is_none() {
+            let opened = self.runtime.block_on(async {
+                tokio::time::timeout(
+                    WRITER_CONNECT_TIMEOUT,
+                    PgConnection::connect_with(&self.options),
+                )
+                .await
+                .map_err(|_| sqlx::Error::PoolTimedOut)?
+            })?;
+            self.conn = Some(opened);
+        }
+        self.conn
+            .as_mut()
+            .ok_or(StoreError::Database(sqlx::Error::PoolClosed))
     }
 
-    fn probe_write(&mut self) -> Result<(), StoreError> {
-        self.runtime.block_on(probe_on(&self.pool))
-    }
-
-    fn append_checkpoint(&mut self, checkpoint: &CheckpointRecord) -> Result<(), StoreError> {
-        self.runtime.block_on(checkpoint_on(&self.pool, checkpoint))
+    /// `result` of work on the connection; a failure drops the connection.
+    fn kept<T>(&mut self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        match &result {
+            Ok(_) => self.last_used = Instant::now(),
+            Err(_) => self.conn = None,
+        }
+        result
     }
 }
 
-async fn checkpoint_on(pool: &PgPool, c: &CheckpointRecord) -> Result<(), StoreError> {
+impl TrailAppender for PgAppender {
+    fn append(&mut self, events: &[SealedEvent]) -> Result<(), StoreError> {
+        let runtime = self.runtime.clone();
+        let known = self.chain_nos.clone();
+        let conn = self.connection()?;
+        let result = runtime.block_on(append_on(conn, &known, events));
+        self.kept(result)
+    }
+
+    fn probe_write(&mut self) -> Result<(), StoreError> {
+        let runtime = self.runtime.clone();
+        let conn = self.connection()?;
+        let result = runtime.block_on(probe_on(conn));
+        self.kept(result)
+    }
+
+    fn append_checkpoint(&mut self, checkpoint: &CheckpointRecord) -> Result<(), StoreError> {
+        let runtime = self.runtime.clone();
+        let conn = self.connection()?;
+        let result = runtime.block_on(checkpoint_on(conn, checkpoint));
+        self.kept(result)
+    }
+}
+
+async fn checkpoint_on(conn: &mut PgConnection, c: &CheckpointRecord) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO audit_checkpoints (chain_id, size, signed_at, note) VALUES ($1, $2, $3, $4)",
     )
@@ -316,7 +379,7 @@ async fn checkpoint_on(pool: &PgPool, c: &CheckpointRecord) -> Result<(), StoreE
     .bind(c.size)
     .bind(&c.signed_at)
     .bind(&c.note)
-    .execute(pool)
+    .execute(conn)
     .await?;
     Ok(())
 }
@@ -525,7 +588,9 @@ impl Store for PgStore {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|e| StoreError::Corrupt(format!("the audit writer needs the runtime: {e}")))?;
         Ok(Box::new(PgAppender {
-            pool: self.pool.clone(),
+            options: self.options.clone(),
+            conn: None,
+            last_used: Instant::now(),
             chain_nos: self.chain_nos.clone(),
             runtime,
         }))
@@ -538,7 +603,7 @@ impl Store for PgStore {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn probe_write(&self) -> Result<(), StoreError> {
-        probe_on(&self.pool).await
+        probe_on(&mut *self.pool.acquire().await?).await
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(instance_id = instance_id))]
@@ -612,7 +677,7 @@ impl Store for PgStore {
     }
 
     async fn append_checkpoint(&self, checkpoint: &CheckpointRecord) -> Result<(), StoreError> {
-        checkpoint_on(&self.pool, checkpoint).await
+        checkpoint_on(&mut *self.pool.acquire().await?, checkpoint).await
     }
 
     async fn checkpoints(&self) -> Result<Vec<CheckpointRecord>, StoreError> {
@@ -825,8 +890,6 @@ impl Store for PgStore {
 
 #[cfg(test)]
 mod tests {
-    use sqlx::Connection as _;
-
     use super::*;
     use crate::audit::verify::verify_store;
     use crate::domain::TraceId;
@@ -845,6 +908,53 @@ mod tests {
             .unwrap();
         let (prefix, _) = base.rsplit_once('/').unwrap();
         format!("{prefix}/{name}")
+    }
+
+    /// Drops, from the server's side, every connection to the store's database but the one asking.
+    async fn drop_other_connections(store: &PgStore) {
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .execute(&store.pool)
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    #[ignore = "needs PostgreSQL at CATRACA_TEST_POSTGRES_URL"]
+    async fn the_writer_replaces_a_connection_the_server_dropped() {
+        let store = PgStore::connect(&fresh_database().await).await.unwrap();
+        store.migrate().await.unwrap();
+        let events = chain("w.a", 6, &TraceId::generate());
+        let mut appender = Some(store.appender().unwrap());
+        // The writer's thread is not the runtime's: each write runs on a blocking thread.
+        let mut append = async |from: usize, to: usize| {
+            let mut writer = appender.take().unwrap();
+            let batch = events[from..to].to_vec();
+            let (writer, written) = tokio::task::spawn_blocking(move || {
+                let written = writer.append(&batch);
+                (writer, written)
+            })
+            .await
+            .unwrap();
+            appender = Some(writer);
+            written
+        };
+        append(0, 2).await.unwrap();
+
+        // Dropped while idle: found out before the next write, which commits on a new connection.
+        drop_other_connections(&store).await;
+        tokio::time::sleep(WRITER_IDLE_CHECK + Duration::from_millis(100)).await;
+        append(2, 4).await.unwrap();
+
+        // Dropped between two writes under load: that write fails (its requests fail closed) and the
+        // next one, with the same events, commits on a new connection.
+        drop_other_connections(&store).await;
+        assert!(append(4, 6).await.is_err());
+        append(4, 6).await.unwrap();
+
+        assert_eq!(store.chain_events("w.a", 0, 10).await.unwrap(), events);
     }
 
     #[tokio::test]
