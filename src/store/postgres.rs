@@ -299,30 +299,41 @@ async fn probe_on(conn: &mut PgConnection) -> Result<(), StoreError> {
 
 /// The audit writer's appender: a connection of its own, used only by the writer's thread, so that a
 /// group commit is one statement and one round trip (a pooled connection is first pinged on every
-/// acquire, a second round trip per commit). Opened on first use; after any failure it is dropped
-/// (it may be broken, or inside a transaction it cannot finish) and the next write opens a new one,
-/// so the writer recovers by itself once the server is back.
+/// acquire, a second round trip per commit). The connection belongs to a single-threaded runtime
+/// that the writer's thread drives itself while it waits: its replies are read as they arrive, not
+/// when a busy worker of the server's runtime next polls for I/O.
 struct PgAppender {
+    link: WriterLink,
+    chain_nos: ChainNos,
+    /// `None` only while the appender is dropped.
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+/// The writer's connection: opened on first use; after any failure it is dropped (it may be broken,
+/// or inside a transaction it cannot finish) and the next write opens a new one, so the writer
+/// recovers by itself once the server is back.
+struct WriterLink {
     options: PgConnectOptions,
     conn: Option<PgConnection>,
     /// When the connection last did its work.
     last_used: Instant,
-    chain_nos: ChainNos,
-    runtime: tokio::runtime::Handle,
 }
 
-impl PgAppender {
-    /// The writer's connection: opened now if there is none, or if it was idle past
+impl WriterLink {
+    /// The connection, on `runtime`: opened now if there is none, or if it was idle past
     /// [`WRITER_IDLE_CHECK`] and no longer answers.
-    fn connection(&mut self) -> Result<&mut PgConnection, StoreError> {
+    fn connection(
+        &mut self,
+        runtime: &tokio::runtime::Runtime,
+    ) -> Result<&mut PgConnection, StoreError> {
         if self.last_used.elapsed() >= WRITER_IDLE_CHECK
             && let Some(conn) = self.conn.as_mut()
-            && self.runtime.block_on(conn.ping()).is_err()
+            && runtime.block_on(conn.ping()).is_err()
         {
             self.conn = None;
         }
         if self.conn.is_none() {
-            let opened = self.runtime.block_on(async {
+            let opened = runtime.block_on(async {
                 tokio::time::timeout(
                     WRITER_CONNECT_TIMEOUT,
                     PgConnection::connect_with(&self.options),
@@ -347,27 +358,46 @@ impl PgAppender {
     }
 }
 
+/// The appender's runtime, unless it is being dropped.
+fn running(
+    runtime: &Option<tokio::runtime::Runtime>,
+) -> Result<&tokio::runtime::Runtime, StoreError> {
+    runtime
+        .as_ref()
+        .ok_or(StoreError::Database(sqlx::Error::PoolClosed))
+}
+
+impl Drop for PgAppender {
+    fn drop(&mut self) {
+        // The socket first, then its runtime, let go without waiting: the appender may be dropped in
+        // async code, where a runtime must not block.
+        self.link.conn = None;
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 impl TrailAppender for PgAppender {
     fn append(&mut self, events: &[SealedEvent]) -> Result<(), StoreError> {
-        let runtime = self.runtime.clone();
-        let known = self.chain_nos.clone();
-        let conn = self.connection()?;
-        let result = runtime.block_on(append_on(conn, &known, events));
-        self.kept(result)
+        let runtime = running(&self.runtime)?;
+        let conn = self.link.connection(runtime)?;
+        let result = runtime.block_on(append_on(conn, &self.chain_nos, events));
+        self.link.kept(result)
     }
 
     fn probe_write(&mut self) -> Result<(), StoreError> {
-        let runtime = self.runtime.clone();
-        let conn = self.connection()?;
+        let runtime = running(&self.runtime)?;
+        let conn = self.link.connection(runtime)?;
         let result = runtime.block_on(probe_on(conn));
-        self.kept(result)
+        self.link.kept(result)
     }
 
     fn append_checkpoint(&mut self, checkpoint: &CheckpointRecord) -> Result<(), StoreError> {
-        let runtime = self.runtime.clone();
-        let conn = self.connection()?;
+        let runtime = running(&self.runtime)?;
+        let conn = self.link.connection(runtime)?;
         let result = runtime.block_on(checkpoint_on(conn, checkpoint));
-        self.kept(result)
+        self.link.kept(result)
     }
 }
 
@@ -585,14 +615,18 @@ impl Store for PgStore {
     }
 
     fn appender(&self) -> Result<Box<dyn TrailAppender>, StoreError> {
-        let runtime = tokio::runtime::Handle::try_current()
-            .map_err(|e| StoreError::Corrupt(format!("the audit writer needs the runtime: {e}")))?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
         Ok(Box::new(PgAppender {
-            options: self.options.clone(),
-            conn: None,
-            last_used: Instant::now(),
+            link: WriterLink {
+                options: self.options.clone(),
+                conn: None,
+                last_used: Instant::now(),
+            },
             chain_nos: self.chain_nos.clone(),
-            runtime,
+            runtime: Some(runtime),
         }))
     }
 
