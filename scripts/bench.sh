@@ -3,7 +3,8 @@
 # for an unknown action) against /health, same load generator, same concurrency and duration, in the
 # same run. Prints req/s, p50, p99 for each, their ratios to /health, the latency of /process at half
 # its saturated rate (each connection paced), the gateway's resident memory at saturation and at its
-# peak, and the audit bytes each allowed request left (database and JSON Lines files).
+# peak, the audit bytes each allowed request left (database and JSON Lines files), and the gateway's CPU
+# time per request by thread (steadier than req/s where other work shares the machine).
 #
 #   bash scripts/bench.sh                 # defaults: 32 connections, 2 threads, 10 s each, SQLite
 #   bash scripts/bench.sh --postgres      # PostgreSQL at CATRACA_BENCH_POSTGRES_URL (default
@@ -134,9 +135,19 @@ compressed() {
   done
 }
 
+# CPU time of each of the gateway's threads so far, one "name ticks" line each (utime + stime, in clock
+# ticks), taken before and after a run to tell where its CPU went.
+cpu_ticks() {
+  local t
+  for t in /proc/"$SERVER_PID"/task/*; do
+    awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "$t/stat" 2>/dev/null | sed "s/^/$(tr ' ' _ <"$t/comm") /"
+  done
+}
 run() { # name, extra wrk args...
   local name=$1; shift
+  cpu_ticks >"$WORK/$name.cpu0"
   wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$@" >"$WORK/$name.txt"
+  cpu_ticks >"$WORK/$name.cpu1"
 }
 # A short warm-up so both runs start with a hot cache (argon2 once, SQLite pages, allocator).
 wrk -t1 -c4 -d2s "http://$CATRACA_LISTEN/health" >/dev/null
@@ -172,9 +183,9 @@ EVENTS=$(curl -fsS "http://$CATRACA_LISTEN/metrics" | awk '/^catraca_audit_event
 FLUSHES=$(curl -fsS "http://$CATRACA_LISTEN/metrics" | awk '/^catraca_audit_flush_duration_seconds_count/ {print $2}')
 
 python3 - "$WORK" "$CONNECTIONS" "$THREADS" "$DURATION" "$EVENTS" "$FLUSHES" "$BACKEND" \
-  "$((DB1 - DB0))" "$((FILES1 - FILES0))" "$(cat "$WORK/rss_saturated")" "$RSS_PEAK" <<'PY'
-import re, sys
-work, conns, threads, duration, events, flushes, backend, db_grew, files_grew, rss, rss_peak = sys.argv[1:]
+  "$((DB1 - DB0))" "$((FILES1 - FILES0))" "$(cat "$WORK/rss_saturated")" "$RSS_PEAK" "$(getconf CLK_TCK)" <<'PY'
+import collections, re, sys
+work, conns, threads, duration, events, flushes, backend, db_grew, files_grew, rss, rss_peak, hz = sys.argv[1:]
 
 def to_ms(v):
     n, unit = float(re.match(r"[\d.]+", v).group()), re.sub(r"[\d.]+", "", v)
@@ -201,6 +212,25 @@ print(f"{'/process at half rate':<22} {half[0]:>10.0f} {half[1]:>9.2f} {half[2]:
 print(f"ratio /process : /health throughput = {p[0] / h[0]:.2f}x (issue target >= 0.25x, aim 0.50x); "
       f"refusals {k[0] / h[0]:.2f}x and {u[0] / h[0]:.2f}x (target >= 0.35x)")
 print(f"/process p99 at half rate: {half[2]:.2f} ms (target <= 5 ms)")
+
+def cpu_per_request(name, requests):
+    """Microseconds of the gateway's CPU per request of a run, by thread (tokio's workers, the audit
+    writer, the files' compressor, ...): steadier from run to run than req/s on a shared machine."""
+    def ticks(suffix):
+        spent = collections.Counter()
+        for line in open(f"{work}/{name}.{suffix}"):
+            thread, n = line.rsplit(maxsplit=1)
+            spent[thread] += int(n)
+        return spent
+    spent = ticks("cpu1")
+    spent.subtract(ticks("cpu0"))
+    per = {t: n / int(hz) / requests * 1e6 for t, n in spent.items() if n > 0}
+    threads = ", ".join(f"{t} {us:.0f}" for t, us in sorted(per.items(), key=lambda kv: -kv[1]))
+    return sum(per.values()), threads
+
+for name, label, r in (("health", "/health", h), ("process", "/process echo", p), ("nokey", "401 no key", k)):
+    total, threads = cpu_per_request(name, r[5])
+    print(f"gateway CPU per request, {label}: {total:.0f} us ({threads})")
 print(f"gateway resident memory: {int(rss) / 1024:.1f} MiB at saturation, {int(rss_peak) / 1024:.1f} MiB at its peak "
       f"(target < 100 MB)")
 db, files = int(db_grew), int(files_grew)
