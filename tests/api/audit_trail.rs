@@ -494,30 +494,34 @@ async fn when_the_outcome_cannot_be_recorded_after_the_executor_ran_the_client_g
     let app = spawn_app().await;
     let key = app.admin_key().await;
     let counted = json!({"action": "test.counted", "context_id": "work", "payload": {}});
-    // The store accepts everything but the outcome, as if the disk filled up while the executor ran.
-    // Bodies are stored compressed, so the outcome's run is told by its size: the allow is three events
-    // (REQUEST_START, DECISION, EXECUTOR_SELECTED), the outcome two (ACTION_EXECUTED, REQUEST_END), and
-    // this request is the only one in flight.
-    let mut conn = sqlx::SqliteConnection::connect(&app.db_url())
-        .await
-        .unwrap();
-    sqlx::query(
-        "CREATE TRIGGER test_outcome_refused BEFORE INSERT ON audit_runs WHEN NEW.n = 2 \
-         BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END",
-    )
-    .execute(&mut conn)
-    .await
-    .unwrap();
-
-    let resp = app
+    // The executor is held inside its run; meanwhile the store starts refusing every event, as if the
+    // disk filled up while the action ran.
+    app.calls.hold();
+    let request = app
         .client
         .post(app.url("/process"))
         .header("x-api-key", &key)
         .header("x-trace-id", "outcome-lost-0001")
         .json(&counted)
-        .send()
+        .send();
+    let request = tokio::spawn(request);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.calls.count() == 0 {
+        assert!(Instant::now() < deadline, "the executor never ran");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut conn = sqlx::SqliteConnection::connect(&app.db_url())
         .await
         .unwrap();
+    sqlx::query(
+        "CREATE TRIGGER test_outcome_refused BEFORE INSERT ON audit_runs \
+         BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    app.calls.release();
+    let resp = request.await.unwrap().unwrap();
 
     let retry_after = resp.headers().get("retry-after").cloned();
     let (status, body) = reasons(resp).await;

@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -53,13 +53,31 @@ fn init_logs() {
     });
 }
 
-/// Calls made to the test executors, so a test can prove an executor did or did not run.
+/// Calls made to the test executors, so a test can prove an executor did or did not run; and a hold
+/// on the `counting` executor, so a test can act while an action runs.
 #[derive(Clone, Default)]
-pub struct Calls(Arc<AtomicUsize>);
+pub struct Calls(Arc<AtomicUsize>, Arc<Hold>);
+
+#[derive(Default)]
+pub struct Hold {
+    armed: AtomicBool,
+    release: tokio::sync::Notify,
+}
 
 impl Calls {
     pub fn count(&self) -> usize {
         self.0.load(Ordering::SeqCst)
+    }
+
+    /// The next runs of the `counting` executor wait inside it, counted, until [`Calls::release`].
+    pub fn hold(&self) {
+        self.1.armed.store(true, Ordering::SeqCst);
+    }
+
+    /// Lets a held run finish, and holds no more.
+    pub fn release(&self) {
+        self.1.armed.store(false, Ordering::SeqCst);
+        self.1.release.notify_one();
     }
 }
 
@@ -82,6 +100,9 @@ struct Counting(Calls);
 impl Executor for Counting {
     async fn execute(&self, call: ExecutorCall) -> Result<Value, ExecutorError> {
         self.0.0.fetch_add(1, Ordering::SeqCst);
+        if self.0.1.armed.load(Ordering::SeqCst) {
+            self.0.1.release.notified().await;
+        }
         Ok(call.payload)
     }
 }
