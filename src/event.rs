@@ -79,7 +79,7 @@ pub fn timestamp(t: OffsetDateTime) -> String {
         return timestamp_formatted(t);
     };
     let mut text = *b"0000-00-00T00:00:00.000000Z";
-    for (at, width, n) in [
+    for (at, width, mut n) in [
         (0, 4, year),
         (5, 2, u32::from(u8::from(t.month()))),
         (8, 2, u32::from(t.day())),
@@ -88,7 +88,6 @@ pub fn timestamp(t: OffsetDateTime) -> String {
         (17, 2, u32::from(t.second())),
         (20, 6, t.microsecond()),
     ] {
-        let mut n = n;
         for digit in text[at..at + width].iter_mut().rev() {
             *digit = b'0' + (n % 10) as u8;
             n /= 10;
