@@ -794,8 +794,18 @@ impl SealedEvent {
     /// The JSON Lines form: the stored bytes with `"hash"` appended as the last member (no re-parsing on
     /// the hot path; a verifier drops `hash` and re-canonicalises, which gives back `body`).
     pub fn json_line(&self) -> String {
+        let mut line = String::with_capacity(self.body.len() + self.hash.len() + 11);
+        self.push_json_line(&mut line);
+        line
+    }
+
+    /// Appends [`Self::json_line`] to `out` (the writer builds a batch's lines in one buffer).
+    pub fn push_json_line(&self, out: &mut String) {
         let open = self.body.strip_suffix('}').unwrap_or(&self.body);
-        format!("{open},\"hash\":\"{}\"}}\n", self.hash)
+        out.push_str(open);
+        out.push_str(",\"hash\":\"");
+        out.push_str(&self.hash);
+        out.push_str("\"}\n");
     }
 
     /// The event as a JSON object, `hash` included: the form of API answers.

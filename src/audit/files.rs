@@ -238,9 +238,13 @@ impl TrailFiles {
         if sealed.is_empty() {
             return Ok(());
         }
-        let mut lines = String::with_capacity(sealed.len() * 768);
+        let room: usize = sealed
+            .iter()
+            .map(|e| e.body.len() + e.hash.len() + 11)
+            .sum();
+        let mut lines = String::with_capacity(room);
         for e in sealed {
-            lines.push_str(&e.json_line());
+            e.push_json_line(&mut lines);
         }
         let day = day_of(OffsetDateTime::now_utc());
         // Where the live name points now: another process may have rotated the file this one holds.

@@ -390,7 +390,7 @@ impl ExecutorDef {
         // The task carries the request's log span (its lines keep the trace id) and its trace.
         let task = tokio::spawn(telemetry::within(
             inside,
-            async move { executor.execute(call).await }.in_current_span(),
+            Box::pin(async move { executor.execute(call).await }).in_current_span(),
         ));
         let abort = task.abort_handle();
         match tokio::time::timeout(self.timeout, task).await {

@@ -224,7 +224,8 @@ async fn process_action(
         client,
         body,
     };
-    turnstile::process(&app, incoming).await.map(Json)
+    // Boxed: the turnstile's future is large, and axum boxes this handler's future again.
+    Box::pin(turnstile::process(&app, incoming)).await.map(Json)
 }
 
 /// Liveness.

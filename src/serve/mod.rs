@@ -124,7 +124,8 @@ pub async fn serve(
                     permit,
                     tls: tls.as_ref().map(|t| t.acceptor.clone()),
                 };
-                connections.spawn(connection.run(stream));
+                // Boxed: the connection's future is large, and a spawn moves it more than once.
+                connections.spawn(Box::pin(connection.run(stream)));
             }
             Err(_) => {
                 on_refused();

@@ -350,7 +350,12 @@ impl Allowed {
     /// and the executor streams. The story runs to its end whether or not anyone awaits it.
     pub fn start(self, stream: Option<ChunkSink>) -> Running {
         let trace_id = self.d.trace_id.clone();
-        let story = telemetry::within(telemetry::current(), self.run(stream).in_current_span());
+        // Boxed where it is made: the task's cell, its completion and the join each move the future
+        // (several kilobytes of state) otherwise.
+        let story = telemetry::within(
+            telemetry::current(),
+            Box::pin(self.run(stream)).in_current_span(),
+        );
         Running {
             task: tokio::spawn(story),
             trace_id,
