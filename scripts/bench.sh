@@ -4,7 +4,8 @@
 # same run. Prints req/s, p50, p99 for each, their ratios to /health, the latency of /process at half
 # its saturated rate (each connection paced), the gateway's resident memory at saturation and at its
 # peak, the audit bytes each allowed request left (database and JSON Lines files), and the gateway's CPU
-# time per request by thread (steadier than req/s where other work shares the machine).
+# time per request by thread (steadier than req/s where other work shares the machine); then stops the
+# gateway and verifies the trail the runs left (`audit verify`), failing if it is not intact.
 #
 #   bash scripts/bench.sh                 # defaults: 32 connections, 2 threads, 10 s each, SQLite
 #   bash scripts/bench.sh --postgres      # PostgreSQL at CATRACA_BENCH_POSTGRES_URL (default
@@ -242,3 +243,13 @@ if p[3] or h[3] or half[3]:
     print("bench: some responses were not 2xx", file=sys.stderr)
     sys.exit(1)
 PY
+
+# The trail the runs left must verify: the gateway stops (closing its chain), then `audit verify` reads
+# every event back and checks its hash, its chain and the signed checkpoints.
+kill "$SERVER_PID" && wait "$SERVER_PID" 2>/dev/null || true
+SERVER_PID=""
+if ! "$BIN" audit verify 2>"$WORK/verify.log"; then
+  cat "$WORK/verify.log" >&2
+  echo "bench: audit verify did not find the trail intact" >&2
+  exit 1
+fi
