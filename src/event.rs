@@ -794,9 +794,14 @@ impl SealedEvent {
     /// The JSON Lines form: the stored bytes with `"hash"` appended as the last member (no re-parsing on
     /// the hot path; a verifier drops `hash` and re-canonicalises, which gives back `body`).
     pub fn json_line(&self) -> String {
-        let mut line = String::with_capacity(self.body.len() + self.hash.len() + 11);
+        let mut line = String::with_capacity(self.json_line_len());
         self.push_json_line(&mut line);
         line
+    }
+
+    /// The length of [`Self::json_line`]: the body, `,"hash":""` and `"}` and the line break.
+    pub fn json_line_len(&self) -> usize {
+        self.body.len() + self.hash.len() + 11
     }
 
     /// Appends [`Self::json_line`] to `out` (the writer builds a batch's lines in one buffer).

@@ -238,10 +238,7 @@ impl TrailFiles {
         if sealed.is_empty() {
             return Ok(());
         }
-        let room: usize = sealed
-            .iter()
-            .map(|e| e.body.len() + e.hash.len() + 11)
-            .sum();
+        let room: usize = sealed.iter().map(SealedEvent::json_line_len).sum();
         let mut lines = String::with_capacity(room);
         for e in sealed {
             e.push_json_line(&mut lines);
