@@ -4,7 +4,8 @@
 # same run. Prints req/s, p50, p99 for each, their ratios to /health, the latency of /process at half
 # its saturated rate (each connection paced), the gateway's resident memory at saturation and at its
 # peak, the audit bytes each allowed request left (database and JSON Lines files), and the gateway's CPU
-# time per request by thread (steadier than req/s where other work shares the machine); then stops the
+# time per request by thread (steadier than req/s where other work shares the machine) and how busy,
+# idle and stolen (by a virtual machine's host) the machine's CPU was during the runs; then stops the
 # gateway and verifies the trail the runs left (`audit verify`), failing if it is not intact.
 #
 #   bash scripts/bench.sh                 # defaults: 32 connections, 2 threads, 10 s each, SQLite
@@ -144,10 +145,14 @@ cpu_ticks() {
     awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "$t/stat" 2>/dev/null | sed "s/^/$(tr ' ' _ <"$t/comm") /"
   done
 }
+# The whole machine's CPU time by state (the first line of /proc/stat), before and after a run: a
+# virtual machine's "steal" (time its host gave to others) and idle time explain runs that disagree.
 run() { # name, extra wrk args...
   local name=$1; shift
   cpu_ticks >"$WORK/$name.cpu0"
+  head -1 /proc/stat >"$WORK/$name.stat0"
   wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$@" >"$WORK/$name.txt"
+  head -1 /proc/stat >"$WORK/$name.stat1"
   cpu_ticks >"$WORK/$name.cpu1"
 }
 # A short warm-up so both runs start with a hot cache (argon2 once, SQLite pages, allocator).
@@ -232,6 +237,18 @@ def cpu_per_request(name, requests):
 for name, label, r in (("health", "/health", h), ("process", "/process echo", p), ("nokey", "401 no key", k)):
     total, threads = cpu_per_request(name, r[5])
     print(f"gateway CPU per request, {label}: {total:.0f} us ({threads})")
+
+def machine(name):
+    """Shares of the machine's CPU time during a run: busy (user, system, interrupts), idle and waiting
+    for the disk, and stolen by the host of a virtual machine."""
+    before, after = ([int(v) for v in open(f"{work}/{name}.{s}").read().split()[1:9]] for s in ("stat0", "stat1"))
+    user, nice, system, idle, iowait, irq, softirq, steal = (b - a for a, b in zip(before, after))
+    total = max(user + nice + system + idle + iowait + irq + softirq + steal, 1)
+    return (f"busy {(user + nice + system + irq + softirq) / total:.0%}, idle {(idle + iowait) / total:.0%}, "
+            f"stolen {steal / total:.0%}")
+
+print("machine CPU during the runs (gateway and load generator together): " + "; ".join(
+    f"{label} {machine(name)}" for name, label in (("health", "/health"), ("process", "/process"), ("half", "half rate"))))
 print(f"gateway resident memory: {int(rss) / 1024:.1f} MiB at saturation, {int(rss_peak) / 1024:.1f} MiB at its peak "
       f"(target < 100 MB)")
 db, files = int(db_grew), int(files_grew)
