@@ -224,8 +224,11 @@ fn read_key(
     let valid = var.bytes().next().is_some_and(|b| !b.is_ascii_digit())
         && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
     if !valid {
+        // Not echoed: a value that is not a variable's name may be the key itself, pasted there.
         return Err(format!(
-            "api_key_env must name an environment variable (A-Z, 0-9, '_'), got {var:?}"
+            "api_key_env must name an environment variable (A-Z, 0-9, '_'), not hold the key; \
+             its value ({} characters, not shown) is not such a name",
+            var.chars().count()
         ));
     }
     let key = env(var)
@@ -357,6 +360,18 @@ mod tests {
         .unwrap();
         assert_eq!(s.key.as_ref().map(|k| k.0.as_str()), Some(SECRET));
         assert!(!format!("{s:?}").contains(SECRET), "{s:?}");
+    }
+
+    #[test]
+    fn a_key_pasted_where_its_variable_is_named_is_refused_and_not_shown() {
+        let refused = resolve(
+            &table(&format!("api_key_env = {SECRET:?}")),
+            &ExecutorOverrides::default(),
+            &no_env,
+        )
+        .unwrap_err();
+        assert!(refused.contains("api_key_env"), "{refused}");
+        assert!(!refused.contains(SECRET), "{refused}");
     }
 
     #[test]
