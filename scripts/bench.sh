@@ -8,6 +8,11 @@
 # idle and stolen (by a virtual machine's host) the machine's CPU was during the runs; then stops the
 # gateway and verifies the trail the runs left (`audit verify`), failing if it is not intact.
 #
+# A virtual machine's speed drifts from minute to minute, and the long
+# /health and /process runs lie tens of seconds apart: on one idle-looking host the same build's one
+# ratio ranged over ±15 %. So the bench also runs PAIRS short pairs (/health then /process, PAIR_DURATION
+# each, default 5 pairs of 3 s) and prints each pair's ratio and their median, which such drift moves less.
+#
 #   bash scripts/bench.sh                 # defaults: 32 connections, 2 threads, 10 s each, SQLite
 #   bash scripts/bench.sh --postgres      # PostgreSQL at CATRACA_BENCH_POSTGRES_URL (default
 #                                         # postgres://postgres@127.0.0.1:5432/test), a fresh database
@@ -28,6 +33,8 @@ esac
 CONNECTIONS=${CONNECTIONS:-32}
 THREADS=${THREADS:-2}
 DURATION=${DURATION:-10s}
+PAIRS=${PAIRS:-5}
+PAIR_DURATION=${PAIR_DURATION:-3s}
 
 if ! command -v wrk >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -183,15 +190,23 @@ print(max(1, round($CONNECTIONS / $HALF * 1000 - latency_ms)))")
 CATRACA_BENCH_KEY=$KEY CATRACA_BENCH_DELAY_MS=$HALF_DELAY_MS run half -s "$WORK/paced.lua" "http://$CATRACA_LISTEN/process"
 run nokey -s "$WORK/nokey.lua" "http://$CATRACA_LISTEN/process"
 CATRACA_BENCH_KEY=$KEY run unknown -s "$WORK/unknown.lua" "http://$CATRACA_LISTEN/process"
+# Short pairs, each /process run right after its /health run (after the bytes were measured: they only
+# add to the trail that `audit verify` reads at the end).
+for i in $(seq 1 "$PAIRS"); do
+  wrk -t"$THREADS" -c"$CONNECTIONS" -d"$PAIR_DURATION" --latency "http://$CATRACA_LISTEN/health" >"$WORK/pair$i.health.txt"
+  CATRACA_BENCH_KEY=$KEY wrk -t"$THREADS" -c"$CONNECTIONS" -d"$PAIR_DURATION" --latency -s "$WORK/process.lua" \
+    "http://$CATRACA_LISTEN/process" >"$WORK/pair$i.process.txt"
+done
 
 RSS_PEAK=$(rss_kib VmHWM)
 EVENTS=$(curl -fsS "http://$CATRACA_LISTEN/metrics" | awk '/^catraca_audit_events_total/ {s += $2} END {print s}')
 FLUSHES=$(curl -fsS "http://$CATRACA_LISTEN/metrics" | awk '/^catraca_audit_flush_duration_seconds_count/ {print $2}')
 
 python3 - "$WORK" "$CONNECTIONS" "$THREADS" "$DURATION" "$EVENTS" "$FLUSHES" "$BACKEND" \
-  "$((DB1 - DB0))" "$((FILES1 - FILES0))" "$(cat "$WORK/rss_saturated")" "$RSS_PEAK" "$(getconf CLK_TCK)" <<'PY'
-import collections, re, sys
-work, conns, threads, duration, events, flushes, backend, db_grew, files_grew, rss, rss_peak, hz = sys.argv[1:]
+  "$((DB1 - DB0))" "$((FILES1 - FILES0))" "$(cat "$WORK/rss_saturated")" "$RSS_PEAK" "$(getconf CLK_TCK)" \
+  "$PAIRS" "$PAIR_DURATION" <<'PY'
+import collections, re, statistics, sys
+work, conns, threads, duration, events, flushes, backend, db_grew, files_grew, rss, rss_peak, hz, pairs, pair_duration = sys.argv[1:]
 
 def to_ms(v):
     n, unit = float(re.match(r"[\d.]+", v).group()), re.sub(r"[\d.]+", "", v)
@@ -218,6 +233,11 @@ print(f"{'/process at half rate':<22} {half[0]:>10.0f} {half[1]:>9.2f} {half[2]:
 print(f"ratio /process : /health throughput = {p[0] / h[0]:.2f}x (issue target >= 0.25x, aim 0.50x); "
       f"refusals {k[0] / h[0]:.2f}x and {u[0] / h[0]:.2f}x (target >= 0.35x)")
 print(f"/process p99 at half rate: {half[2]:.2f} ms (target <= 5 ms)")
+pair_runs = [(parse(f"pair{i}.health"), parse(f"pair{i}.process")) for i in range(1, int(pairs) + 1)]
+if pair_runs:
+    ratios = [pp[0] / ph[0] for ph, pp in pair_runs]
+    print(f"/process : /health in {pairs} pairs of {pair_duration} runs, one right after the other: "
+          f"{' '.join(f'{r:.3f}x' for r in ratios)}; median {statistics.median(ratios):.3f}x")
 
 def cpu_per_request(name, requests):
     """Microseconds of the gateway's CPU per request of a run, by thread (tokio's workers, the audit
@@ -256,7 +276,7 @@ print(f"audit bytes per allowed request: {db / p[5]:.0f} in the database + {file
       f"JSON Lines files = {(db + files) / p[5]:.0f}")
 print(f"audit: {events} events durably written in {flushes} group commits "
       f"({float(events) / max(float(flushes), 1):.1f} events per commit)")
-if p[3] or h[3] or half[3]:
+if p[3] or h[3] or half[3] or any(ph[3] or pp[3] for ph, pp in pair_runs):
     print("bench: some responses were not 2xx", file=sys.stderr)
     sys.exit(1)
 PY
