@@ -8,10 +8,10 @@
 # idle and stolen (by a virtual machine's host) the machine's CPU was during the runs; then stops the
 # gateway and verifies the trail the runs left (`audit verify`), failing if it is not intact.
 #
-# A virtual machine's speed drifts from minute to minute, and the long
-# /health and /process runs lie tens of seconds apart: on one idle-looking host the same build's one
-# ratio ranged over ±15 %. So the bench also runs PAIRS short pairs (/health then /process, PAIR_DURATION
-# each, default 5 pairs of 3 s) and prints each pair's ratio and their median, which such drift moves less.
+# A virtual machine's speed drifts from minute to minute, and the long /health and /process runs lie
+# tens of seconds apart: on one idle-looking host the same build's one ratio ranged over ±15 %. So the
+# bench also runs PAIRS short pairs (/health then /process, PAIR_DURATION each, default 5 pairs of 3 s)
+# and prints each pair's ratio and their median, which such drift moves less.
 #
 #   bash scripts/bench.sh                 # defaults: 32 connections, 2 threads, 10 s each, SQLite
 #   bash scripts/bench.sh --postgres      # PostgreSQL at CATRACA_BENCH_POSTGRES_URL (default

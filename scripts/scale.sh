@@ -75,9 +75,10 @@ def pairs_median(name):
     return float(re.search(r"pairs of .*; median ([\d.]+)x", open(f"{work}/{name}.txt").read()).group(1))
 print(f"scale: /process {seeded:.0f} req/s on the seeded store vs {empty:.0f} on an empty one = "
       f"{seeded / empty:.2f}x (vs /health: {ratio('seeded'):.3f}x vs {ratio('empty'):.3f}x)")
-print(f"scale: /process : /health, median of the bench's short pairs: {pairs_median('seeded'):.3f}x on the "
-      f"seeded store vs {pairs_median('empty'):.3f}x on an empty one = "
-      f"{pairs_median('seeded') / pairs_median('empty'):.2f}x (steadier where the host's speed drifts)")
+median_empty, median_seeded = pairs_median("empty"), pairs_median("seeded")
+print(f"scale: /process : /health, median of the bench's short pairs: {median_seeded:.3f}x on the "
+      f"seeded store vs {median_empty:.3f}x on an empty one = "
+      f"{median_seeded / median_empty:.2f}x (steadier where the host's speed drifts)")
 print("scale: " + open(f"{work}/verify.txt").read().strip())
 print("scale: " + open(f"{work}/trace.txt").read().strip())
 PY
