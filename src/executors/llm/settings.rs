@@ -235,7 +235,12 @@ fn read_key(
         .filter(|v| !v.trim().is_empty())
         .map(|k| ApiKey(k.trim().to_owned()));
     if key.is_none() {
-        tracing::warn!(executor, variable = %var, "api_key_env is unset or empty: calling the model server without a key");
+        // The name is not echoed either: a key made only of letters, digits and '_' passes as a name,
+        // and pasted there, it would be the "variable" this line prints. The executor's file names it.
+        tracing::warn!(
+            executor,
+            "the variable api_key_env names is unset or empty: calling the model server without a key"
+        );
     }
     Ok(key)
 }
